@@ -1,0 +1,334 @@
+"""The manifest: which shard has been seen, claimed, ingested or quarantined.
+
+One SQLite file in the state dir (``manifest.sqlite``), WAL mode, so several
+processes on one machine (the watcher, ingest coordinators, the CLI) can open
+it at once. Each ``Manifest`` holds its own connection; every write is one
+``BEGIN IMMEDIATE`` transaction, which SQLite serialises across processes.
+
+A shard's life::
+
+    discovered ──claim──▶ claimed ──mark_ingested──▶ ingested
+        │  ▲                 │
+        │  └──release / requeue_claimed (crash mid-shard)
+        │                    └──mark_quarantined──▶ quarantined
+        └─(same bytes as a shard already known)──▶ duplicate
+
+Exactly once: a shard is ``ingested`` only after the buffer accepted its rows,
+and at start-up every ``claimed`` shard goes back to ``discovered``, so a
+crash between claim and acceptance means the shard is read again, never lost
+and never counted twice. ``seq`` is assigned at discovery and only grows
+(``AUTOINCREMENT``: never reused), so it orders data by arrival.
+
+Pure: sqlite3 and hashlib only, no Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_FILE = "manifest.sqlite"
+STATUSES = ("discovered", "claimed", "ingested", "quarantined", "duplicate")
+HASH = "sha256"
+"""Content hash of a shard file. sha256 runs ~1.5 GB/s here (SHA-NI), about
+twice blake2b; ~16 ms for a 24 MB shard of 200k rows x 20 features."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS shards (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    name          TEXT NOT NULL UNIQUE,
+    path          TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    mtime_ns      INTEGER NOT NULL,
+    content_hash  TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    claimed_by    TEXT,
+    claimed_at    REAL,
+    good_rows     INTEGER,
+    bad_rows      INTEGER,
+    reason        TEXT,
+    duplicate_of  TEXT,
+    discovered_at REAL NOT NULL,
+    updated_at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS shards_by_status ON shards (status, seq);
+CREATE INDEX IF NOT EXISTS shards_by_hash ON shards (content_hash);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_COLUMNS = (
+    "name, path, size, mtime_ns, content_hash, seq, status, claimed_by, claimed_at, "
+    "good_rows, bad_rows, reason, duplicate_of, discovered_at, updated_at"
+)
+
+
+class ManifestError(ValueError):
+    """A state change the manifest refuses (unknown shard, wrong status)."""
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard as the manifest knows it."""
+
+    name: str
+    """File name; unique."""
+    path: str
+    size: int
+    mtime_ns: int
+    content_hash: str
+    """``sha256`` hex digest of the file's bytes at discovery."""
+    seq: int
+    """Discovery order; strictly increasing, never reused."""
+    status: str
+    """One of ``STATUSES``."""
+    claimed_by: str | None
+    claimed_at: float | None
+    good_rows: int | None
+    bad_rows: int | None
+    reason: str | None
+    """Why the shard was quarantined whole (``quarantined`` only)."""
+    duplicate_of: str | None
+    """The earlier shard with the same content (``duplicate`` only)."""
+    discovered_at: float
+    updated_at: float
+
+    @property
+    def written_at(self) -> float:
+        """The file's mtime, epoch seconds (``BlockMeta.written_at``)."""
+        return self.mtime_ns / 1e9
+
+
+def file_hash(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, HASH).hexdigest()
+
+
+class Manifest:
+    """A connection to the manifest; one per process or thread that uses it."""
+
+    def __init__(self, path: str | Path, timeout_s: float = 30.0) -> None:
+        """``path``: the state dir (then ``<dir>/manifest.sqlite``), or a file ending in ``.sqlite``."""
+        path = Path(path)
+        if path.suffix != ".sqlite":
+            path = path / MANIFEST_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()  # one connection, maybe several threads of one actor
+        self._db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        self._db.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit survives power loss too, so "ingested" is never rolled back under us.
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._create_tables()
+
+    # --- discovery ---------------------------------------------------------------
+
+    def discover(self, paths: Iterable[str | Path]) -> list[ShardRecord]:
+        """Register files not known by name, in the order given; return the new records.
+
+        The caller orders ``paths`` (by mtime, then name). Hashing happens
+        outside the transaction; a file whose bytes match a known shard is
+        recorded as ``duplicate`` (``duplicate_of`` names the first) and is
+        never claimed.
+        """
+        paths = [Path(p) for p in paths]
+        known = self.known_names([p.name for p in paths])
+        fresh: dict[str, tuple[Path, int, int, str]] = {}
+        for p in paths:
+            if p.name in known or p.name in fresh:
+                continue
+            st = p.stat()
+            fresh[p.name] = (p, st.st_size, st.st_mtime_ns, file_hash(p))
+        if not fresh:
+            return []
+        now = time.time()
+        added = []
+        with self._write() as db:
+            for name, (p, size, mtime_ns, digest) in fresh.items():
+                first = db.execute(
+                    "SELECT name FROM shards WHERE content_hash = ? AND status != 'duplicate' ORDER BY seq LIMIT 1",
+                    (digest,),
+                ).fetchone()
+                cur = db.execute(
+                    "INSERT INTO shards (name, path, size, mtime_ns, content_hash, status, duplicate_of,"
+                    " discovered_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (name) DO NOTHING",
+                    (name, str(p), size, mtime_ns, digest, "duplicate" if first else "discovered",
+                     first[0] if first else None, now, now),
+                )  # fmt: skip
+                if cur.rowcount:  # another process may have registered it since known_names()
+                    added.append(name)
+        return [self._get(n) for n in added]
+
+    def known_names(self, names: Iterable[str]) -> set[str]:
+        """Which of ``names`` the manifest already has (lets a watcher skip hashing them)."""
+        names = list(names)
+        known: set[str] = set()
+        for i in range(0, len(names), 500):  # stay under SQLite's bound-parameter limit
+            chunk = names[i : i + 500]
+            rows = self._read(f"SELECT name FROM shards WHERE name IN ({','.join('?' * len(chunk))})", chunk)
+            known.update(r[0] for r in rows)
+        return known
+
+    # --- claiming ----------------------------------------------------------------
+
+    def claim(self, owner: str, limit: int) -> list[ShardRecord]:
+        """Atomically take up to ``limit`` discovered shards, lowest ``seq`` first."""
+        if limit < 1:
+            return []
+        now = time.time()
+        with self._write() as db:
+            rows = db.execute(
+                f"UPDATE shards SET status = 'claimed', claimed_by = ?, claimed_at = ?, updated_at = ?"
+                f" WHERE seq IN (SELECT seq FROM shards WHERE status = 'discovered' ORDER BY seq LIMIT ?)"
+                f" RETURNING {_COLUMNS}",
+                (owner, now, now, limit),
+            ).fetchall()
+        return sorted((ShardRecord(*r) for r in rows), key=lambda r: r.seq)
+
+    def release(self, name: str) -> None:
+        """Give a claimed shard back (it will be claimed again, keeping its seq)."""
+        self._transition(name, ("claimed",), "discovered", claimed_by=None, claimed_at=None)
+
+    def requeue_claimed(self, owner: str | None = None) -> list[str]:
+        """Put every claimed shard (or every one ``owner`` claimed) back to discovered.
+
+        Called at start-up: a shard still claimed then was being read when the
+        process died, and the buffer never accepted it.
+        """
+        now = time.time()
+        where, args = ("status = 'claimed'", ()) if owner is None else ("status = 'claimed' AND claimed_by = ?", (owner,))
+        with self._write() as db:
+            rows = db.execute(
+                f"UPDATE shards SET status = 'discovered', claimed_by = NULL, claimed_at = NULL, updated_at = ?"
+                f" WHERE {where} RETURNING name, seq",
+                (now, *args),
+            ).fetchall()
+        return [name for name, _ in sorted(rows, key=lambda r: r[1])]
+
+    # --- outcomes ----------------------------------------------------------------
+
+    def mark_ingested(self, name: str, good_rows: int, bad_rows: int) -> None:
+        """The buffer accepted the shard's good rows. Idempotent; only from ``claimed``."""
+        self._transition(name, ("claimed",), "ingested", good_rows=good_rows, bad_rows=bad_rows)
+
+    def mark_quarantined(self, name: str, reason: str) -> None:
+        """The shard was rejected whole. Idempotent; from ``claimed`` or ``discovered``."""
+        self._transition(name, ("claimed", "discovered"), "quarantined", reason=reason, good_rows=0)
+
+    # --- queries -----------------------------------------------------------------
+
+    def get(self, name: str) -> ShardRecord | None:
+        rows = self._read(f"SELECT {_COLUMNS} FROM shards WHERE name = ?", (name,))
+        return ShardRecord(*rows[0]) if rows else None
+
+    def ingested(self, order_by_seq: bool = True) -> list[ShardRecord]:
+        """Ingested shards (to rebuild the buffer after a restart), oldest first."""
+        order = " ORDER BY seq" if order_by_seq else ""
+        return [ShardRecord(*r) for r in self._read(f"SELECT {_COLUMNS} FROM shards WHERE status = 'ingested'{order}")]
+
+    def records(self, status: str | None = None) -> list[ShardRecord]:
+        """All shards (or those in ``status``), in seq order."""
+        if status is None:
+            rows = self._read(f"SELECT {_COLUMNS} FROM shards ORDER BY seq")
+        else:
+            rows = self._read(f"SELECT {_COLUMNS} FROM shards WHERE status = ? ORDER BY seq", (status,))
+        return [ShardRecord(*r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Shards per status; every status present, zeros included."""
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update(dict(self._read("SELECT status, COUNT(*) FROM shards GROUP BY status")))
+        return counts
+
+    def pending_count(self) -> int:
+        """Shards not yet done: discovered or claimed."""
+        return self._read("SELECT COUNT(*) FROM shards WHERE status IN ('discovered', 'claimed')")[0][0]
+
+    # --- meta --------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Manifest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals ---------------------------------------------------------------
+
+    def _create_tables(self) -> None:
+        with self._write() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+
+    def _transition(self, name: str, allowed_from: tuple[str, ...], to: str, **values: object) -> None:
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT status FROM shards WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise ManifestError(f"unknown shard {name!r}")
+            if row[0] == to:
+                return
+            if row[0] not in allowed_from:
+                raise ManifestError(f"shard {name!r} is {row[0]}; cannot become {to} (only from {'/'.join(allowed_from)})")
+            sets = ", ".join(f"{k} = ?" for k in values)
+            db.execute(
+                f"UPDATE shards SET status = ?, {sets + ', ' if sets else ''}updated_at = ? WHERE name = ?",
+                (to, *values.values(), now, name),
+            )
+
+    def _get(self, name: str) -> ShardRecord:
+        record = self.get(name)
+        if record is None:
+            raise ManifestError(f"unknown shard {name!r}")
+        return record
+
+    def _read(self, sql: str, args: Iterable[object] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    def _write(self) -> _WriteTx:
+        return _WriteTx(self._db, self._lock)
+
+
+class _WriteTx:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error), holding the thread lock."""
+
+    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+        self._db = db
+        self._lock = lock
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._lock.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._db
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        try:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self._lock.release()

@@ -1,0 +1,153 @@
+"""The quarantine: where bad rows and unusable shards go, with the reason.
+
+Layout under ``<state_dir>/quarantine/``:
+
+* ``<shard stem>.bad.parquet``: a shard's bad rows, its columns plus
+  ``reason`` and ``source_shard``;
+* ``<shard name>`` + ``<shard name>.reason.txt``: a shard rejected whole, copied
+  as it was, and why (first line: the error; second: where it came from).
+
+Every file is written to a temporary name in the same directory and renamed
+into place, so a crash never leaves half a file under a real name; writing
+the same shard again (after a crash and a retry) replaces it. Pure: no Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+QUARANTINE_DIR = "quarantine"
+BAD_ROWS_SUFFIX = ".bad.parquet"
+REASON_SUFFIX = ".reason.txt"
+SOURCE_COLUMN = "source_shard"
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """One quarantined shard, or the bad rows of one."""
+
+    shard: str
+    """Name of the shard the entry came from."""
+    path: Path
+    """The bad-rows Parquet file, or the copy of the shard rejected whole."""
+    rows: int | None
+    """Rows quarantined; None for a shard rejected whole (it may not be readable)."""
+    reasons: dict[str, int] = field(default_factory=dict)
+    """Reason -> rows; a whole-shard entry has its error with count 1."""
+    error: str | None = None
+    """Why the shard was rejected whole; None for a bad-rows entry."""
+
+
+def quarantine_dir(state_dir: str | Path) -> Path:
+    return Path(state_dir) / QUARANTINE_DIR
+
+
+def write_quarantine(
+    state_dir: str | Path,
+    shard_name: str,
+    bad: pa.Table | None,
+    error: str | None,
+    source_path: str | Path,
+) -> Path | None:
+    """Quarantine what ``read_and_validate`` rejected; return the file written, or None if nothing was bad.
+
+    With ``error`` set the shard is rejected whole: the original file is copied
+    (if it still exists) and ``<name>.reason.txt`` says why; the returned path is
+    the copy, or the reason file when there was nothing to copy.
+    """
+    qdir = quarantine_dir(state_dir)
+    qdir.mkdir(parents=True, exist_ok=True)
+    if error is not None:
+        return _quarantine_whole(qdir, shard_name, error, Path(source_path))
+    if bad is None or bad.num_rows == 0:
+        return None
+    rows = bad.append_column(SOURCE_COLUMN, pa.array([shard_name] * bad.num_rows, pa.string()))
+    target = qdir / f"{Path(shard_name).stem}{BAD_ROWS_SUFFIX}"
+    with _atomic(target) as tmp:
+        pq.write_table(rows, tmp)
+    return target
+
+
+def list_quarantine(state_dir: str | Path) -> list[QuarantineEntry]:
+    """Everything in the quarantine, sorted by shard name (for ``livetrain quarantine``)."""
+    qdir = quarantine_dir(state_dir)
+    if not qdir.is_dir():
+        return []
+    entries = []
+    for path in sorted(qdir.iterdir()):
+        if path.name.startswith("."):  # an unfinished temporary file
+            continue
+        if path.name.endswith(BAD_ROWS_SUFFIX):
+            entries.append(_bad_rows_entry(path))
+        elif path.name.endswith(REASON_SUFFIX):
+            entries.append(_whole_shard_entry(path))
+    return sorted(entries, key=lambda e: e.shard)
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def _quarantine_whole(qdir: Path, shard_name: str, error: str, source: Path) -> Path:
+    copy = qdir / shard_name
+    reason_file = qdir / f"{shard_name}{REASON_SUFFIX}"
+    copied = True
+    try:
+        with _atomic(copy) as tmp:
+            shutil.copyfile(source, tmp)
+    except FileNotFoundError:  # the source vanished; the reason alone still tells the story
+        copied = False
+    # The reason is written last: its presence means the entry is complete.
+    with _atomic(reason_file) as tmp:
+        tmp.write_text(f"{' '.join(error.split())}\nsource: {source}\n")
+    return copy if copied else reason_file
+
+
+def _bad_rows_entry(path: Path) -> QuarantineEntry:
+    table = pq.read_table(path, columns=["reason", SOURCE_COLUMN])
+    counts = pc.value_counts(table["reason"]).to_pylist()
+    sources = table[SOURCE_COLUMN]
+    shard = sources[0].as_py() if len(sources) else path.name[: -len(BAD_ROWS_SUFFIX)]
+    return QuarantineEntry(
+        shard=shard,
+        path=path,
+        rows=table.num_rows,
+        reasons={c["values"]: c["counts"] for c in counts},
+    )
+
+
+def _whole_shard_entry(reason_file: Path) -> QuarantineEntry:
+    shard = reason_file.name[: -len(REASON_SUFFIX)]
+    error = reason_file.read_text().splitlines()[0] if reason_file.stat().st_size else ""
+    copy = reason_file.with_name(shard)
+    return QuarantineEntry(
+        shard=shard,
+        path=copy if copy.exists() else reason_file,
+        rows=None,
+        reasons={error: 1},
+        error=error,
+    )
+
+
+@contextmanager
+def _atomic(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success fsync it and rename it into place."""
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

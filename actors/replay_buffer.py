@@ -1,0 +1,183 @@
+"""The replay buffer's logic: a plain class, no Ray.
+
+The buffer holds *handles* to blocks (ObjectRefs in production, anything in
+tests) with their lineage, never the rows. It keeps
+
+- a recent FIFO window of the newest blocks (``window_rows``), and
+- a reservoir: a uniform random sample of every block that ever left the
+  window, kept by bottom-k sampling (each evicted block draws a random key;
+  the smallest keys that fit the budget stay). Unlike Algorithm R this stays
+  uniform when blocks differ in size and the budget is in rows *and* bytes.
+
+Together they never exceed ``capacity_rows`` / ``capacity_bytes``. When the
+window alone would exceed them, its oldest blocks are dropped; blocks that
+were never sampled by then are counted as ``rows_evicted_unseen``.
+
+``sample`` first returns the *fresh* blocks a caller has not been given yet
+(oldest first, so every row is trained on at least once when training keeps
+up), then fills up with a mix: ``recent_fraction`` from the window, the rest
+from the reservoir, row-weighted within each.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from livetrain.config import BufferConfig
+from livetrain.messages import BlockMeta
+
+H = TypeVar("H")
+
+
+class BlockTooLarge(ValueError):
+    """A single block is larger than the buffer's whole capacity."""
+
+
+@dataclass
+class Entry(Generic[H]):
+    handle: H
+    meta: BlockMeta
+    sampled: int = 0
+
+
+@dataclass
+class BufferStats:
+    blocks: int
+    rows: int
+    bytes: int
+    window_blocks: int
+    window_rows: int
+    reservoir_blocks: int
+    reservoir_rows: int
+    rows_added: int
+    rows_evicted: int
+    rows_evicted_unseen: int
+    newest_seq: int
+
+
+@dataclass(order=True)
+class _Kept:
+    neg_key: float  # heapq is a min-heap; the largest key is dropped first
+    tie: int
+    entry: Entry = field(compare=False)
+
+
+class ReplayBuffer(Generic[H]):
+    def __init__(self, cfg: BufferConfig) -> None:
+        self.cfg = cfg
+        self._rng = random.Random(cfg.seed)
+        self._window: deque[Entry[H]] = deque()
+        self._window_rows = 0
+        self._window_bytes = 0
+        self._reservoir: list[_Kept] = []
+        self._reservoir_rows = 0
+        self._reservoir_bytes = 0
+        self._tie = itertools.count()
+        self.rows_added = 0
+        self.rows_evicted = 0
+        self.rows_evicted_unseen = 0
+        self.newest_seq = -1
+
+    # --- insertion -----------------------------------------------------------
+
+    def add(self, handle: H, meta: BlockMeta) -> list[Entry[H]]:
+        """Insert a block; returns the entries that left the buffer for good."""
+        if meta.rows > self.cfg.capacity_rows or meta.nbytes > self.cfg.capacity_bytes:
+            raise BlockTooLarge(
+                f"block of shard {meta.shard} ({meta.rows} rows, {meta.nbytes} bytes) exceeds "
+                f"buffer capacity ({self.cfg.capacity_rows} rows, {self.cfg.capacity_bytes} bytes)"
+            )
+        self._window.append(Entry(handle, meta))
+        self._window_rows += meta.rows
+        self._window_bytes += meta.nbytes
+        self.rows_added += meta.rows
+        self.newest_seq = max(self.newest_seq, meta.seq)
+        while self._window_rows > self.cfg.window_rows and len(self._window) > 1:
+            self._to_reservoir(self._pop_window())
+        return self._enforce_capacity()
+
+    def _pop_window(self) -> Entry[H]:
+        e = self._window.popleft()
+        self._window_rows -= e.meta.rows
+        self._window_bytes -= e.meta.nbytes
+        return e
+
+    def _to_reservoir(self, e: Entry[H]) -> None:
+        heapq.heappush(self._reservoir, _Kept(-self._rng.random(), next(self._tie), e))
+        self._reservoir_rows += e.meta.rows
+        self._reservoir_bytes += e.meta.nbytes
+
+    def _over(self) -> bool:
+        return (
+            self._window_rows + self._reservoir_rows > self.cfg.capacity_rows
+            or self._window_bytes + self._reservoir_bytes > self.cfg.capacity_bytes
+        )
+
+    def _enforce_capacity(self) -> list[Entry[H]]:
+        dropped: list[Entry[H]] = []
+        while self._over() and self._reservoir:
+            e = heapq.heappop(self._reservoir).entry
+            self._reservoir_rows -= e.meta.rows
+            self._reservoir_bytes -= e.meta.nbytes
+            dropped.append(e)
+        while self._over() and len(self._window) > 1:
+            dropped.append(self._pop_window())
+        for e in dropped:
+            self.rows_evicted += e.meta.rows
+            if e.sampled == 0:
+                self.rows_evicted_unseen += e.meta.rows
+        return dropped
+
+    # --- sampling ------------------------------------------------------------
+
+    def sample(self, n_blocks: int, fresh_after: int = -1) -> list[Entry[H]]:
+        """Up to ``n_blocks`` entries: unseen-by-caller blocks first, then the mix."""
+        if n_blocks < 1 or self.empty:
+            return []
+        fresh = [e for e in self._window if e.meta.seq > fresh_after][:n_blocks]
+        n_mix = n_blocks - len(fresh)
+        if not self._reservoir:
+            n_recent = n_mix
+        elif not self._window:
+            n_recent = 0
+        else:
+            n_recent = sum(self._rng.random() < self.cfg.recent_fraction for _ in range(n_mix))
+        picked = fresh + self._draw(list(self._window), n_recent)
+        picked += self._draw([k.entry for k in self._reservoir], n_mix - n_recent)
+        for e in picked:
+            e.sampled += 1
+        return picked
+
+    def _draw(self, pool: list[Entry[H]], k: int) -> list[Entry[H]]:
+        if k <= 0:
+            return []
+        return self._rng.choices(pool, weights=[e.meta.rows for e in pool], k=k)
+
+    # --- views ---------------------------------------------------------------
+
+    @property
+    def empty(self) -> bool:
+        return not self._window and not self._reservoir
+
+    def entries(self) -> list[Entry[H]]:
+        return list(self._window) + [k.entry for k in self._reservoir]
+
+    def stats(self) -> BufferStats:
+        return BufferStats(
+            blocks=len(self._window) + len(self._reservoir),
+            rows=self._window_rows + self._reservoir_rows,
+            bytes=self._window_bytes + self._reservoir_bytes,
+            window_blocks=len(self._window),
+            window_rows=self._window_rows,
+            reservoir_blocks=len(self._reservoir),
+            reservoir_rows=self._reservoir_rows,
+            rows_added=self.rows_added,
+            rows_evicted=self.rows_evicted,
+            rows_evicted_unseen=self.rows_evicted_unseen,
+            newest_seq=self.newest_seq,
+        )

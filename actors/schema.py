@@ -1,0 +1,313 @@
+"""Read one Parquet shard and split it into good rows and quarantined rows.
+
+Pure: pyarrow and numpy only, no Ray. An ingest actor calls
+``read_and_validate`` and forwards the result.
+
+Two kinds of failure:
+
+* **whole-shard** (``ValidatedShard.error`` set, ``x``/``y`` empty): the file
+  is not Parquet, is truncated or corrupt, has zero rows, lacks a schema
+  column, has a column the schema does not declare, has a column of the
+  wrong type, or a feature list of the wrong width. Nothing in it is trusted;
+  the file is quarantined as it is.
+* **per row** (``ValidatedShard.bad``): a null feature, a NaN, an infinity, a
+  null label, or a label outside ``schema.classes``. Good rows are kept, in
+  file order; each bad row gets one reason (the first in ``REASONS`` order).
+
+Type rules: feature columns (or the list's values) may be any float or
+integer type and are cast to float32; a float64 value beyond float32's range
+becomes inf and is quarantined as such. The label must be an integer type:
+float labels are a type error even when every value is integral, because a
+float label column almost always means an upstream bug (a join that
+introduced nulls, a pandas round trip). A feature list may be a
+``fixed_size_list`` of the declared width or a variable ``list`` whose every
+non-null entry has that width; any other width fails the whole shard.
+
+Work is vectorised over record batches (``ParquetFile.iter_batches``), so
+memory beyond the output is one batch; the output block is preallocated from
+the footer's row count and filled in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from livetrain.config import SchemaConfig
+from livetrain.messages import ShardVerdict
+
+NULL_FEATURE = "null feature"
+NAN_FEATURE = "nan feature"
+INF_FEATURE = "inf feature"
+NULL_LABEL = "null label"
+UNKNOWN_LABEL = "label not in classes"
+REASONS = (NULL_FEATURE, NAN_FEATURE, INF_FEATURE, NULL_LABEL, UNKNOWN_LABEL)
+"""Per-row quarantine reasons, in priority order (a row gets the first that applies)."""
+
+REASON_COLUMN = "reason"
+BATCH_BYTES = 32 * 2**20
+"""Feature bytes (as float64) per record batch read: bounds the working memory
+besides the output. Larger batches read faster; 32 MiB is ~200k rows of 20 features."""
+
+
+class SchemaError(ValueError):
+    """A shard cannot be used at all; the message says why (and names columns)."""
+
+
+@dataclass
+class ValidatedShard:
+    """One shard, split: good rows as a block, bad rows with reasons."""
+
+    x: np.ndarray
+    """float32 [n_good, d], C-contiguous, rows in file order."""
+    y: np.ndarray
+    """int64 [n_good]."""
+    bad: pa.Table | None = None
+    """The bad rows (the schema's columns) plus a string ``reason`` column."""
+    reasons: dict[str, int] = field(default_factory=dict)
+    """Reason -> number of rows."""
+    error: str | None = None
+    """Why the whole shard was rejected; None when it was readable."""
+
+    @property
+    def good_rows(self) -> int:
+        return len(self.y)
+
+    @property
+    def bad_rows(self) -> int:
+        return 0 if self.bad is None else self.bad.num_rows
+
+    def verdict(self, shard: str) -> ShardVerdict:
+        return ShardVerdict(
+            shard=shard,
+            good_rows=self.good_rows,
+            bad_rows=self.bad_rows,
+            nbytes=self.x.nbytes + self.y.nbytes,
+            reasons=dict(self.reasons),
+            error=self.error,
+        )
+
+
+def read_and_validate(path: str | Path, schema: SchemaConfig) -> ValidatedShard:
+    """Read ``path`` and validate it against ``schema``; never raises for bad data."""
+    d = int(schema.num_features)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        return _rejected(d, f"not a readable parquet file: {_first_line(e)}")
+    try:
+        check_schema(pf.schema_arrow, schema)
+        if pf.metadata.num_rows == 0:
+            raise SchemaError("zero rows")
+        return _read_rows(pf, schema)
+    except SchemaError as e:
+        return _rejected(d, str(e))
+    except (pa.ArrowException, OSError) as e:  # corrupt pages, truncated row groups
+        return _rejected(d, f"unreadable parquet data: {_first_line(e)}")
+    finally:
+        pf.close()
+
+
+def check_schema(arrow_schema: pa.Schema, schema: SchemaConfig) -> None:
+    """Raise ``SchemaError`` unless the file's columns are exactly the schema's, with usable types."""
+    names = arrow_schema.names
+    expected = _columns(schema)
+    missing = [c for c in expected if c not in names]
+    if missing:
+        raise SchemaError(f"missing columns: {missing}")
+    extra = [c for c in names if c not in expected]
+    if extra:
+        raise SchemaError(f"extra columns: {extra}")
+    if len(set(names)) != len(names):
+        raise SchemaError(f"duplicate column names: {names}")
+    for name in schema.features or []:
+        _check_numeric(name, arrow_schema.field(name).type)
+    if schema.feature_list_column is not None:
+        _check_list(schema.feature_list_column, arrow_schema.field(schema.feature_list_column).type, schema)
+    label_type = arrow_schema.field(schema.label).type
+    if not pa.types.is_integer(label_type):
+        extra_note = " (float labels are rejected even when integral)" if pa.types.is_floating(label_type) else ""
+        raise SchemaError(f"column {schema.label!r}: label has type {label_type}, expected an integer type{extra_note}")
+
+
+def _columns(schema: SchemaConfig) -> list[str]:
+    features = schema.features if schema.features is not None else [schema.feature_list_column]
+    return [*features, schema.label]
+
+
+def _check_numeric(name: str, tp: pa.DataType) -> None:
+    if not (pa.types.is_floating(tp) or pa.types.is_integer(tp)):
+        raise SchemaError(f"column {name!r}: type {tp}, expected a float or integer type")
+
+
+def _check_list(name: str, tp: pa.DataType, schema: SchemaConfig) -> None:
+    if pa.types.is_fixed_size_list(tp):
+        if tp.list_size != schema.num_features:
+            raise SchemaError(
+                f"column {name!r}: wrong list width {tp.list_size}, expected {schema.num_features}"
+            )
+    elif not (pa.types.is_list(tp) or pa.types.is_large_list(tp)):
+        raise SchemaError(f"column {name!r}: type {tp}, expected a list of {schema.num_features} floats")
+    _check_numeric(f"{name}[]", tp.value_type)
+
+
+# --- the row pass --------------------------------------------------------------
+
+
+def _read_rows(pf: pq.ParquetFile, schema: SchemaConfig) -> ValidatedShard:
+    d = int(schema.num_features)
+    total = pf.metadata.num_rows
+    x = np.empty((total, d), dtype=np.float32)
+    y = np.empty(total, dtype=np.int64)
+    classes = np.asarray(sorted(schema.classes), dtype=np.int64)
+    counts = np.zeros(len(REASONS), dtype=np.int64)
+    bad_parts: list[pa.Table] = []
+    read = kept = 0
+    batch_rows = min(max(BATCH_BYTES // (8 * d), 4096), 1 << 20)
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=_columns(schema)):
+        n = batch.num_rows
+        if read + n > total:
+            raise SchemaError(f"more rows than the footer declares ({total})")
+        xb = x[read : read + n]
+        code = _fill_features(batch, schema, xb)
+        _check_label(batch.column(schema.label), classes, code, y[read : read + n])
+        bad = code < len(REASONS)
+        nbad = int(np.count_nonzero(bad))
+        if nbad:
+            counts += np.bincount(code[bad], minlength=len(REASONS))[: len(REASONS)]
+            bad_parts.append(_bad_table(batch, bad, code))
+            good = np.flatnonzero(~bad)
+            # take() copies before the write (overlap is safe) and beats a boolean index ~2x
+            x[kept : kept + n - nbad] = xb.take(good, axis=0)
+            y[kept : kept + n - nbad] = y[read : read + n].take(good)
+        elif kept != read:
+            x[kept : kept + n] = xb
+            y[kept : kept + n] = y[read : read + n]
+        read += n
+        kept += n - nbad
+    if read != total:
+        raise SchemaError(f"read {read} rows, the footer declares {total}")
+    return ValidatedShard(
+        x=_shrink(x, kept),
+        y=_shrink(y, kept),
+        bad=pa.concat_tables(bad_parts) if bad_parts else None,
+        reasons={r: int(c) for r, c in zip(REASONS, counts) if c},
+        error=None,
+    )
+
+
+def _fill_features(batch: pa.RecordBatch, schema: SchemaConfig, out: np.ndarray) -> np.ndarray:
+    """Write the batch's features into ``out`` (float32 [n, d]); return per-row reason codes.
+
+    Code ``len(REASONS)`` means good so far; lower codes index ``REASONS``.
+    """
+    n = batch.num_rows
+    code = np.full(n, len(REASONS), dtype=np.int8)
+    null_rows = np.zeros(n, dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 -> float32 overflow becomes inf
+        if schema.features is not None:
+            for j, name in enumerate(schema.features):
+                col = batch.column(name)
+                if col.null_count:
+                    null_rows |= _is_null(col)
+                out[:, j] = col.to_numpy(zero_copy_only=False)
+        else:
+            values, list_nulls = _list_values(batch.column(schema.feature_list_column), schema)
+            null_rows |= list_nulls
+            out[...] = values
+        rows = _nonfinite_rows(out)
+    if rows.size:
+        block = out[rows]
+        code[rows[np.isinf(block).any(axis=1)]] = REASONS.index(INF_FEATURE)
+        code[rows[np.isnan(block).any(axis=1)]] = REASONS.index(NAN_FEATURE)
+    code[null_rows] = REASONS.index(NULL_FEATURE)
+    return code
+
+
+def _nonfinite_rows(block: np.ndarray) -> np.ndarray:
+    """Indices of the rows of ``block`` holding a NaN or an inf.
+
+    A per-row ``isfinite(...).all(axis=1)`` costs ~8x a whole-block check, so:
+    whole block first; then candidate rows from row sums (NaN and inf propagate
+    through a sum; an overflowing sum only adds a candidate that the caller's
+    exact check drops); then a count confirms the candidates hold every
+    non-finite value, else the slow exact path.
+    """
+    nonfinite = np.count_nonzero(~np.isfinite(block))
+    if nonfinite == 0:
+        return np.empty(0, dtype=np.intp)
+    rows = np.flatnonzero(~np.isfinite(block @ np.ones(block.shape[1], dtype=block.dtype)))
+    if np.count_nonzero(~np.isfinite(block[rows])) != nonfinite:
+        rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
+    return rows
+
+
+def _list_values(col: pa.Array, schema: SchemaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as a [n, d] array (nulls as NaN) and the rows holding any null."""
+    d = int(schema.num_features)
+    n = len(col)
+    if not pa.types.is_fixed_size_list(col.type):
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        widths = np.unique(lengths[~np.isnan(lengths)] if lengths.dtype.kind == "f" else lengths)
+        if widths.size and not (widths.size == 1 and widths[0] == d):
+            raise SchemaError(
+                f"column {schema.feature_list_column!r}: wrong list width {sorted(int(w) for w in widths)}, expected {d}"
+            )
+        col = col.cast(pa.list_(col.type.value_type, d))
+    # .values ignores the array's offset and keeps the slots of null lists: slice it ourselves.
+    flat = col.values.slice(col.offset * d, n * d)
+    null_rows = _is_null(col) if col.null_count else np.zeros(n, dtype=bool)
+    if flat.null_count:
+        null_rows |= _is_null(flat).reshape(n, d).any(axis=1)
+    return flat.to_numpy(zero_copy_only=False).reshape(n, d), null_rows
+
+
+def _check_label(col: pa.Array, classes: np.ndarray, code: np.ndarray, out: np.ndarray) -> None:
+    """Write labels into ``out`` (int64); mark null / unknown labels in ``code`` if still good."""
+    still_good = code == len(REASONS)
+    if col.null_count:
+        nulls = _is_null(col)
+        code[nulls & still_good] = REASONS.index(NULL_LABEL)
+        still_good &= ~nulls
+        col = pc.fill_null(col, pa.scalar(0, col.type))  # any value: these rows are already bad
+    raw = col.to_numpy(zero_copy_only=False)
+    # Membership on the raw dtype, before the cast: a huge uint64 must not wrap into a class.
+    code[~np.isin(raw, classes) & still_good] = REASONS.index(UNKNOWN_LABEL)
+    out[:] = raw  # wraps only for values already marked unknown
+
+
+def _is_null(arr: pa.Array) -> np.ndarray:
+    return arr.is_null().to_numpy(zero_copy_only=False)
+
+
+def _bad_table(batch: pa.RecordBatch, bad: np.ndarray, code: np.ndarray) -> pa.Table:
+    rows = pa.Table.from_batches([batch]).filter(pa.array(bad))
+    reasons = np.asarray(REASONS, dtype=object)[code[bad]]
+    return rows.append_column(REASON_COLUMN, pa.array(reasons, type=pa.string()))
+
+
+def _shrink(a: np.ndarray, n: int) -> np.ndarray:
+    """First ``n`` rows; copied when most of the buffer would otherwise be dead weight."""
+    if n == len(a):
+        return a
+    return a[:n].copy() if n < len(a) * 7 // 8 else a[:n]
+
+
+def _rejected(d: int, error: str) -> ValidatedShard:
+    return ValidatedShard(
+        x=np.empty((0, d), dtype=np.float32),
+        y=np.empty(0, dtype=np.int64),
+        bad=None,
+        reasons={},
+        error=error,
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

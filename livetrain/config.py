@@ -1,0 +1,495 @@
+"""livetrain's config tree: one small dataclass per component.
+
+Precedence, lowest to highest: the defaults below < the YAML file
+(``--config``) < ``key=value`` overrides on the command line
+(``train.lr=0.01``). Unknown keys are errors that name the key. Each field's
+docstring is its documentation (``livetrain config --help`` prints them, and
+the README's config reference is generated from them).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+@dataclass
+class SchemaConfig:
+    """What a shard must look like. Rows that do not fit go to quarantine."""
+
+    features: list[str] | None = None
+    """Names of the float feature columns, in model input order. Exactly one of
+    ``features`` and ``feature_list_column`` must be set."""
+    feature_list_column: str | None = None
+    """Name of one fixed-size-list<float> column holding all features."""
+    num_features: int | None = None
+    """Width of ``feature_list_column``; derived from ``features`` if unset."""
+    label: str = "label"
+    """Name of the integer label column."""
+    classes: list[int] = field(default_factory=lambda: [0, 1])
+    """The declared label values; a row with any other label is quarantined."""
+
+    def __post_init__(self) -> None:
+        if (self.features is None) == (self.feature_list_column is None):
+            raise ConfigError("schema: set exactly one of schema.features and schema.feature_list_column")
+        if self.features is not None:
+            if not self.features:
+                raise ConfigError("schema.features: must name at least one column")
+            if self.num_features not in (None, len(self.features)):
+                raise ConfigError(
+                    f"schema.num_features: {self.num_features} does not match "
+                    f"{len(self.features)} names in schema.features"
+                )
+            self.num_features = len(self.features)
+        elif not self.num_features or self.num_features < 1:
+            raise ConfigError("schema.num_features: required (>= 1) with schema.feature_list_column")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"schema.classes: need at least two distinct labels, got {self.classes}")
+
+
+@dataclass
+class DriftPoint:
+    """One concept change in the synthetic stream."""
+
+    at_row: int
+    """Row index (from the start of the stream) where the new concept is centred."""
+    variant: int
+    """The generator's concept (function/variant number) after the drift."""
+    width: int = 1
+    """Rows over which the change happens: 1 is abrupt, larger is gradual."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic drifting stream that writes shards into the landing dir."""
+
+    generator: str = "sea"
+    """River generator: ``sea`` (3 features, variants 0-3), ``agrawal`` (9
+    features, functions 0-9) or ``hyperplane`` (``num_features`` features)."""
+    variant: int = 0
+    """The generator's concept at the start."""
+    num_features: int = 10
+    """Feature count, for generators where it is free (``hyperplane``)."""
+    noise: float = 0.0
+    """Fraction of labels flipped at random (SEA, Agrawal perturbation)."""
+    seed: int = 42
+    """Seed of the stream: the same seed writes the same rows."""
+    rows_per_shard: int = 1000
+    """Rows in each shard file."""
+    rows_per_second: float = 2000.0
+    """Target write rate; shards are written on this cadence."""
+    max_rows: int | None = None
+    """Stop writing after this many rows (None: until livetrain stops)."""
+    drifts: list[DriftPoint] = field(default_factory=list)
+    """Concept changes, in row order."""
+
+    def __post_init__(self) -> None:
+        if self.generator not in ("sea", "agrawal", "hyperplane"):
+            raise ConfigError(f"synthetic.generator: unknown generator {self.generator!r}")
+        if self.rows_per_shard < 1:
+            raise ConfigError("synthetic.rows_per_shard: must be >= 1")
+        if self.rows_per_second <= 0:
+            raise ConfigError("synthetic.rows_per_second: must be > 0")
+        last = -1
+        for d in self.drifts:
+            if d.at_row <= last:
+                raise ConfigError("synthetic.drifts: at_row must increase")
+            last = d.at_row
+
+
+@dataclass
+class SourceConfig:
+    """Where shards come from."""
+
+    kind: str = "directory"
+    """``directory`` (watch ``path`` for new ``*.parquet`` files) or
+    ``synthetic`` (livetrain writes a drifting stream into ``path``)."""
+    path: str | None = None
+    """Landing directory; default ``<state_dir>/landing``."""
+    poll_interval_s: float = 0.2
+    """How often the landing directory is listed."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("directory", "synthetic"):
+            raise ConfigError(f"source.kind: must be 'directory' or 'synthetic', got {self.kind!r}")
+        if self.poll_interval_s <= 0:
+            raise ConfigError("source.poll_interval_s: must be > 0")
+
+
+@dataclass
+class IngestConfig:
+    """The ingest actors that read and validate shards."""
+
+    num_actors: int = 1
+    """Ingest actors reading shards in parallel."""
+    max_in_flight: int = 4
+    """Shards being read at once, over all ingest actors."""
+
+    def __post_init__(self) -> None:
+        if self.num_actors < 1:
+            raise ConfigError("ingest.num_actors: must be >= 1")
+        if self.max_in_flight < 1:
+            raise ConfigError("ingest.max_in_flight: must be >= 1")
+
+
+@dataclass
+class BufferConfig:
+    """The replay buffer: a recent window plus a reservoir of older data."""
+
+    capacity_rows: int = 200_000
+    """Most rows held (window + reservoir)."""
+    capacity_bytes: int = 256 * 2**20
+    """Most bytes held (window + reservoir)."""
+    window_rows: int = 20_000
+    """Rows in the recent FIFO window; older blocks go to the reservoir draw."""
+    recent_fraction: float = 0.7
+    """Share of sampled blocks drawn from the recent window (rest: reservoir)."""
+    seed: int = 0
+    """Seed of the reservoir and the sampler."""
+
+    def __post_init__(self) -> None:
+        if self.capacity_rows < 1 or self.capacity_bytes < 1:
+            raise ConfigError("buffer.capacity_rows / buffer.capacity_bytes: must be >= 1")
+        if not 0 < self.window_rows <= self.capacity_rows:
+            raise ConfigError("buffer.window_rows: must be in (0, buffer.capacity_rows]")
+        if not 0.0 <= self.recent_fraction <= 1.0:
+            raise ConfigError("buffer.recent_fraction: must be in [0, 1]")
+
+
+@dataclass
+class ModelConfig:
+    """The model that is trained and served."""
+
+    name: str = "mlp"
+    """Model builder name (built-in: ``mlp``)."""
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    """Hidden layer widths of the MLP."""
+    dropout: float = 0.0
+    """Dropout after each hidden layer."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.dropout: must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """The continuous DDP trainer: one long-running TorchTrainer job."""
+
+    num_workers: int = 2
+    """Ray Train workers (DDP ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker and NCCL; gloo on CPU otherwise."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs each worker reserves."""
+    torch_threads: int = 1
+    """torch.set_num_threads in each worker."""
+    batch_size: int = 256
+    """Per-worker minibatch size."""
+    lr: float = 3e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    steps_per_round: int = 20
+    """DDP steps between two draws from the buffer."""
+    blocks_per_round: int = 8
+    """Blocks each worker draws from the buffer per round."""
+    min_buffer_rows: int = 1000
+    """Training waits until the buffer holds this many rows."""
+    propose_every_s: float = 1.0
+    """Rank 0 proposes its weights to the registry this often."""
+    checkpoint_every_s: float = 10.0
+    """Ray Train checkpoint cadence (what a restarted worker resumes from)."""
+    max_failures: int = 3
+    """Worker-group restarts Ray Train allows (FailureConfig)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError("train.num_workers: must be >= 1")
+        for name in ("batch_size", "steps_per_round", "blocks_per_round", "torch_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("train.lr: must be > 0")
+        if self.propose_every_s <= 0 or self.checkpoint_every_s <= 0:
+            raise ConfigError("train.propose_every_s / train.checkpoint_every_s: must be > 0")
+
+
+@dataclass
+class GateConfig:
+    """The registry's gate: which candidate gets served."""
+
+    metric: str = "accuracy"
+    """Metric compared: ``accuracy``, ``f1``, ``precision`` or ``recall`` (macro)."""
+    tolerance: float = 0.01
+    """A candidate is promoted unless it is worse than the served model by more than this."""
+    min_eval_rows: int = 500
+    """Unseen rows (newer than the candidate's data) needed to decide."""
+    max_eval_rows: int = 5000
+    """At most this many of the newest unseen rows are used to decide."""
+    window_rows: int = 5000
+    """Rows in the sliding window of the served model's prequential metrics."""
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("accuracy", "f1", "precision", "recall"):
+            raise ConfigError(f"gate.metric: unknown metric {self.metric!r}")
+        if self.tolerance < 0:
+            raise ConfigError("gate.tolerance: must be >= 0")
+        if not 1 <= self.min_eval_rows <= self.max_eval_rows:
+            raise ConfigError("gate.min_eval_rows: must be in [1, gate.max_eval_rows]")
+
+
+@dataclass
+class ServeConfig:
+    """The Ray Serve endpoint."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds; loopback unless you mean to expose it."""
+    port: int = 8000
+    """HTTP port of the endpoint."""
+    num_replicas: int = 1
+    """Serve replicas answering /predict."""
+    max_instances: int = 10_000
+    """Most rows one /predict request may carry."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError("serve.port: must be a TCP port")
+        if self.num_replicas < 1 or self.max_instances < 1:
+            raise ConfigError("serve.num_replicas / serve.max_instances: must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    """Metrics: one W&B run plus a local JSON-lines log in the state dir."""
+
+    wandb: str = "auto"
+    """``auto`` (online if WANDB_API_KEY is set, else offline), ``online``,
+    ``offline`` or ``disabled``."""
+    project: str = "livetrain"
+    """W&B project."""
+    run_name: str | None = None
+    """W&B run name (default: generated)."""
+
+    def __post_init__(self) -> None:
+        if self.wandb not in ("auto", "online", "offline", "disabled"):
+            raise ConfigError(f"tracking.wandb: must be auto/online/offline/disabled, got {self.wandb!r}")
+
+
+@dataclass
+class RayConfig:
+    """How livetrain reaches Ray."""
+
+    address: str | None = None
+    """Cluster address (``auto``, ``ray://...``); None starts a local Ray."""
+    num_cpus: int | None = None
+    """Logical CPUs of a local Ray (default: enough for the train workers + 1)."""
+    namespace: str = "livetrain"
+    """Ray namespace of livetrain's named actors."""
+
+
+@dataclass
+class Config:
+    """The whole livetrain config."""
+
+    state_dir: str = "state"
+    """Everything durable: manifest, checkpoints, quarantine, metrics log."""
+    duration_s: float | None = None
+    """Stop after this many seconds (None: until Ctrl-C)."""
+    live_view: bool = True
+    """Show the rich live view in the terminal."""
+    schema: SchemaConfig = field(default_factory=lambda: SchemaConfig(features=["x0", "x1", "x2"]))
+    source: SourceConfig = field(default_factory=SourceConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def landing_dir(self) -> Path:
+        return Path(self.source.path) if self.source.path else Path(self.state_dir) / "landing"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = prefix or "the top level"
+            raise ConfigError(
+                f"unknown config key '{_join(prefix, k)}' (keys at {where}: {', '.join(sorted(names))})"
+            )
+    kwargs = {k: _convert(v, hints[k], _join(prefix, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.01", "source.kind=synthetic"]`` -> nested dict (YAML-typed values)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=0.01")
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file < ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(Config, data)
+
+
+def shipped_config(name: str) -> Path:
+    """Path of a config shipped with livetrain (``demo`` -> configs/demo.yaml)."""
+    from importlib import resources
+
+    return Path(str(resources.files("livetrain.configs") / f"{name}.yaml"))
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, docstring) for every leaf field, from the source."""
+    docs = _attribute_docstrings(cls)
+    out: list[tuple[str, str, str]] = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            out.extend(field_docs(tp, key))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        out.append((key, default, docs.get(f.name, "")))
+    return out
+
+
+def _attribute_docstrings(cls: type) -> dict[str, str]:
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs

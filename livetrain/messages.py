@@ -1,0 +1,114 @@
+"""Typed messages that cross actor boundaries.
+
+Everything large (row blocks, weights) travels as an ``ObjectRef`` inside
+these messages; the messages themselves stay small. A ref nested in a
+dataclass is not resolved by Ray when the message is passed to or returned
+from an actor method, so the receiver decides when (and whether) to fetch.
+
+Blocks are ``{"x": float32[n, d], "y": int64[n]}``; ``ray.get`` of a block
+returns numpy arrays backed by the object store (zero-copy).
+Weights are ``{name: numpy array}`` state dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BlockMeta:
+    """Lineage of one block of good rows: one shard's worth."""
+
+    shard: str
+    """Shard file name (unique in the manifest)."""
+    seq: int
+    """Arrival order of the shard, from the manifest; increases with arrival."""
+    rows: int
+    nbytes: int
+    written_at: float
+    """When the shard file was written (its mtime), epoch seconds."""
+    ingested_at: float
+    """When the block entered the buffer, epoch seconds."""
+
+
+@dataclass(frozen=True)
+class ShardVerdict:
+    """What an ingest actor made of one shard (the block travels beside it)."""
+
+    shard: str
+    good_rows: int
+    bad_rows: int
+    nbytes: int
+    reasons: dict[str, int] = field(default_factory=dict)
+    """Quarantine reason -> rows."""
+    error: str | None = None
+    """Set when the shard could not be read at all (quarantined whole)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The buffer's answer to a trainer: references, never the data."""
+
+    refs: list[Any]
+    """ObjectRefs of the sampled blocks."""
+    metas: list[BlockMeta]
+    """Lineage of those blocks, in the same order."""
+    buffer_rows: int
+    closed: bool = False
+    """The buffer was closed: training should stop."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the model besides the weights."""
+
+    name: str
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Rank 0's proposal: new weights in the object store, with lineage."""
+
+    weights: Any
+    """ObjectRef of a {name: numpy array} state dict."""
+    spec: ModelSpec
+    trained_through: int
+    """Highest shard seq the weights have trained on."""
+    data_written_at: float
+    """Write time of the newest shard trained on (for freshness)."""
+    train_step: int
+    proposed_at: float
+    train_loss: float
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """A promoted version, as the registry hands it to serving replicas."""
+
+    version: int
+    weights: Any
+    """ObjectRef of the state dict, owned by the registry."""
+    spec: ModelSpec
+    trained_through: int
+    data_written_at: float
+    promoted_at: float
+    metrics: dict[str, float]
+    """Gate metrics on data the version had not seen."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One gate decision, with its reason and the figures behind it."""
+
+    version: int
+    action: str
+    """``promote``, ``reject`` or ``supersede``."""
+    reason: str
+    at: float
+    trained_through: int
+    eval_rows: int
+    candidate: dict[str, float]
+    served: dict[str, float] | None
+    served_version: int | None

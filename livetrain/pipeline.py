@@ -1,0 +1,268 @@
+"""Wires livetrain together. The data flow, as this module builds it:
+
+    landing dir (*.parquet; written by the user, or by SyntheticStream)
+        |  DirectorySource.poll            [IngestLoop thread, driver process]
+        v
+    Manifest (SQLite) -- discover -> claim -------------------------------+
+        |                                                                   |
+        v                                                                   |
+    IngestActor xN: read -> validate -> quarantine/ ; returns block ref     |
+        |  (the driver owns the block: it made the call)                    |
+        v                                                                   |
+    ModelRegistry.observe(meta, [ref])   test: served model scores block    |
+        v                                                                   |
+    ReplayBufferActor.add(meta, [ref])   then train: window + reservoir     |
+        |                                              mark_ingested -------+
+        |  Sample(refs)                     [TorchTrainer job, fit() in a driver thread]
+        v
+    train_loop_per_worker x2 (DDP/gloo): fetch blocks zero-copy, K steps,
+        rank 0 -> ModelRegistry.propose(Candidate(weights ref))   (time cadence)
+        all    -> ray.train.report(checkpoint)                    (time cadence)
+        v
+    ModelRegistry: gate on unseen rows -> promote / reject -> decisions.jsonl,
+        served/vN/model.pt, ServedVersion(weights re-put, registry-owned)
+        |  wait_for_version (long-poll)
+        v
+    ModelServer replicas (Ray Serve, FastAPI): swap in place; POST /predict,
+        GET /model; first answer per version -> ModelRegistry.record_answer
+        (closes the freshness of every shard that version trained on)
+
+    Pipeline.run polls ingest counters, buffer and registry stats every
+    ``_TICK_S`` -> LiveView (stderr) and Tracker (W&B + metrics.jsonl).
+
+What each loop waits on: the IngestLoop on ``ray.wait`` over in-flight shards
+(at most ``source.poll_interval_s``); trainers on ``ReplayBufferActor.sample``
+(a condition, until ``train.min_buffer_rows``); replicas on
+``wait_for_version`` (a condition in the registry); the synthetic writer on
+its pacing schedule. Stopping closes the buffer, which every trainer sees in
+its next sample; they checkpoint once more and return.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import threading
+import time
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from livetrain.actors.buffer_actor import BUFFER_NAME, ReplayBufferActor
+from livetrain.actors.ingest import IngestLoop
+from livetrain.actors.manifest import Manifest
+from livetrain.actors.synthetic import SyntheticStream
+from livetrain.config import Config
+from livetrain.live_view import LiveView
+from livetrain.serving.app import APP_NAME, start_serving
+from livetrain.tracking import Tracker
+from livetrain.training.models import model_spec
+from livetrain.training.registry_actor import REGISTRY_NAME, ModelRegistry
+from livetrain.training.trainer import make_trainer
+
+_TICK_S = 0.5
+SUMMARY_KEYS = (
+    "rows_ingested",
+    "rows_quarantined",
+    "shards_ingested",
+    "train_steps",
+    "versions_proposed",
+    "versions_promoted",
+    "served_version",
+    "prequential_accuracy",
+    "freshness_p50_s",
+    "freshness_p95_s",
+)
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, probe_traffic: bool = True) -> None:
+        self.cfg = cfg
+        self.state_dir = Path(cfg.state_dir).resolve()
+        self.probe_traffic = probe_traffic
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._owns_ray = False
+        self._train_error: BaseException | None = None
+        self._decisions_seen = 0
+        self._probe = {"ok": 0, "failed": 0}
+        self.started_at = time.time()
+        self.first_promotion_s: float | None = None
+        self.url: str | None = None
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg, ns = self.cfg, self.cfg.ray.namespace
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not ray.is_initialized():
+            ray.init(
+                address=cfg.ray.address,
+                num_cpus=None if cfg.ray.address else self._local_cpus(),
+                namespace=ns,
+                include_dashboard=False,
+                configure_logging=False,
+            )
+            self._owns_ray = True
+        self.tracker = Tracker(cfg.tracking, self.state_dir, cfg.to_dict())
+        self.manifest = Manifest(self.state_dir)
+        features = _feature_names(cfg)
+        self.spec = model_spec(cfg.model, len(features), len(cfg.schema.classes))
+        self.registry = ModelRegistry.options(name=REGISTRY_NAME, namespace=ns).remote(
+            cfg.gate, len(cfg.schema.classes), str(self.state_dir)
+        )
+        self.buffer = ReplayBufferActor.options(name=BUFFER_NAME, namespace=ns).remote(cfg.buffer)
+        self.ingest = IngestLoop(cfg, self.manifest, self.buffer, self.registry)
+        self.url = start_serving(cfg, REGISTRY_NAME, ns, features)
+        if cfg.source.kind == "synthetic":
+            self.stream = SyntheticStream(cfg.synthetic, cfg.landing_dir)
+            self._spawn("synthetic", self.stream.run, self._stop)
+        self._spawn("ingest", self.ingest.run, self._stop)
+        self._spawn("train", self._fit)
+        if self.probe_traffic:
+            self._spawn("probe", self._probe_loop)
+
+    def run(self, duration_s: float | None = None) -> dict[str, Any]:
+        """Run until ``duration_s`` passes, Ctrl-C, or training fails; return the summary."""
+        deadline = None if duration_s is None else time.monotonic() + duration_s
+        with LiveView(self.cfg.live_view, f"livetrain — {self.url}") as view:
+            while not self._stop.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if self._train_error is not None:
+                    raise RuntimeError("the training job failed") from self._train_error
+                snap = self.snapshot()
+                view.update(snap)
+                self.tracker.log({k: v for k, v in snap.items() if isinstance(v, (int, float))})
+                self._log_decisions()
+                self._stop.wait(_TICK_S)
+        return self.summary()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            ray.get(self.buffer.close.remote(), timeout=10)
+        except Exception:
+            pass
+        for t in self._threads:
+            t.join(timeout=60 if t.name == "train" else 10)
+        self.ingest.shutdown()
+        self._log_decisions()
+        self.final = self.summary()
+        from ray import serve
+
+        try:
+            if self._owns_ray:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+        except Exception:
+            pass
+        for actor in (self.registry, self.buffer):
+            ray.kill(actor)
+        self.manifest.close()
+        self.tracker.summary(self.final)
+        self.tracker.close()
+        if self._owns_ray:
+            ray.shutdown()
+
+    # --- the parts' threads ----------------------------------------------------
+
+    def _spawn(self, name: str, fn, *args) -> None:
+        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _fit(self) -> None:
+        try:
+            make_trainer(self.cfg, self.spec, self.buffer, self.registry).fit()
+        except BaseException as e:  # surfaced by run()
+            if not self._stop.is_set():
+                self._train_error = e
+
+    def _probe_loop(self) -> None:
+        """A trickle of real requests: freshness is measured at a version's first answer."""
+        rng = random.Random(0)
+        d = len(_feature_names(self.cfg))
+        while not self._stop.wait(0.1):
+            body = json.dumps({"instances": [[rng.random() for _ in range(d)]]}).encode()
+            req = urllib.request.Request(self.url + "/predict", body, {"content-type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    r.read()
+                self._probe["ok"] += 1
+            except Exception:
+                self._probe["failed"] += 1
+
+    # --- views -----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        reg = ray.get(self.registry.stats.remote())
+        buf = ray.get(self.buffer.stats.remote())
+        c = self.ingest.counters
+        if self.first_promotion_s is None and reg["served_version"] is not None:
+            self.first_promotion_s = time.time() - self.started_at
+        return {
+            "rows_ingested": c.rows_ingested,
+            "rows_quarantined": c.rows_quarantined,
+            "shards_ingested": c.shards_ingested,
+            "shards_quarantined": c.shards_quarantined,
+            "buffer_rows": buf["rows"],
+            "buffer_bytes": buf["bytes"],
+            "rows_evicted_unseen": buf["rows_evicted_unseen"],
+            "train_samples_per_s": reg.get("train_samples_per_s"),
+            "train_steps": reg.get("train_steps", 0),
+            "train_loss": reg.get("train_loss"),
+            **{k: reg[k] for k in ("versions_proposed", "versions_promoted", "versions_rejected", "served_version")},
+            "prequential_accuracy": reg["prequential_accuracy"],
+            "prequential_accuracy_window": reg["prequential_accuracy_window"],
+            "freshness_p50_s": reg["freshness_p50_s"],
+            "freshness_p95_s": reg["freshness_p95_s"],
+            "probe_requests_ok": self._probe["ok"],
+            "probe_requests_failed": self._probe["failed"],
+            "endpoint": self.url,
+            "elapsed_s": time.time() - self.started_at,
+            "last_decision": getattr(self, "_last_decision", None),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        snap = self.snapshot()
+        out = {k: snap.get(k) for k in SUMMARY_KEYS}
+        out.update(
+            shards_quarantined=snap["shards_quarantined"],
+            rows_evicted_unseen=snap["rows_evicted_unseen"],
+            train_samples_per_s=snap["train_samples_per_s"],
+            prequential_accuracy_window=snap["prequential_accuracy_window"],
+            first_promotion_s=self.first_promotion_s,
+            probe_requests_ok=self._probe["ok"],
+            probe_requests_failed=self._probe["failed"],
+            elapsed_s=snap["elapsed_s"],
+            state_dir=str(self.state_dir),
+        )
+        return out
+
+    def _log_decisions(self) -> None:
+        new = ray.get(self.registry.decisions.remote(self._decisions_seen))
+        self._decisions_seen += len(new)
+        for d in new:
+            if d.action == "supersede":
+                continue
+            self.tracker.event(d.action, **{k: v for k, v in asdict(d).items() if k != "action"})
+            self._last_decision = f"v{d.version} {d.action}: {d.reason}"
+
+    def _local_cpus(self) -> int:
+        tc = self.cfg.train
+        need = math.ceil(tc.num_workers * tc.cpus_per_worker) + 2
+        return self.cfg.ray.num_cpus or max(os.cpu_count() or 1, need)
+
+
+def _feature_names(cfg: Config) -> list[str]:
+    s = cfg.schema
+    if s.features is not None:
+        return list(s.features)
+    return [f"{s.feature_list_column}[{i}]" for i in range(int(s.num_features))]

@@ -1,0 +1,39 @@
+"""Test tiers: plain unit tests need nothing; tests marked ``ray`` share ONE
+Ray session (started on first use, shut down at the end of the run)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real Ray for the whole test session.
+
+    4 logical CPUs on a 2-core machine: two train workers take one each and
+    the light actors take fractions (DESIGN.md, CPU accounting).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            namespace="livetrain-tests",
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()

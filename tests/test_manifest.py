@@ -1,0 +1,244 @@
+"""The manifest: every shard is ingested exactly once, across callers, crashes and restarts."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from pathlib import Path
+
+import pytest
+
+from livetrain.actors.manifest import Manifest, ManifestError, file_hash
+
+
+def _shards(landing: Path, n: int, start: int = 0) -> list[Path]:
+    landing.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + n):
+        p = landing / f"shard-{i:05d}.parquet"
+        p.write_bytes(f"contents of shard {i}".encode())
+        paths.append(p)
+    return paths
+
+
+def _claim_until_empty(db: str, owner: str) -> list[str]:
+    """Run in a worker: claim in small bites until nothing is left."""
+    manifest = Manifest(db)
+    got: list[str] = []
+    while batch := manifest.claim(owner, 3):
+        got.extend(r.name for r in batch)
+    manifest.close()
+    return got
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    with Manifest(tmp_path / "state") as m:
+        yield m
+
+
+# --- discovery -------------------------------------------------------------------
+
+
+def test_discovery_assigns_increasing_seq_in_the_order_given(manifest, tmp_path):
+    paths = _shards(tmp_path / "landing", 4)
+    order = [paths[2], paths[0], paths[3], paths[1]]
+    records = manifest.discover(order)
+    assert [r.name for r in records] == [p.name for p in order]
+    seqs = [r.seq for r in records]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4
+    assert all(r.status == "discovered" for r in records)
+    first = records[0]
+    assert first.size == order[0].stat().st_size and first.mtime_ns == order[0].stat().st_mtime_ns
+    assert first.content_hash == file_hash(order[0])
+    assert manifest.path == tmp_path / "state" / "manifest.sqlite"
+
+
+def test_discovering_the_same_files_twice_registers_them_once(manifest, tmp_path):
+    paths = _shards(tmp_path / "landing", 3)
+    assert len(manifest.discover(paths)) == 3
+    more = _shards(tmp_path / "landing", 2, start=3)
+    new = manifest.discover(paths + more)
+    assert [r.name for r in new] == [p.name for p in more]
+    assert manifest.counts()["discovered"] == 5
+    assert max(r.seq for r in new) > min(r.seq for r in new) > max(r.seq for r in manifest.records()[:3])
+
+
+def test_a_file_with_the_bytes_of_a_known_shard_is_a_duplicate_and_never_claimed(manifest, tmp_path):
+    (original,) = _shards(tmp_path / "landing", 1)
+    copy = tmp_path / "landing" / "copy.parquet"
+    copy.write_bytes(original.read_bytes())
+    manifest.discover([original])
+    (dup,) = manifest.discover([copy])
+    assert dup.status == "duplicate" and dup.duplicate_of == original.name
+    assert [r.name for r in manifest.claim("w", 10)] == [original.name]
+
+
+def test_seq_is_never_reused(manifest, tmp_path):
+    paths = _shards(tmp_path / "landing", 3)
+    last = manifest.discover(paths)[-1].seq
+    (later,) = manifest.discover(_shards(tmp_path / "landing", 1, start=3))
+    assert later.seq > last
+
+
+# --- claiming --------------------------------------------------------------------
+
+
+def test_claim_takes_the_oldest_discovered_shards_first(manifest, tmp_path):
+    paths = _shards(tmp_path / "landing", 5)
+    manifest.discover(paths)
+    first = manifest.claim("w1", 2)
+    assert [r.name for r in first] == [paths[0].name, paths[1].name]
+    assert all(r.status == "claimed" and r.claimed_by == "w1" and r.claimed_at for r in first)
+    assert [r.name for r in manifest.claim("w2", 10)] == [p.name for p in paths[2:]]
+    assert manifest.claim("w3", 10) == []
+
+
+def test_two_threads_with_their_own_connections_never_claim_the_same_shard(tmp_path):
+    db = str(tmp_path / "state")
+    with Manifest(db) as m:
+        m.discover(_shards(tmp_path / "landing", 200))
+    results: dict[str, list[str]] = {}
+    threads = [
+        threading.Thread(target=lambda o=owner: results.__setitem__(o, _claim_until_empty(db, o)))
+        for owner in ("a", "b", "c")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [name for names in results.values() for name in names]
+    assert len(claimed) == 200 and len(set(claimed)) == 200
+
+
+def test_two_processes_never_claim_the_same_shard(tmp_path):
+    db = str(tmp_path / "state")
+    with Manifest(db) as m:
+        m.discover(_shards(tmp_path / "landing", 300))
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(_claim_until_empty, [(db, f"p{i}") for i in range(4)])
+    claimed = [name for names in results for name in names]
+    assert len(claimed) == 300 and len(set(claimed)) == 300
+    with Manifest(db) as m:
+        owners = {r.claimed_by for r in m.records("claimed")}
+        assert m.counts()["claimed"] == 300 and owners <= {"p0", "p1", "p2", "p3"}
+
+
+def test_processes_opening_a_new_manifest_at_once_all_succeed(tmp_path):
+    db = str(tmp_path / "state" / "manifest.sqlite")
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(4) as pool:
+        assert pool.starmap(_claim_until_empty, [(db, f"p{i}") for i in range(8)]) == [[]] * 8
+
+
+# --- outcomes and crashes ----------------------------------------------------------
+
+
+def test_an_ingested_shard_records_its_rows_and_is_not_claimed_again(manifest, tmp_path):
+    manifest.discover(_shards(tmp_path / "landing", 2))
+    (first,) = manifest.claim("w", 1)
+    manifest.mark_ingested(first.name, good_rows=90, bad_rows=10)
+    record = manifest.get(first.name)
+    assert (record.status, record.good_rows, record.bad_rows) == ("ingested", 90, 10)
+    assert [r.name for r in manifest.claim("w", 10)] != [first.name]
+    assert [r.name for r in manifest.ingested()] == [first.name]
+
+
+def test_marking_ingested_twice_is_harmless(manifest, tmp_path):
+    manifest.discover(_shards(tmp_path / "landing", 1))
+    (shard,) = manifest.claim("w", 1)
+    manifest.mark_ingested(shard.name, 5, 0)
+    manifest.mark_ingested(shard.name, 5, 0)
+    assert manifest.counts()["ingested"] == 1
+
+
+def test_only_a_claimed_shard_can_be_marked_ingested(manifest, tmp_path):
+    (path,) = _shards(tmp_path / "landing", 1)
+    manifest.discover([path])
+    with pytest.raises(ManifestError, match="discovered"):
+        manifest.mark_ingested(path.name, 1, 0)
+    with pytest.raises(ManifestError, match="unknown shard"):
+        manifest.mark_ingested("nope.parquet", 1, 0)
+
+
+def test_a_quarantined_shard_keeps_its_reason_and_cannot_be_ingested(manifest, tmp_path):
+    manifest.discover(_shards(tmp_path / "landing", 1))
+    (shard,) = manifest.claim("w", 1)
+    manifest.mark_quarantined(shard.name, "zero rows")
+    record = manifest.get(shard.name)
+    assert (record.status, record.reason) == ("quarantined", "zero rows")
+    with pytest.raises(ManifestError, match="quarantined"):
+        manifest.mark_ingested(shard.name, 1, 0)
+
+
+def test_a_released_shard_is_claimed_again_keeping_its_place(manifest, tmp_path):
+    paths = _shards(tmp_path / "landing", 3)
+    manifest.discover(paths)
+    first, second = manifest.claim("w", 2)
+    manifest.release(first.name)
+    again = manifest.claim("w", 5)
+    assert [r.name for r in again] == [first.name, paths[2].name]
+    assert again[0].seq == first.seq
+
+
+def test_after_a_crash_claimed_shards_are_requeued_and_ingested_ones_stay_done(tmp_path):
+    state = tmp_path / "state"
+    paths = _shards(tmp_path / "landing", 4)
+    crashed = Manifest(state)
+    crashed.discover(paths)
+    done, in_flight_a, in_flight_b = crashed.claim("dead-worker", 3)
+    crashed.mark_ingested(done.name, 10, 0)
+    del crashed  # the process dies without closing anything
+
+    with Manifest(state) as restarted:
+        assert restarted.requeue_claimed() == [in_flight_a.name, in_flight_b.name]
+        assert restarted.counts() == {"discovered": 3, "claimed": 0, "ingested": 1, "quarantined": 0, "duplicate": 0}
+        reclaimed = restarted.claim("new-worker", 10)
+        assert [r.name for r in reclaimed] == [in_flight_a.name, in_flight_b.name, paths[3].name]
+        assert done.name not in {r.name for r in reclaimed}
+
+
+def test_requeue_can_be_limited_to_one_owner(manifest, tmp_path):
+    manifest.discover(_shards(tmp_path / "landing", 2))
+    (a,) = manifest.claim("a", 1)
+    (b,) = manifest.claim("b", 1)
+    assert manifest.requeue_claimed(owner="a") == [a.name]
+    assert manifest.get(b.name).status == "claimed"
+
+
+def test_state_survives_reopening(tmp_path):
+    state = tmp_path / "state"
+    paths = _shards(tmp_path / "landing", 3)
+    with Manifest(state) as m:
+        m.discover(paths)
+        (shard,) = m.claim("w", 1)
+        m.mark_ingested(shard.name, 7, 1)
+        m.set_meta("served_version", "12")
+    with Manifest(state) as m:
+        assert m.get(shard.name).good_rows == 7
+        assert m.counts()["ingested"] == 1 and m.pending_count() == 2
+        assert m.get_meta("served_version") == "12"
+        assert m.discover(paths) == []
+
+
+def test_meta_values_are_replaced_and_missing_keys_give_the_default(manifest):
+    assert manifest.get_meta("pinned_schema") is None
+    assert manifest.get_meta("pinned_schema", "none") == "none"
+    manifest.set_meta("pinned_schema", "a")
+    manifest.set_meta("pinned_schema", "b")
+    assert manifest.get_meta("pinned_schema") == "b"
+
+
+def test_counts_and_pending_cover_every_status(manifest, tmp_path):
+    paths = _shards(tmp_path / "landing", 4)
+    manifest.discover(paths)
+    a, b, c = manifest.claim("w", 3)
+    manifest.mark_ingested(a.name, 1, 0)
+    manifest.mark_quarantined(b.name, "not parquet")
+    assert manifest.counts() == {"discovered": 1, "claimed": 1, "ingested": 1, "quarantined": 1, "duplicate": 0}
+    assert manifest.pending_count() == 2
+
+
+def test_the_manifest_runs_in_wal_mode(manifest):
+    assert manifest._read("PRAGMA journal_mode")[0][0] == "wal"

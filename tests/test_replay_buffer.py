@@ -1,0 +1,145 @@
+"""Replay buffer logic, without Ray: handles are plain ints."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from livetrain.actors.replay_buffer import BlockTooLarge, ReplayBuffer
+from livetrain.config import BufferConfig
+from livetrain.messages import BlockMeta
+
+
+def meta(seq: int, rows: int = 100, nbytes: int | None = None) -> BlockMeta:
+    return BlockMeta(
+        shard=f"shard-{seq:06d}.parquet",
+        seq=seq,
+        rows=rows,
+        nbytes=rows * 16 if nbytes is None else nbytes,
+        written_at=float(seq),
+        ingested_at=float(seq),
+    )
+
+
+def cfg(**kw) -> BufferConfig:
+    base = dict(capacity_rows=1000, capacity_bytes=10**9, window_rows=300, recent_fraction=0.5, seed=1)
+    base.update(kw)
+    return BufferConfig(**base)
+
+
+def fill(buf: ReplayBuffer, n: int, rows: int = 100) -> None:
+    for seq in range(n):
+        buf.add(seq, meta(seq, rows))
+
+
+def test_window_keeps_newest_blocks_in_fifo_order():
+    buf = ReplayBuffer(cfg())
+    fill(buf, 5)
+    s = buf.stats()
+    assert s.window_rows == 300
+    assert [e.meta.seq for e in buf.entries()[: s.window_blocks]] == [2, 3, 4]
+
+
+def test_evicted_rows_enter_reservoir():
+    buf = ReplayBuffer(cfg())
+    fill(buf, 5)
+    s = buf.stats()
+    assert s.reservoir_blocks == 2
+    assert sorted(e.handle for e in buf.entries()[s.window_blocks :]) == [0, 1]
+    assert s.rows == 500 and s.rows_evicted == 0
+
+
+def test_row_capacity_is_never_exceeded():
+    buf = ReplayBuffer(cfg())
+    for seq in range(200):
+        dropped = buf.add(seq, meta(seq))
+        assert buf.stats().rows <= 1000
+        assert all(d.meta.seq < seq for d in dropped)
+    s = buf.stats()
+    assert s.rows == 1000 and s.rows_added == 20_000 and s.rows_evicted == 19_000
+
+
+def test_byte_capacity_is_never_exceeded():
+    buf = ReplayBuffer(cfg(capacity_bytes=5000, window_rows=1000))
+    for seq in range(50):
+        buf.add(seq, meta(seq, rows=10, nbytes=1000))
+        assert buf.stats().bytes <= 5000
+    assert buf.stats().blocks == 5
+
+
+def test_window_drops_oldest_when_it_alone_exceeds_capacity():
+    buf = ReplayBuffer(cfg(capacity_rows=300, window_rows=300))
+    fill(buf, 10)
+    assert [e.meta.seq for e in buf.entries()] == [7, 8, 9]
+    assert buf.stats().rows_evicted_unseen == 700
+
+
+def test_block_larger_than_capacity_is_refused_with_reason():
+    buf = ReplayBuffer(cfg(capacity_rows=100, window_rows=100))
+    with pytest.raises(BlockTooLarge, match="exceeds buffer capacity"):
+        buf.add(0, meta(0, rows=101))
+
+
+def test_late_block_joins_window_in_arrival_order():
+    # a retried shard can arrive after newer ones; it is kept, not refused
+    buf = ReplayBuffer(cfg())
+    buf.add(0, meta(5))
+    buf.add(1, meta(3))
+    assert [e.meta.seq for e in buf.entries()] == [5, 3]
+    assert buf.stats().newest_seq == 5
+
+
+def test_reservoir_is_a_uniform_sample_of_evicted_blocks():
+    # 1000 blocks pass through; the reservoir keeps 7 of the 997 evicted ones.
+    # Over many seeds each evicted block should be kept about equally often.
+    kept = collections.Counter()
+    trials = 300
+    for seed in range(trials):
+        buf = ReplayBuffer(cfg(capacity_rows=1000, window_rows=300, seed=seed))
+        fill(buf, 200)
+        s = buf.stats()
+        kept.update(e.meta.seq // 50 for e in buf.entries()[s.window_blocks :])
+    # evicted seqs are 0..196; quarters 0..3 hold 50, 50, 50, 47 of them
+    per_block = [kept[q] / n for q, n in zip(range(4), (50, 50, 50, 47))]
+    mean = sum(per_block) / 4
+    assert all(abs(p - mean) / mean < 0.2 for p in per_block), per_block
+
+
+def test_fresh_blocks_are_sampled_first_and_oldest_first():
+    buf = ReplayBuffer(cfg())
+    fill(buf, 5)
+    picked = buf.sample(2, fresh_after=2)
+    assert [e.meta.seq for e in picked] == [3, 4]
+    picked = buf.sample(1, fresh_after=1)
+    assert [e.meta.seq for e in picked] == [2]
+
+
+def test_sampling_mix_follows_recent_fraction():
+    buf = ReplayBuffer(cfg(recent_fraction=0.8))
+    fill(buf, 10)  # window: 3 blocks, reservoir: 7
+    window = {e.meta.seq for e in buf.entries()[:3]}
+    picked = buf.sample(5000, fresh_after=10**9)
+    share = sum(e.meta.seq in window for e in picked) / len(picked)
+    assert 0.77 < share < 0.83
+
+
+def test_all_recent_when_reservoir_is_empty():
+    buf = ReplayBuffer(cfg(recent_fraction=0.0))
+    fill(buf, 2)
+    assert len(buf.sample(10, fresh_after=99)) == 10
+
+
+def test_unseen_eviction_is_counted_only_for_unsampled_blocks():
+    buf = ReplayBuffer(cfg(capacity_rows=200, window_rows=200))
+    buf.add(0, meta(0))
+    buf.sample(1, fresh_after=-1)  # block 0 is now seen
+    buf.add(1, meta(1))
+    buf.add(2, meta(2))  # evicts 0 (seen)
+    buf.add(3, meta(3))  # evicts 1 (unseen)
+    s = buf.stats()
+    assert s.rows_evicted == 200 and s.rows_evicted_unseen == 100
+
+
+def test_empty_buffer_samples_nothing():
+    assert ReplayBuffer(cfg()).sample(4) == []

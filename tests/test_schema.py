@@ -1,0 +1,316 @@
+"""Shard validation: good rows kept in order, bad rows quarantined with a reason,
+unusable shards rejected whole with a message that says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from livetrain.actors.schema import (
+    INF_FEATURE,
+    NAN_FEATURE,
+    NULL_FEATURE,
+    NULL_LABEL,
+    UNKNOWN_LABEL,
+    ValidatedShard,
+    read_and_validate,
+)
+from livetrain.config import SchemaConfig
+
+FEATURES = ["a", "b", "c"]
+SCHEMA = SchemaConfig(features=FEATURES, classes=[0, 1, 2])
+LIST_SCHEMA = SchemaConfig(feature_list_column="f", num_features=3, classes=[0, 1, 2])
+
+
+def _features(n: int) -> np.ndarray:
+    """Row i is [i, i + 0.25, i + 0.5]: each row says where it came from."""
+    return np.arange(n, dtype=np.float32)[:, None] + np.array([0.0, 0.25, 0.5], dtype=np.float32)
+
+
+def _write(path: Path, columns: dict[str, pa.Array | np.ndarray | list], **kw) -> Path:
+    pq.write_table(pa.table(columns), path, **kw)
+    return path
+
+
+def _column_shard(path: Path, n: int = 10, **overrides) -> Path:
+    x = _features(n)
+    cols = {name: x[:, j] for j, name in enumerate(FEATURES)}
+    cols["label"] = np.arange(n, dtype=np.int64) % 3
+    cols.update(overrides)
+    return _write(path, cols)
+
+
+def _assert_rejected(shard: ValidatedShard, *fragments: str) -> None:
+    assert shard.error is not None
+    for fragment in fragments:
+        assert fragment in shard.error
+    assert shard.x.shape == (0, 3) and shard.x.dtype == np.float32
+    assert shard.y.shape == (0,) and shard.y.dtype == np.int64
+    assert shard.bad is None and shard.reasons == {}
+
+
+# --- good data -------------------------------------------------------------------
+
+
+def test_good_shard_becomes_one_float32_block(tmp_path):
+    shard = read_and_validate(_column_shard(tmp_path / "s.parquet", n=1000), SCHEMA)
+    assert shard.error is None and shard.bad is None and shard.reasons == {}
+    assert shard.x.dtype == np.float32 and shard.x.flags["C_CONTIGUOUS"]
+    assert shard.y.dtype == np.int64
+    np.testing.assert_array_equal(shard.x, _features(1000))
+    np.testing.assert_array_equal(shard.y, np.arange(1000) % 3)
+
+
+def test_features_are_read_in_schema_order_not_file_order(tmp_path):
+    x = _features(4)
+    path = _write(tmp_path / "s.parquet", {"label": [0, 1, 2, 0], "c": x[:, 2], "a": x[:, 0], "b": x[:, 1]})
+    np.testing.assert_array_equal(read_and_validate(path, SCHEMA).x, x)
+
+
+def test_fixed_size_list_column_gives_the_same_block_as_feature_columns(tmp_path):
+    x = _features(50)
+    path = _write(
+        tmp_path / "s.parquet",
+        {"f": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 3), "label": np.arange(50) % 3},
+    )
+    shard = read_and_validate(path, LIST_SCHEMA)
+    assert shard.error is None
+    np.testing.assert_array_equal(shard.x, x)
+    np.testing.assert_array_equal(shard.y, np.arange(50) % 3)
+
+
+def test_variable_list_column_of_the_right_width_is_accepted(tmp_path):
+    x = _features(5)
+    path = _write(tmp_path / "s.parquet", {"f": pa.array(x.astype(np.float64).tolist()), "label": [0] * 5})
+    shard = read_and_validate(path, LIST_SCHEMA)
+    assert shard.error is None
+    np.testing.assert_array_equal(shard.x, x)
+
+
+def test_integer_and_float64_features_are_cast_to_float32(tmp_path):
+    path = _column_shard(
+        tmp_path / "s.parquet",
+        n=3,
+        a=pa.array([1, 2, 3], pa.int32()),
+        b=pa.array([0.5, 1.5, 2.5], pa.float64()),
+    )
+    shard = read_and_validate(path, SCHEMA)
+    assert shard.error is None and shard.x.dtype == np.float32
+    np.testing.assert_array_equal(shard.x[:, 0], [1, 2, 3])
+    np.testing.assert_array_equal(shard.x[:, 1], [0.5, 1.5, 2.5])
+
+
+def test_any_integer_label_type_is_accepted(tmp_path):
+    path = _column_shard(tmp_path / "s.parquet", n=3, label=pa.array([2, 0, 1], pa.uint8()))
+    shard = read_and_validate(path, SCHEMA)
+    assert shard.error is None and shard.y.dtype == np.int64
+    np.testing.assert_array_equal(shard.y, [2, 0, 1])
+
+
+def test_many_row_groups_are_read_in_order(tmp_path):
+    x = _features(10_000)
+    cols = {name: x[:, j] for j, name in enumerate(FEATURES)}
+    path = _write(tmp_path / "s.parquet", {**cols, "label": np.zeros(10_000, np.int64)}, row_group_size=777)
+    assert pq.ParquetFile(path).metadata.num_row_groups > 10
+    np.testing.assert_array_equal(read_and_validate(path, SCHEMA).x, x)
+
+
+# --- row-level quarantine --------------------------------------------------------
+
+
+def test_bad_rows_are_quarantined_with_reasons_and_good_rows_keep_their_order(tmp_path):
+    n = 12
+    x = _features(n)
+    a = x[:, 0].copy()
+    b = x[:, 1].copy()
+    a[1] = np.nan
+    b[3] = np.inf
+    a[5] = -np.inf
+    label = (np.arange(n) % 3).tolist()
+    label[7] = 9
+    label[8] = None
+    path = _write(
+        tmp_path / "s.parquet",
+        {
+            "a": a,
+            "b": b,
+            "c": pa.array([None if i == 10 else float(v) for i, v in enumerate(x[:, 2])], pa.float32()),
+            "label": pa.array(label, pa.int64()),
+        },
+    )
+    shard = read_and_validate(path, SCHEMA)
+    assert shard.error is None
+    good = [0, 2, 4, 6, 9, 11]
+    np.testing.assert_array_equal(shard.x, x[good])
+    np.testing.assert_array_equal(shard.y, np.array(good) % 3)
+    assert shard.reasons == {NAN_FEATURE: 1, INF_FEATURE: 2, UNKNOWN_LABEL: 1, NULL_LABEL: 1, NULL_FEATURE: 1}
+    assert shard.bad.column_names == ["a", "b", "c", "label", "reason"]
+    assert shard.bad.num_rows == shard.bad_rows == 6
+    rows = shard.bad.to_pylist()
+    assert [r["reason"] for r in rows] == [
+        NAN_FEATURE, INF_FEATURE, INF_FEATURE, UNKNOWN_LABEL, NULL_LABEL, NULL_FEATURE
+    ]  # fmt: skip
+    assert rows[3]["label"] == 9 and rows[4]["label"] is None and rows[5]["c"] is None
+
+
+def test_a_row_with_several_faults_is_counted_once_under_the_first_reason(tmp_path):
+    path = _column_shard(
+        tmp_path / "s.parquet",
+        n=3,
+        a=pa.array([np.nan, 1.0, 2.0], pa.float32()),
+        b=pa.array([None, 1.0, 2.0], pa.float32()),
+        label=pa.array([7, 1, 2], pa.int64()),
+    )
+    shard = read_and_validate(path, SCHEMA)
+    assert shard.reasons == {NULL_FEATURE: 1}
+    assert shard.good_rows == 2
+
+
+def test_float64_beyond_float32_range_is_quarantined_as_inf(tmp_path):
+    path = _column_shard(tmp_path / "s.parquet", n=3, a=pa.array([1e300, 1.0, 2.0], pa.float64()))
+    assert read_and_validate(path, SCHEMA).reasons == {INF_FEATURE: 1}
+
+
+def test_bad_rows_in_a_list_column_are_quarantined(tmp_path):
+    x = _features(4).astype(np.float64).tolist()
+    x[1][2] = None
+    x[2] = None
+    x[3][0] = float("nan")
+    path = _write(
+        tmp_path / "s.parquet",
+        {"f": pa.array(x, pa.list_(pa.float32(), 3)), "label": [0, 1, 2, 0]},
+    )
+    shard = read_and_validate(path, LIST_SCHEMA)
+    assert shard.error is None
+    assert shard.reasons == {NULL_FEATURE: 2, NAN_FEATURE: 1}
+    np.testing.assert_array_equal(shard.x, _features(1))
+
+
+def test_good_rows_are_compacted_across_batches(tmp_path, monkeypatch):
+    import livetrain.actors.schema as schema_module
+
+    monkeypatch.setattr(schema_module, "BATCH_BYTES", 1)  # -> the 4096-row minimum batch
+    n = 20_000
+    x = _features(n)
+    a = x[:, 0].copy()
+    a[::7] = np.nan
+    path = _column_shard(tmp_path / "s.parquet", n=n, a=a)
+    shard = read_and_validate(path, SCHEMA)
+    keep = np.arange(n) % 7 != 0
+    np.testing.assert_array_equal(shard.x, x[keep])
+    np.testing.assert_array_equal(shard.y, (np.arange(n) % 3)[keep])
+    assert shard.reasons == {NAN_FEATURE: int((~keep).sum())}
+    assert shard.x.flags["C_CONTIGUOUS"]
+
+
+def test_all_rows_bad_gives_an_empty_block_not_an_error(tmp_path):
+    path = _column_shard(tmp_path / "s.parquet", n=3, label=pa.array([5, 6, 7], pa.int64()))
+    shard = read_and_validate(path, SCHEMA)
+    assert shard.error is None and shard.x.shape == (0, 3) and shard.reasons == {UNKNOWN_LABEL: 3}
+
+
+def test_verdict_summarises_the_shard(tmp_path):
+    path = _column_shard(tmp_path / "s.parquet", n=4, label=pa.array([0, 1, 9, 2], pa.int64()))
+    verdict = read_and_validate(path, SCHEMA).verdict("s.parquet")
+    assert (verdict.shard, verdict.good_rows, verdict.bad_rows) == ("s.parquet", 3, 1)
+    assert verdict.reasons == {UNKNOWN_LABEL: 1} and verdict.error is None
+    assert verdict.nbytes == 3 * 3 * 4 + 3 * 8
+
+
+# --- whole-shard rejection -------------------------------------------------------
+
+
+def test_a_file_that_is_not_parquet_is_rejected_whole(tmp_path):
+    path = tmp_path / "s.parquet"
+    path.write_text("a,b,c,label\n1,2,3,0\n")
+    _assert_rejected(read_and_validate(path, SCHEMA), "not a readable parquet file")
+
+
+def test_an_empty_file_is_rejected_whole(tmp_path):
+    path = tmp_path / "s.parquet"
+    path.write_bytes(b"")
+    _assert_rejected(read_and_validate(path, SCHEMA), "not a readable parquet file")
+
+
+def test_a_parquet_file_cut_in_half_is_rejected_whole(tmp_path):
+    path = _column_shard(tmp_path / "s.parquet", n=5000)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _assert_rejected(read_and_validate(path, SCHEMA), "parquet")
+
+
+def test_corrupt_column_data_behind_a_valid_footer_is_rejected_whole(tmp_path):
+    path = _column_shard(tmp_path / "s.parquet", n=5000)
+    data = bytearray(path.read_bytes())
+    data[4:2000] = b"\xff" * 1996  # page headers and values, footer untouched
+    path.write_bytes(bytes(data))
+    _assert_rejected(read_and_validate(path, SCHEMA), "parquet")
+
+
+def test_zero_rows_is_rejected_whole(tmp_path):
+    path = _write(tmp_path / "s.parquet", {n: pa.array([], pa.float32()) for n in FEATURES} | {"label": pa.array([], pa.int64())})
+    _assert_rejected(read_and_validate(path, SCHEMA), "zero rows")
+
+
+def test_a_missing_column_is_rejected_whole_naming_it(tmp_path):
+    path = _write(tmp_path / "s.parquet", {"a": [1.0], "c": [1.0], "label": [0]})
+    _assert_rejected(read_and_validate(path, SCHEMA), "missing columns", "'b'")
+
+
+def test_an_extra_column_is_rejected_whole_naming_it(tmp_path):
+    path = _column_shard(tmp_path / "s.parquet", n=3, note=["x", "y", "z"])
+    _assert_rejected(read_and_validate(path, SCHEMA), "extra columns", "'note'")
+
+
+def test_a_string_feature_column_is_rejected_whole(tmp_path):
+    path = _column_shard(tmp_path / "s.parquet", n=3, b=["1.0", "2.0", "3.0"])
+    _assert_rejected(read_and_validate(path, SCHEMA), "'b'", "string")
+
+
+def test_a_float_label_column_is_rejected_whole_even_when_integral(tmp_path):
+    path = _column_shard(tmp_path / "s.parquet", n=3, label=pa.array([0.0, 1.0, 2.0], pa.float64()))
+    _assert_rejected(read_and_validate(path, SCHEMA), "'label'", "integer")
+
+
+def test_a_fixed_size_list_of_the_wrong_width_is_rejected_whole(tmp_path):
+    path = _write(
+        tmp_path / "s.parquet",
+        {"f": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(8, np.float32)), 4), "label": [0, 1]},
+    )
+    _assert_rejected(read_and_validate(path, LIST_SCHEMA), "wrong list width 4", "expected 3")
+
+
+def test_a_variable_list_with_a_wrong_width_row_is_rejected_whole(tmp_path):
+    path = _write(tmp_path / "s.parquet", {"f": [[1.0, 2.0, 3.0], [1.0, 2.0]], "label": [0, 1]})
+    _assert_rejected(read_and_validate(path, LIST_SCHEMA), "wrong list width [2, 3]")
+
+
+def test_feature_columns_where_a_list_is_declared_are_rejected_whole(tmp_path):
+    path = _column_shard(tmp_path / "s.parquet", n=3)
+    _assert_rejected(read_and_validate(path, LIST_SCHEMA), "missing columns", "'f'")
+
+
+def test_a_missing_file_is_rejected_whole(tmp_path):
+    _assert_rejected(read_and_validate(tmp_path / "gone.parquet", SCHEMA), "not a readable parquet file")
+
+
+def test_the_module_does_not_import_ray():
+    import livetrain.actors.manifest
+    import livetrain.actors.quarantine
+    import livetrain.actors.schema
+
+    for module in (livetrain.actors.schema, livetrain.actors.quarantine, livetrain.actors.manifest):
+        source = Path(module.__file__).read_text()
+        assert "import ray" not in source and "from ray" not in source
+
+
+@pytest.mark.parametrize("label_type", [pa.int8(), pa.int16(), pa.int32(), pa.uint16(), pa.uint64()])
+def test_labels_outside_the_classes_are_caught_for_every_integer_type(tmp_path, label_type):
+    path = _column_shard(tmp_path / "s.parquet", n=3, label=pa.array([0, 3, 2], label_type))
+    shard = read_and_validate(path, SCHEMA)
+    assert shard.reasons == {UNKNOWN_LABEL: 1}
+    np.testing.assert_array_equal(shard.y, [0, 2])

@@ -1,0 +1,65 @@
+"""The per-worker training step, in plain PyTorch (runs in one process; DDP
+is only a wrapper that ``prepare_model`` puts around the model)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class RoundResult:
+    loss: float
+    samples: int
+    seconds: float
+
+
+class Learner:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int, seed: int = 0) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.batch_size = batch_size
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def train_round(self, x: np.ndarray, y: np.ndarray, steps: int) -> RoundResult:
+        """``steps`` minibatch updates drawn uniformly from the rows ``x``, ``y``."""
+        t0 = time.perf_counter()
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        n = len(yt)
+        bs = min(self.batch_size, n)
+        self.model.train()
+        total = 0.0
+        for _ in range(steps):
+            idx = torch.randint(n, (bs,), generator=self.gen)
+            loss = self.loss_fn(self.model(xt[idx]), yt[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item()
+        return RoundResult(total / steps, steps * bs, time.perf_counter() - t0)
+
+
+def concat_blocks(blocks: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """One contiguous (x, y) from object-store blocks (one copy, needed anyway)."""
+    return np.concatenate([b["x"] for b in blocks]), np.concatenate([b["y"] for b in blocks])
+
+
+class Cadence:
+    """True once every ``period_s`` (monotonic clock)."""
+
+    def __init__(self, period_s: float, clock=time.monotonic) -> None:
+        self.period_s = period_s
+        self.clock = clock
+        self._next = clock() + period_s
+
+    def due(self) -> bool:
+        now = self.clock()
+        if now < self._next:
+            return False
+        self._next = now + self.period_s
+        return True

@@ -1,0 +1,177 @@
+"""The continuous trainer: ONE long-running ``TorchTrainer`` job.
+
+Each worker loops until the buffer closes:
+
+    sample refs from the buffer (waits for ``min_buffer_rows``)
+      -> one all_reduce of control flags (stop / propose / checkpoint / no data),
+         so every rank takes the same branch and calls ``report`` equally often
+      -> fetch the blocks zero-copy, K DDP steps
+      -> rank 0: propose weights to the registry (object store) on its cadence
+      -> all: ``ray.train.report`` with rank 0's checkpoint on its cadence
+
+A killed worker makes Ray Train restart the group (``FailureConfig``); the
+loop resumes from ``ray.train.get_checkpoint()``. The buffer and the registry
+are separate actors and carry on meanwhile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from livetrain.config import Config
+from livetrain.messages import Candidate, ModelSpec
+from livetrain.training.checkpoint import (
+    CheckpointData,
+    load_checkpoint,
+    save_checkpoint,
+    state_dict_numpy,
+    unwrap,
+)
+from livetrain.training.learner import Cadence, Learner, concat_blocks
+from livetrain.training.models import build_model
+
+STOP, PROPOSE, CHECKPOINT, NO_DATA = range(4)
+
+
+@dataclass
+class Progress:
+    """What a worker resumes from (stored in the checkpoint's meta)."""
+
+    step: int = 0
+    fresh_after: int = -1
+    """Newest shard seq this worker has trained on."""
+    data_written_at: float = 0.0
+    last_proposed_through: int = -1
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg: Config = config["cfg"]
+    spec: ModelSpec = config["spec"]
+    buffer, registry = config["buffer"], config["registry"]
+    tc = cfg.train
+    torch.set_num_threads(tc.torch_threads)
+    rank = ray.train.get_context().get_world_rank()
+
+    model = build_model(spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    progress = Progress()
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            data = load_checkpoint(d)
+        model.load_state_dict(data.weights)
+        if data.optimizer is not None:
+            opt.load_state_dict(data.optimizer)
+        progress = Progress(**data.meta["progress"])
+    model = ray.train.torch.prepare_model(model)
+    learner = Learner(model, opt, tc.batch_size, seed=1000 * rank + progress.step)
+    propose_clock, ckpt_clock = Cadence(tc.propose_every_s), Cadence(tc.checkpoint_every_s)
+    last_result = None
+    pending_proposal: ray.ObjectRef | None = None
+
+    while True:
+        sample = ray.get(buffer.sample.remote(tc.blocks_per_round, progress.fresh_after, tc.min_buffer_rows, 0.5))
+        flags = torch.zeros(4)
+        flags[NO_DATA] = float(not sample.refs)
+        if rank == 0:
+            flags[STOP] = float(sample.closed)
+            flags[PROPOSE] = float(propose_clock.due())
+            flags[CHECKPOINT] = float(ckpt_clock.due() or sample.closed)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+
+        if not flags[NO_DATA] and not flags[STOP]:
+            t0 = time.perf_counter()
+            x, y = concat_blocks(ray.get(sample.refs))
+            last_result = learner.train_round(x, y, tc.steps_per_round)
+            last_result.seconds = time.perf_counter() - t0
+            progress.step += tc.steps_per_round
+            newest = max(sample.metas, key=lambda m: m.seq)
+            if newest.seq > progress.fresh_after:
+                progress.fresh_after = newest.seq
+                progress.data_written_at = newest.written_at
+
+        if rank == 0 and flags[PROPOSE] and last_result is not None:
+            world = ray.train.get_context().get_world_size()
+            registry.report_train.remote(
+                {
+                    "steps": progress.step,
+                    "loss": last_result.loss,
+                    "samples_per_s": world * last_result.samples / max(last_result.seconds, 1e-9),
+                    "trained_through": progress.fresh_after,
+                }
+            )
+            proposal_free = pending_proposal is None or ray.wait([pending_proposal], timeout=0)[0]
+            if progress.fresh_after > progress.last_proposed_through and proposal_free:
+                pending_proposal = registry.propose.remote(
+                    Candidate(
+                        weights=ray.put(state_dict_numpy(model)),
+                        spec=spec,
+                        trained_through=progress.fresh_after,
+                        data_written_at=progress.data_written_at,
+                        train_step=progress.step,
+                        proposed_at=time.time(),
+                        train_loss=last_result.loss,
+                    )
+                )
+                progress.last_proposed_through = progress.fresh_after
+
+        if flags[CHECKPOINT]:
+            _report(rank, model, opt, spec, cfg, progress, last_result)
+        if flags[STOP]:
+            return
+
+
+def _report(rank, model, opt, spec, cfg, progress, result) -> None:
+    metrics = {"step": progress.step, "trained_through": progress.fresh_after}
+    if result is not None:
+        metrics["loss"] = result.loss
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(
+            d,
+            CheckpointData(
+                spec=spec,
+                weights=unwrap(model).state_dict(),
+                meta={"progress": dataclasses.asdict(progress), "config": cfg.to_dict()},
+                optimizer=opt.state_dict(),
+            ),
+        )
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+
+def make_trainer(cfg: Config, spec: ModelSpec, buffer: Any, registry: Any) -> TorchTrainer:
+    tc = cfg.train
+    storage = Path(cfg.state_dir).resolve() / "ray_train"
+    storage.mkdir(parents=True, exist_ok=True)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "spec": spec, "buffer": buffer, "registry": registry},
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name="livetrain",
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
