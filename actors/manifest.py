@@ -102,9 +102,15 @@ class ShardRecord:
         return self.mtime_ns / 1e9
 
 
-def file_hash(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, HASH).hexdigest()
+def file_hash(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex digest of the file's bytes (``hashlib.file_digest`` is 3.11+; we support 3.10)."""
+    digest = hashlib.new(HASH)
+    buf = bytearray(chunk_bytes)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
 class Manifest:
@@ -120,7 +126,7 @@ class Manifest:
         self._lock = threading.Lock()  # one connection, maybe several threads of one actor
         self._db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         self._db.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-        self._db.execute("PRAGMA journal_mode = WAL")
+        self._set_wal(timeout_s)
         # FULL: a commit survives power loss too, so "ingested" is never rolled back under us.
         self._db.execute("PRAGMA synchronous = FULL")
         self._create_tables()
@@ -150,7 +156,8 @@ class Manifest:
         with self._write() as db:
             for name, (p, size, mtime_ns, digest) in fresh.items():
                 first = db.execute(
-                    "SELECT name FROM shards WHERE content_hash = ? AND status != 'duplicate' ORDER BY seq LIMIT 1",
+                    "SELECT name FROM shards WHERE content_hash = ? AND status != 'duplicate'"
+                    " ORDER BY seq LIMIT 1",
                     (digest,),
                 ).fetchone()
                 cur = db.execute(
@@ -159,7 +166,7 @@ class Manifest:
                     " ON CONFLICT (name) DO NOTHING",
                     (name, str(p), size, mtime_ns, digest, "duplicate" if first else "discovered",
                      first[0] if first else None, now, now),
-                )  # fmt: skip
+                )
                 if cur.rowcount:  # another process may have registered it since known_names()
                     added.append(name)
         return [self._get(n) for n in added]
@@ -170,7 +177,8 @@ class Manifest:
         known: set[str] = set()
         for i in range(0, len(names), 500):  # stay under SQLite's bound-parameter limit
             chunk = names[i : i + 500]
-            rows = self._read(f"SELECT name FROM shards WHERE name IN ({','.join('?' * len(chunk))})", chunk)
+            marks = ",".join("?" * len(chunk))
+            rows = self._read(f"SELECT name FROM shards WHERE name IN ({marks})", chunk)
             known.update(r[0] for r in rows)
         return known
 
@@ -201,10 +209,13 @@ class Manifest:
         process died, and the buffer never accepted it.
         """
         now = time.time()
-        where, args = ("status = 'claimed'", ()) if owner is None else ("status = 'claimed' AND claimed_by = ?", (owner,))
+        where, args = "status = 'claimed'", ()
+        if owner is not None:
+            where, args = "status = 'claimed' AND claimed_by = ?", (owner,)
         with self._write() as db:
             rows = db.execute(
-                f"UPDATE shards SET status = 'discovered', claimed_by = NULL, claimed_at = NULL, updated_at = ?"
+                f"UPDATE shards SET status = 'discovered', claimed_by = NULL, claimed_at = NULL,"
+                f" updated_at = ?"
                 f" WHERE {where} RETURNING name, seq",
                 (now, *args),
             ).fetchall()
@@ -229,7 +240,8 @@ class Manifest:
     def ingested(self, order_by_seq: bool = True) -> list[ShardRecord]:
         """Ingested shards (to rebuild the buffer after a restart), oldest first."""
         order = " ORDER BY seq" if order_by_seq else ""
-        return [ShardRecord(*r) for r in self._read(f"SELECT {_COLUMNS} FROM shards WHERE status = 'ingested'{order}")]
+        rows = self._read(f"SELECT {_COLUMNS} FROM shards WHERE status = 'ingested'{order}")
+        return [ShardRecord(*r) for r in rows]
 
     def records(self, status: str | None = None) -> list[ShardRecord]:
         """All shards (or those in ``status``), in seq order."""
@@ -258,7 +270,8 @@ class Manifest:
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as db:
             db.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
 
@@ -276,6 +289,24 @@ class Manifest:
 
     # --- internals ---------------------------------------------------------------
 
+    def _set_wal(self, timeout_s: float) -> None:
+        """Switch to WAL. The switch ignores the busy timeout when connections race
+        to create the file ("database is locked"), so retry it until ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.001
+        while True:
+            try:
+                mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode == "wal":
+                    return
+                if time.monotonic() > deadline:
+                    raise ManifestError(f"{self.path}: could not switch to WAL (mode stays {mode})")
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 0.05)
+
     def _create_tables(self) -> None:
         with self._write() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
@@ -290,10 +321,12 @@ class Manifest:
             if row[0] == to:
                 return
             if row[0] not in allowed_from:
-                raise ManifestError(f"shard {name!r} is {row[0]}; cannot become {to} (only from {'/'.join(allowed_from)})")
-            sets = ", ".join(f"{k} = ?" for k in values)
+                raise ManifestError(
+                    f"shard {name!r} is {row[0]}; cannot become {to} (only from {'/'.join(allowed_from)})"
+                )
+            sets = "".join(f"{k} = ?, " for k in values)
             db.execute(
-                f"UPDATE shards SET status = ?, {sets + ', ' if sets else ''}updated_at = ? WHERE name = ?",
+                f"UPDATE shards SET status = ?, {sets}updated_at = ? WHERE name = ?",
                 (to, *values.values(), now, name),
             )
 

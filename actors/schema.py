@@ -128,11 +128,14 @@ def check_schema(arrow_schema: pa.Schema, schema: SchemaConfig) -> None:
     for name in schema.features or []:
         _check_numeric(name, arrow_schema.field(name).type)
     if schema.feature_list_column is not None:
-        _check_list(schema.feature_list_column, arrow_schema.field(schema.feature_list_column).type, schema)
+        list_type = arrow_schema.field(schema.feature_list_column).type
+        _check_list(schema.feature_list_column, list_type, schema)
     label_type = arrow_schema.field(schema.label).type
     if not pa.types.is_integer(label_type):
-        extra_note = " (float labels are rejected even when integral)" if pa.types.is_floating(label_type) else ""
-        raise SchemaError(f"column {schema.label!r}: label has type {label_type}, expected an integer type{extra_note}")
+        note = " (float labels are rejected even when integral)" if pa.types.is_floating(label_type) else ""
+        raise SchemaError(
+            f"column {schema.label!r}: label has type {label_type}, expected an integer type{note}"
+        )
 
 
 def _columns(schema: SchemaConfig) -> list[str]:
@@ -255,8 +258,9 @@ def _list_values(col: pa.Array, schema: SchemaConfig) -> tuple[np.ndarray, np.nd
         lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
         widths = np.unique(lengths[~np.isnan(lengths)] if lengths.dtype.kind == "f" else lengths)
         if widths.size and not (widths.size == 1 and widths[0] == d):
+            found = sorted(int(w) for w in widths)
             raise SchemaError(
-                f"column {schema.feature_list_column!r}: wrong list width {sorted(int(w) for w in widths)}, expected {d}"
+                f"column {schema.feature_list_column!r}: wrong list width {found}, expected {d}"
             )
         col = col.cast(pa.list_(col.type.value_type, d))
     # .values ignores the array's offset and keeps the slots of null lists: slice it ourselves.

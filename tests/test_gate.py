@@ -1,0 +1,53 @@
+"""Gate arithmetic and decisions, without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from livetrain.config import GateConfig
+from livetrain.training.gate import Prequential, classification_metrics, decide
+
+
+def test_metrics_match_hand_computation():
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([0, 1, 1, 1, 0])
+    m = classification_metrics(y, p, 2)
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    # class 0: P=1/2 R=1/2 ; class 1: P=2/3 R=2/3
+    assert m["precision"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert m["recall"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert m["f1"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_metrics_refuse_empty_input():
+    with pytest.raises(ValueError):
+        classification_metrics(np.array([]), np.array([]), 2)
+
+
+def test_first_candidate_is_promoted():
+    assert decide({"accuracy": 0.6}, None, GateConfig()).promote
+
+
+def test_candidate_within_tolerance_is_promoted():
+    v = decide({"accuracy": 0.895}, {"accuracy": 0.9}, GateConfig(tolerance=0.01))
+    assert v.promote and "delta -0.0050" in v.reason
+
+
+def test_candidate_worse_than_tolerance_is_rejected():
+    v = decide({"accuracy": 0.85}, {"accuracy": 0.9}, GateConfig(tolerance=0.01))
+    assert not v.promote and "0.8500 vs served 0.9000" in v.reason
+
+
+def test_gate_uses_the_configured_metric():
+    cand, served = {"accuracy": 0.95, "f1": 0.5}, {"accuracy": 0.9, "f1": 0.8}
+    assert decide(cand, served, GateConfig(metric="accuracy")).promote
+    assert not decide(cand, served, GateConfig(metric="f1")).promote
+
+
+def test_prequential_window_forgets_old_rows():
+    pq = Prequential(2, window_rows=100)
+    pq.update(np.zeros(100), np.zeros(100))  # all right
+    pq.update(np.zeros(100), np.ones(100))  # all wrong
+    assert pq.accuracy == pytest.approx(0.5)
+    assert pq.window_accuracy == pytest.approx(0.0)

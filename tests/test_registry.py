@@ -1,0 +1,100 @@
+"""Registry logic without Ray: test-then-train, gating on unseen rows, freshness."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from livetrain.config import GateConfig
+from livetrain.messages import BlockMeta, Candidate
+from livetrain.training.models import MLP, model_spec
+from livetrain.config import ModelConfig
+from livetrain.training.registry import Registry
+
+SPEC = model_spec(ModelConfig(hidden=[4]), num_features=2, num_classes=2)
+
+
+def weights_predicting(cls: int) -> dict[str, np.ndarray]:
+    """Weights of an MLP that always predicts ``cls``."""
+    torch.manual_seed(0)
+    m = MLP(2, 2, [4])
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.net[-1].bias[cls] = 1.0
+    return {k: v.numpy().copy() for k, v in m.state_dict().items()}
+
+
+def block(seq: int, label: int, rows: int = 100, written_at: float = 0.0):
+    meta = BlockMeta(f"s{seq}", seq, rows, rows * 12, written_at, written_at)
+    return meta, np.zeros((rows, 2), np.float32), np.full(rows, label, np.int64)
+
+
+def cand(cls: int, through: int, written_at: float = 0.0) -> tuple[Candidate, dict]:
+    w = weights_predicting(cls)
+    return Candidate(None, SPEC, through, written_at, 0, 0.0, 0.0), w
+
+
+def registry(**kw) -> Registry:
+    return Registry(GateConfig(min_eval_rows=100, max_eval_rows=1000, window_rows=1000, **kw), 2, clock=lambda: 100.0)
+
+
+def test_candidate_waits_for_rows_it_has_not_seen():
+    r = registry()
+    r.observe(*block(0, 1))
+    _, decisions = r.propose(*cand(1, through=0))
+    assert decisions == [] and r.served is None  # block 0 was trained on: no evidence
+    decisions = r.observe(*block(1, 1))
+    assert [d.action for d in decisions] == ["promote"] and r.served.version == 1
+
+
+def test_rejected_candidate_is_never_served():
+    r = registry()
+    r.propose(*cand(1, through=-1))
+    r.observe(*block(0, 1))
+    assert r.served.version == 1
+    v, _ = r.propose(*cand(0, through=0))  # predicts the wrong class
+    decisions = r.observe(*block(1, 1))
+    assert [d.action for d in decisions] == ["reject"]
+    assert r.served.version == 1 and v == 2
+    assert decisions[0].candidate["accuracy"] == 0.0 and decisions[0].served["accuracy"] == 1.0
+
+
+def test_gate_compares_on_rows_newer_than_both_versions():
+    r = registry()
+    r.propose(*cand(1, through=-1))
+    r.observe(*block(0, 1))
+    r.observe(*block(1, 0))  # seq 1 says class 0
+    r.propose(*cand(0, through=1))
+    assert r.served.version == 1  # rows <= seq 1 do not count
+    d = r.observe(*block(2, 0))
+    assert d[0].action == "promote" and d[0].eval_rows == 100
+
+
+def test_newer_candidate_supersedes_pending_one():
+    r = registry()
+    r.propose(*cand(1, through=5))
+    _, d = r.propose(*cand(1, through=6))
+    assert [x.action for x in d] == ["supersede"] and r.pending.version == 2
+
+
+def test_served_model_is_scored_before_training_prequentially():
+    r = registry()
+    r.propose(*cand(1, through=-1))
+    r.observe(*block(0, 1))  # promotes v1 (not yet scored on this block)
+    r.observe(*block(1, 1))
+    r.observe(*block(2, 0))
+    assert r.prequential.rows == 200 and r.prequential.accuracy == pytest.approx(0.5)
+
+
+def test_freshness_is_closed_by_first_answer_of_a_version_trained_on_the_shard():
+    r = registry()
+    r.observe(*block(0, 1, written_at=10.0))
+    r.observe(*block(1, 1, written_at=11.0))
+    r.propose(*cand(1, through=0))
+    r.observe(*block(2, 1, written_at=12.0))  # v1 promoted, trained through seq 0
+    r.record_answer(1, at=13.0)
+    assert r.freshness_s == [3.0]  # only shard 0 is covered by v1
+    r.record_answer(1, at=20.0)  # not the first answer any more
+    assert r.freshness_s == [3.0]
