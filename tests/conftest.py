@@ -37,3 +37,12 @@ def ray_session():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """One HTTP port for every in-process pipeline: Serve's proxy keeps the
+    port it was first started with for the whole Ray session."""
+    from _util import free_port
+
+    return free_port()

@@ -75,6 +75,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if data.optimizer is not None:
             opt.load_state_dict(data.optimizer)
         progress = Progress(**data.meta["progress"])
+        print(f"livetrain: rank {rank} resumed from checkpoint at step {progress.step}")
+    else:
+        print(f"livetrain: rank {rank} starting without a checkpoint")
     model = ray.train.torch.prepare_model(model)
     learner = Learner(model, opt, tc.batch_size, seed=1000 * rank + progress.step)
     propose_clock, ckpt_clock = Cadence(tc.propose_every_s), Cadence(tc.checkpoint_every_s)

@@ -1,0 +1,196 @@
+"""The whole loop with real parts: Ray actors, the object store, one Ray
+Train job (2 workers, gloo DDP), Ray Serve over HTTP, Parquet, SQLite.
+
+One pipeline serves every test in this module (start-up costs ~30 s); the
+worker-kill test runs last because it disturbs the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _util import http, wait_until
+from livetrain.actors.synthetic import SyntheticStream
+from livetrain.config import load_config, shipped_config
+from livetrain.training.checkpoint import load_checkpoint, load_model
+
+pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
+
+DRIFT_ROW = 40_000
+RECOVERED = 0.90
+"""Accuracy the served model must reach on the new concept (SEA threshold 7 -> 9.5,
+noise 0); a model stuck on the old concept scores ~0.8 there."""
+
+
+@pytest.fixture(scope="module")
+def loop(ray_session, serve_port, tmp_path_factory):
+    from livetrain.pipeline import Pipeline
+
+    state = tmp_path_factory.mktemp("loop")
+    cfg = load_config(
+        shipped_config("demo"),
+        [
+            f"state_dir={state}",
+            "live_view=false",
+            "tracking.wandb=disabled",
+            f"serve.port={serve_port}",
+            "synthetic.variant=2",
+            "synthetic.rows_per_second=4000",
+            "synthetic.rows_per_shard=500",
+            f"synthetic.drifts=[{{at_row: {DRIFT_ROW}, variant: 3}}]",
+            "gate.window_rows=4000",
+            "train.checkpoint_every_s=4",
+        ],
+    )
+    p = Pipeline(cfg, probe_traffic=True)
+    p.start()
+    yield p
+    p.stop()
+
+
+def model_info(p):
+    return http("GET", p.url + "/model")[1]
+
+
+def test_served_version_advances_at_least_twice(loop):
+    seen: set[int] = set()
+
+    def three_versions():
+        v = model_info(loop).get("model_version")
+        if v is not None:
+            seen.add(v)
+        return len(seen) >= 3
+
+    wait_until(three_versions, 180, "three distinct served versions")
+
+
+def test_predict_answers_with_the_model_version(loop):
+    wait_until(lambda: model_info(loop).get("model_version"), 120, "a served version")
+    status, body = http("POST", loop.url + "/predict", {"instances": [[0.1, 0.2, 0.3], [0.9, 0.8, 0.1]]})
+    assert status == 200, body
+    assert isinstance(body["model_version"], int) and body["model_version"] >= 1
+    assert len(body["predictions"]) == 2 and set(body["predictions"]) <= {0, 1}
+    assert np.allclose(np.sum(body["probabilities"], axis=1), 1.0, atol=1e-4)
+    # SEA: label 1 iff x0 + x1 > threshold: the far corners are unambiguous
+    assert http("POST", loop.url + "/predict", {"instances": [[0.0, 0.0, 0.5], [1.0, 1.0, 0.5]]})[1]["predictions"] == [0, 1]
+
+
+def test_model_endpoint_describes_the_served_version(loop):
+    info = wait_until(lambda: (i := model_info(loop)).get("model_version") and i, 120, "a served version")
+    assert info["trained_through_seq"] >= 0 and info["promoted_at"] > 0
+    assert set(info["metrics_on_unseen_data"]) >= {"accuracy", "precision", "recall", "f1"}
+
+
+@pytest.mark.parametrize(
+    "body, raw, ctype, fragment",
+    [
+        ({"instances": [[0.1, 0.2]]}, None, "application/json", "has 2 features, expected 3"),
+        ({"instances": [[0.1, "a", 0.3]]}, None, "application/json", "number"),
+        ({"instances": []}, None, "application/json", "empty"),
+        ({}, None, "application/json", "instances"),
+        (None, b"{not json", "application/json", "JSON"),
+    ],
+    ids=["wrong-width", "non-number", "no-instances", "missing-field", "malformed-json"],
+)
+def test_bad_request_gets_4xx_and_service_keeps_serving(loop, body, raw, ctype, fragment):
+    wait_until(lambda: model_info(loop).get("model_version"), 120, "a served version")
+    status, answer = http("POST", loop.url + "/predict", body, raw=raw, ctype=ctype)
+    assert 400 <= status < 500, answer
+    assert fragment.lower() in str(answer).lower()
+    assert http("POST", loop.url + "/predict", {"instances": [[0.1, 0.2, 0.3]]})[0] == 200
+
+
+def accuracy_on_concept(model_dir: Path, variant: int) -> float:
+    """Accuracy of a served checkpoint on fresh rows of one SEA concept."""
+    from livetrain.config import SyntheticConfig
+
+    stream = SyntheticStream(SyntheticConfig(generator="sea", variant=variant, seed=999), Path(os.devnull).parent)
+    x, y = stream.next_rows(4000)
+    model, _ = load_model(model_dir)
+    with torch.no_grad():
+        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+def test_accuracy_recovers_after_abrupt_drift(loop):
+    state = loop.state_dir
+    wait_until(lambda: loop.ingest.counters.rows_ingested >= DRIFT_ROW, 120, "the drift point")
+    before = sorted((state / "served").glob("v*"))[-1]  # served when the new concept arrived
+    # the window (4000 rows) must hold new-concept rows only before it counts
+    wait_until(lambda: loop.ingest.counters.rows_ingested >= DRIFT_ROW + 8000, 120, "rows past the drift")
+    acc = wait_until(
+        lambda: (a := loop.snapshot()["prequential_accuracy_window"]) is not None and a >= RECOVERED and a,
+        180,
+        f"prequential accuracy on the new concept >= {RECOVERED}",
+    )
+    after = sorted((state / "served").glob("v*"))[-1]
+    old_on_new = accuracy_on_concept(before, variant=3)
+    new_on_new = accuracy_on_concept(after, variant=3)
+    assert old_on_new < RECOVERED - 0.03, "the drift did not change the concept"
+    assert new_on_new >= RECOVERED and acc >= RECOVERED
+
+
+def train_workers() -> dict[int, str]:
+    import ray
+
+    return {
+        v["Pid"]: k
+        for k, v in ray._private.state.actors().items()
+        if v["ActorClassName"] == "RayTrainWorker" and v["State"] == "ALIVE"
+    }
+
+
+def latest_checkpoint_step(state: Path) -> int:
+    """Step of the newest checkpoint Ray Train has *registered* (what a restart gets)."""
+    snapshot = state / "ray_train" / "livetrain" / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return -1
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except ValueError:  # caught mid-write
+        return -1
+    if not latest:
+        return -1
+    return load_checkpoint(snapshot.parent / latest["checkpoint_dir_name"]).meta["progress"]["step"]
+
+
+def test_killed_training_worker_resumes_from_checkpoint_while_serving_continues(loop):
+    wait_until(lambda: latest_checkpoint_step(loop.state_dir) > 0, 120, "a first train checkpoint")
+    workers = wait_until(lambda: len(w := train_workers()) == 2 and w, 60, "two train workers")
+    failures: list[object] = []
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            status, body = http("POST", loop.url + "/predict", {"instances": [[0.5, 0.5, 0.5]]})
+            (answers if status == 200 else failures).append(body.get("model_version") if status == 200 else (status, body))
+
+    t = threading.Thread(target=hammer, daemon=True)
+    t.start()
+    try:
+        ckpt_step = latest_checkpoint_step(loop.state_dir)
+        victim = next(iter(workers))
+        os.kill(victim, signal.SIGKILL)
+        new = wait_until(lambda: len(w := train_workers()) == 2 and victim not in w and w, 180, "a restarted worker group")
+        assert not set(new) & set(workers)
+        steps_seen: list[int] = []
+
+        def trained_past_kill():
+            steps = loop.snapshot()["train_steps"]
+            steps_seen.append(steps)
+            return steps > ckpt_step + 100 and steps
+        wait_until(trained_past_kill, 180, "training to continue after the restart")
+        restarted = [s for s in steps_seen if s != steps_seen[0]]
+        assert min(restarted) >= ckpt_step, f"training restarted from scratch: {steps_seen}"
+    finally:
+        stop.set()
+        t.join(10)
+    assert failures == [] and len(answers) > 20
