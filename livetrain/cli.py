@@ -84,21 +84,26 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config) -> int:
     from livetrain.pipeline import Pipeline
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, `kill`: stop like Ctrl-C
     print(f"livetrain: state dir {Path(cfg.state_dir).resolve()}", file=sys.stderr)
     pipeline = Pipeline(cfg)
-    summary = None
     try:
         pipeline.start()
         print(f"livetrain: serving at {pipeline.url}", file=sys.stderr)
         pipeline.run(cfg.duration_s)
     except KeyboardInterrupt:
         print("livetrain: stopping", file=sys.stderr)
+    except ConfigError as e:
+        print(f"livetrain: config error: {e}", file=sys.stderr)
+        return 2
     finally:
         pipeline.stop()
-        summary = getattr(pipeline, "final", None)
-    print(json.dumps(summary))
+    print(json.dumps(pipeline.final))
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

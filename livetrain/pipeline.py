@@ -57,7 +57,8 @@ from livetrain.actors.buffer_actor import BUFFER_NAME, ReplayBufferActor
 from livetrain.actors.ingest import IngestLoop
 from livetrain.actors.manifest import Manifest
 from livetrain.actors.synthetic import SyntheticStream
-from livetrain.config import Config
+from livetrain.actors.synthetic import feature_names as synthetic_feature_names
+from livetrain.config import Config, ConfigError
 from livetrain.live_view import LiveView
 from livetrain.serving.app import APP_NAME, start_serving
 from livetrain.tracking import Tracker
@@ -99,6 +100,7 @@ class Pipeline:
 
     def start(self) -> None:
         cfg, ns = self.cfg, self.cfg.ray.namespace
+        _check_synthetic_schema(cfg)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():
             ray.init(
@@ -145,30 +147,36 @@ class Pipeline:
         return self.summary()
 
     def stop(self) -> None:
+        """Stop everything this pipeline started; safe after a partial start."""
         self._stop.set()
-        try:
-            ray.get(self.buffer.close.remote(), timeout=10)
-        except Exception:
-            pass
+        started = hasattr(self, "ingest")
+        if hasattr(self, "buffer"):
+            try:
+                ray.get(self.buffer.close.remote(), timeout=10)
+            except Exception:
+                pass
         for t in self._threads:
             t.join(timeout=60 if t.name == "train" else 10)
-        self.ingest.shutdown()
-        self._log_decisions()
-        self.final = self.summary()
+        if started:
+            self.ingest.shutdown()
+            self._log_decisions()
+            self.final = self.summary()
         from ray import serve
 
-        try:
-            if self._owns_ray:
-                serve.shutdown()
-            else:
-                serve.delete(APP_NAME)
-        except Exception:
-            pass
-        for actor in (self.registry, self.buffer):
-            ray.kill(actor)
-        self.manifest.close()
-        self.tracker.summary(self.final)
-        self.tracker.close()
+        if ray.is_initialized():
+            try:
+                serve.shutdown() if self._owns_ray else serve.delete(APP_NAME)
+            except Exception:
+                pass
+        for name in ("registry", "buffer"):
+            if hasattr(self, name):
+                ray.kill(getattr(self, name))
+        if hasattr(self, "manifest"):
+            self.manifest.close()
+        if hasattr(self, "tracker"):
+            if started:
+                self.tracker.summary(self.final)
+            self.tracker.close()
         if self._owns_ray:
             ray.shutdown()
 
@@ -260,6 +268,17 @@ class Pipeline:
         tc = self.cfg.train
         need = math.ceil(tc.num_workers * tc.cpus_per_worker) + 2
         return self.cfg.ray.num_cpus or max(os.cpu_count() or 1, need)
+
+
+def _check_synthetic_schema(cfg: Config) -> None:
+    if cfg.source.kind != "synthetic":
+        return
+    want = synthetic_feature_names(cfg.synthetic)
+    if cfg.schema.features != want or list(cfg.schema.classes) != [0, 1]:
+        raise ConfigError(
+            f"schema: the synthetic {cfg.synthetic.generator} stream writes features {want} "
+            f"and labels [0, 1]; set schema.features and schema.classes to match"
+        )
 
 
 def _feature_names(cfg: Config) -> list[str]:

@@ -51,3 +51,16 @@ def test_prequential_window_forgets_old_rows():
     pq.update(np.zeros(100), np.ones(100))  # all wrong
     assert pq.accuracy == pytest.approx(0.5)
     assert pq.window_accuracy == pytest.approx(0.0)
+
+
+def test_cadence_is_due_every_period_and_optionally_at_start():
+    from livetrain.training.learner import Cadence
+
+    now = [0.0]
+    c = Cadence(1.0, due_at_start=True, clock=lambda: now[0])
+    assert c.due() and not c.due()
+    now[0] = 0.99
+    assert not c.due()
+    now[0] = 1.0
+    assert c.due()
+    assert not Cadence(1.0, clock=lambda: 0.0).due()

@@ -50,12 +50,12 @@ def concat_blocks(blocks: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.n
 
 
 class Cadence:
-    """True once every ``period_s`` (monotonic clock)."""
+    """True once every ``period_s`` (monotonic clock); ``due_at_start``: the first call too."""
 
-    def __init__(self, period_s: float, clock=time.monotonic) -> None:
+    def __init__(self, period_s: float, due_at_start: bool = False, clock=time.monotonic) -> None:
         self.period_s = period_s
         self.clock = clock
-        self._next = clock() + period_s
+        self._next = clock() + (0.0 if due_at_start else period_s)
 
     def due(self) -> bool:
         now = self.clock()

@@ -80,7 +80,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"livetrain: rank {rank} starting without a checkpoint")
     model = ray.train.torch.prepare_model(model)
     learner = Learner(model, opt, tc.batch_size, seed=1000 * rank + progress.step)
-    propose_clock, ckpt_clock = Cadence(tc.propose_every_s), Cadence(tc.checkpoint_every_s)
+    # propose right after the first round: on a backlog, the candidate is then
+    # judged on the shards it has not reached yet instead of waiting for new ones
+    propose_clock = Cadence(tc.propose_every_s, due_at_start=True)
+    ckpt_clock = Cadence(tc.checkpoint_every_s)
     last_result = None
     pending_proposal: ray.ObjectRef | None = None
 
@@ -106,6 +109,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 progress.fresh_after = newest.seq
                 progress.data_written_at = newest.written_at
 
+        if rank == 0 and flags[PROPOSE] and last_result is None:
+            propose_clock = Cadence(tc.propose_every_s, due_at_start=True)  # no round yet: stay due
         if rank == 0 and flags[PROPOSE] and last_result is not None:
             world = ray.train.get_context().get_world_size()
             registry.report_train.remote(

@@ -1,0 +1,108 @@
+"""``livetrain`` as a user runs it: subprocesses, real Ray, real Serve."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _util import free_port
+from livetrain.actors.synthetic import SyntheticStream
+from livetrain.config import SyntheticConfig
+
+pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
+
+SUMMARY_KEYS = {
+    "rows_ingested", "rows_quarantined", "shards_ingested", "train_steps", "versions_proposed",
+    "versions_promoted", "served_version", "prequential_accuracy", "freshness_p50_s", "freshness_p95_s",
+}
+
+
+def ray_sessions() -> set[str]:
+    root = Path("/tmp/ray")
+    return {p.name for p in root.glob("session_2*")} if root.exists() else set()
+
+
+def processes_mentioning(words: set[str]) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(w in cmd for w in words):
+            found.append(f"{proc.name}: {cmd[:120]}")
+    return found
+
+
+def livetrain(*args: str, timeout: float = 300) -> tuple[dict, subprocess.CompletedProcess]:
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    env.pop("WANDB_MODE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "livetrain.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    return json.loads(last), proc
+
+
+def test_demo_stops_by_itself_prints_summary_and_leaves_no_ray_behind(tmp_path: Path):
+    before = ray_sessions()
+    summary, _ = livetrain(
+        "demo", "--duration", "25", "--wandb", "offline", "--no-live", "--state-dir", str(tmp_path),
+        f"serve.port={free_port()}",
+    )
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["rows_ingested"] > 0 and summary["shards_ingested"] > 0 and summary["train_steps"] > 0
+    assert (tmp_path / "metrics.jsonl").stat().st_size > 0
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run recorded"
+    new = ray_sessions() - before
+    assert new, "the demo did not start its own Ray"
+    assert processes_mentioning(new) == []
+
+
+def write_shards(landing: Path, n: int) -> None:
+    stream = SyntheticStream(SyntheticConfig(generator="sea", variant=2, rows_per_shard=500, seed=3), landing)
+    for _ in range(n):
+        stream.write_shard()
+
+
+def manifest_rows(state: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(state / "manifest.sqlite") as db:
+        return db.execute("SELECT name, status FROM shards ORDER BY seq").fetchall()
+
+
+def test_run_restarted_on_same_state_dir_continues_where_it_stopped(tmp_path: Path):
+    landing, state = tmp_path / "landing", tmp_path / "state"
+    cfg = {
+        "state_dir": str(state),
+        "live_view": False,
+        "source": {"kind": "directory", "path": str(landing)},
+        "schema": {"features": ["x0", "x1", "x2"], "label": "label", "classes": [0, 1]},
+        "train": {"checkpoint_every_s": 3.0, "min_buffer_rows": 500},
+        "serve": {"port": free_port()},
+        "tracking": {"wandb": "disabled"},
+    }
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    write_shards(landing, 20)
+    first, _ = livetrain("run", "--config", str(path), "--duration", "25")
+    assert first["shards_ingested"] == 20 and first["rows_ingested"] == 10_000
+    assert first["train_steps"] > 0 and first["served_version"] is not None
+
+    write_shards(landing, 10)  # continues after the existing shards
+    second, proc = livetrain("run", "--config", str(path), "--duration", "25")
+    assert second["shards_ingested"] == 10 and second["rows_ingested"] == 5_000  # no shard twice
+    rows = manifest_rows(state)
+    assert len(rows) == 30 and {s for _, s in rows} == {"ingested"}
+    assert "resumed from checkpoint" in proc.stdout + proc.stderr
+    assert second["train_steps"] > first["train_steps"]  # steps continue from the checkpoint
+    assert second["served_version"] >= first["served_version"]
