@@ -78,6 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"livetrain: rank {rank} resumed from checkpoint at step {progress.step}")
     else:
         print(f"livetrain: rank {rank} starting without a checkpoint")
+    resumed_from_step = progress.step
     model = ray.train.torch.prepare_model(model)
     learner = Learner(model, opt, tc.batch_size, seed=1000 * rank + progress.step)
     # propose right after the first round: on a backlog, the candidate is then
@@ -119,6 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "loss": last_result.loss,
                     "samples_per_s": world * last_result.samples / max(last_result.seconds, 1e-9),
                     "trained_through": progress.fresh_after,
+                    "resumed_from_step": resumed_from_step,
                 }
             )
             proposal_free = pending_proposal is None or ray.wait([pending_proposal], timeout=0)[0]
