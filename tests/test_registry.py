@@ -98,3 +98,27 @@ def test_freshness_is_closed_by_first_answer_of_a_version_trained_on_the_shard()
     assert r.freshness_s == [3.0]  # only shard 0 is covered by v1
     r.record_answer(1, at=20.0)  # not the first answer any more
     assert r.freshness_s == [3.0]
+
+
+def test_rollback_serves_the_previous_version_and_is_recorded():
+    r = registry()
+    r.propose(*cand(1, through=-1))
+    r.observe(*block(0, 1))
+    r.propose(*cand(1, through=0))
+    r.observe(*block(1, 1))
+    assert r.served.version == 2
+    d = r.rollback(reason="test")
+    assert r.served.version == 1 and d.action == "rollback" and d.served_version == 2
+    assert "from v2" in d.reason
+
+
+def test_rollback_without_an_earlier_version_is_refused():
+    from livetrain.training.registry import RollbackError
+
+    r = registry()
+    with pytest.raises(RollbackError, match="nothing is served"):
+        r.rollback()
+    r.propose(*cand(1, through=-1))
+    r.observe(*block(0, 1))
+    with pytest.raises(RollbackError, match="only version"):
+        r.rollback()

@@ -27,6 +27,14 @@ from livetrain.training.checkpoint import model_from_weights
 from livetrain.training.gate import Prequential, classification_metrics, decide
 
 
+KEEP_VERSIONS = 32
+"""Served versions kept in memory for rollback, pinning and freshness."""
+
+
+class RollbackError(ValueError):
+    """The requested rollback target does not exist or is already served."""
+
+
 @dataclass
 class Version:
     """A proposed or served model, materialised for evaluation."""
@@ -66,8 +74,8 @@ class Registry:
         self.clock = clock
         self.served: Version | None = None
         self.pending: Version | None = None
-        self.history: list[Version] = []
-        """Every version ever served, oldest first."""
+        self.history: deque[Version] = deque(maxlen=KEEP_VERSIONS)
+        """The last served versions, oldest first (older ones live on disk only)."""
         self.decisions: list[Decision] = []
         self.next_version = 1
         self.versions_proposed = 0
@@ -98,7 +106,7 @@ class Registry:
         self.versions_proposed += 1
         decisions: list[Decision] = []
         if self.pending is not None:
-            decisions.append(self._record(self.pending, "supersede", f"superseded by v{version} before enough unseen rows arrived", {}, None, 0))
+            decisions.append(self._record(self.pending, "supersede", f"superseded by v{version} before enough unseen rows arrived", {}, None, 0, self.served.version if self.served else None))
         self.pending = Version(
             version=version,
             spec=cand.spec,
@@ -116,7 +124,7 @@ class Registry:
         if version in self.first_answer_at:
             return
         self.first_answer_at[version] = at
-        v = next((h for h in self.history if h.version == version), None)
+        v = self.find(version)
         if v is None:
             return
         while self._unserved_shards and self._unserved_shards[0][0] <= v.trained_through:
@@ -128,6 +136,29 @@ class Registry:
         self.served = v
         self.history.append(v)
         self.next_version = max(self.next_version, v.version + 1)
+
+    def rollback(self, target: Version | None = None, reason: str = "requested") -> Decision:
+        """Serve ``target`` (default: the version served before the current one)."""
+        if self.served is None:
+            raise RollbackError("nothing is served yet")
+        if target is None:
+            older = [v for v in self.history if v.version != self.served.version]
+            if not older:
+                raise RollbackError(f"v{self.served.version} is the only version ever served")
+            target = older[-1]
+        if target.version == self.served.version:
+            raise RollbackError(f"v{target.version} is already served")
+        previous = self.served
+        self.served = target
+        if target not in self.history:
+            self.history.append(target)
+        else:  # keep history ordered by when a version was (re)served
+            self.history.remove(target)
+            self.history.append(target)
+        return self._record(target, "rollback", f"from v{previous.version}: {reason}", dict(target.metrics), None, 0, previous.version)
+
+    def find(self, version: int) -> Version | None:
+        return next((v for v in self.history if v.version == version), None)
 
     # --- the gate --------------------------------------------------------------
 
@@ -173,7 +204,7 @@ class Registry:
             eval_rows=rows,
             candidate=cm,
             served=sm,
-            served_version=served_version if sm is not None else (self.served.version if self.served else None),
+            served_version=served_version,
         )
         self.decisions.append(d)
         return d

@@ -23,7 +23,7 @@ import torch
 from livetrain.config import GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ServedVersion
 from livetrain.training.checkpoint import CheckpointData, load_checkpoint, model_from_weights, save_checkpoint
-from livetrain.training.registry import Registry, Version
+from livetrain.training.registry import KEEP_VERSIONS, Registry, RollbackError, Version
 
 REGISTRY_NAME = "livetrain_registry"
 
@@ -37,8 +37,10 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._served: ServedVersion | None = None
+        self._state.mkdir(parents=True, exist_ok=True)
         self._log = (self._state / "decisions.jsonl").open("a")
         self._train_stats: dict[str, Any] = {}
+        self._weight_refs: dict[int, ray.ObjectRef] = {}
         self._restore_last_served()
 
     # --- from the ingest loop and the trainer ----------------------------------
@@ -76,6 +78,26 @@ class ModelRegistry:
         with self._lock:
             self._reg.record_answer(version, at)
 
+    # --- rollback and pinning ------------------------------------------------
+
+    def rollback(self, version: int | None = None, reason: str = "requested by hand") -> Decision:
+        """Serve an earlier version again (default: the one before the current)."""
+        with self._lock:
+            target = None
+            if version is not None:
+                target = self._reg.find(version) or self._from_disk(version)
+                if target is None:
+                    raise RollbackError(f"v{version} was never served (no {self._dir(version)})")
+            d = self._reg.rollback(target, reason)
+            self._apply([d])
+            return d
+
+    def get_version(self, version: int) -> ServedVersion | None:
+        """A version that was served at some point (for pinned requests), or None."""
+        with self._lock:
+            v = self._reg.find(version) or self._from_disk(version)
+            return None if v is None else self._served_message(v)
+
     # --- views -----------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -96,14 +118,38 @@ class ModelRegistry:
     def _apply(self, decisions: list[Decision]) -> None:
         for d in decisions:
             self._log.write(json.dumps(dataclasses.asdict(d)) + "\n")
-            if d.action == "promote":
+            if d.action in ("promote", "rollback"):
                 self._publish(self._reg.served)
         self._log.flush()
 
+    def _dir(self, version: int) -> Path:
+        return self._state / "served" / f"v{version:06d}"
+
     def _publish(self, v: Version | None) -> None:
         assert v is not None
+        if not (self._dir(v.version) / "model.pt").exists():
+            self._save(v)
+        self._served = self._served_message(v)
+        self._changed.notify_all()
+
+    def _served_message(self, v: Version) -> ServedVersion:
+        if v.version not in self._weight_refs:  # re-put once: owned by this actor
+            self._weight_refs[v.version] = ray.put(v.weights)
+            while len(self._weight_refs) > KEEP_VERSIONS:
+                self._weight_refs.pop(next(iter(self._weight_refs)))
+        return ServedVersion(
+            version=v.version,
+            weights=self._weight_refs[v.version],
+            spec=v.spec,
+            trained_through=v.trained_through,
+            data_written_at=v.data_written_at,
+            promoted_at=v.promoted_at or time.time(),
+            metrics=dict(v.metrics),
+        )
+
+    def _save(self, v: Version) -> None:
         save_checkpoint(
-            self._state / "served" / f"v{v.version:06d}",
+            self._dir(v.version),
             CheckpointData(
                 spec=v.spec,
                 weights={k: torch.from_numpy(a) for k, a in v.weights.items()},
@@ -117,40 +163,59 @@ class ModelRegistry:
                 },
             ),
         )
-        self._served = ServedVersion(
-            version=v.version,
-            weights=ray.put(v.weights),
-            spec=v.spec,
-            trained_through=v.trained_through,
-            data_written_at=v.data_written_at,
-            promoted_at=v.promoted_at or time.time(),
-            metrics=dict(v.metrics),
-        )
-        self._changed.notify_all()
+
+    def _from_disk(self, version: int) -> Version | None:
+        path = self._dir(version) / "model.pt"
+        return _version_from_checkpoint(path) if path.exists() else None
 
     def _restore_last_served(self) -> None:
-        served_dir = self._state / "served"
-        latest = sorted(served_dir.glob("v*/model.pt"))
+        latest = sorted((self._state / "served").glob("v*/model.pt"))
+        last_decision, max_version = _read_decisions(self._state / "decisions.jsonl")
+        if last_decision is not None:
+            self._reg.next_version = max_version + 1
+            served = last_decision.get("served_version")
+            if last_decision["action"] in ("promote", "rollback"):
+                served = last_decision["version"]
+            if served is not None and (self._dir(served) / "model.pt").exists():
+                latest = [self._dir(served) / "model.pt"]
         if not latest:
             return
-        data = load_checkpoint(latest[-1])
-        m = data.meta
-        weights = {k: t.numpy() for k, t in data.weights.items()}
-        v = Version(
-            version=int(m["version"]),
-            spec=data.spec,
-            weights=weights,
-            model=model_from_weights(data.spec, weights),
-            trained_through=int(m["trained_through"]),
-            data_written_at=float(m["data_written_at"]),
-            proposed_at=float(m.get("promoted_at") or 0.0),
-            train_step=int(m.get("train_step", 0)),
-            promoted_at=float(m.get("promoted_at") or time.time()),
-            metrics=dict(m.get("metrics") or {}),
-        )
+        v = _version_from_checkpoint(latest[-1])
         with self._lock:
             self._reg.restore_served(v)
             self._publish(v)
+
+
+def _version_from_checkpoint(path: Path) -> Version:
+    data = load_checkpoint(path)
+    m = data.meta
+    weights = {k: t.numpy() for k, t in data.weights.items()}
+    return Version(
+        version=int(m["version"]),
+        spec=data.spec,
+        weights=weights,
+        model=model_from_weights(data.spec, weights),
+        trained_through=int(m["trained_through"]),
+        data_written_at=float(m["data_written_at"]),
+        proposed_at=float(m.get("promoted_at") or 0.0),
+        train_step=int(m.get("train_step", 0)),
+        promoted_at=float(m.get("promoted_at") or time.time()),
+        metrics=dict(m.get("metrics") or {}),
+    )
+
+
+def _read_decisions(path: Path) -> tuple[dict[str, Any] | None, int]:
+    """The last complete decision (a crash may leave a torn line) and the highest version."""
+    if not path.exists():
+        return None, 0
+    last, top = None, 0
+    for line in path.read_text().splitlines():
+        try:
+            last = json.loads(line)
+        except ValueError:
+            continue
+        top = max(top, int(last["version"]))
+    return last, top
 
 
 def _describe(s: ServedVersion) -> dict[str, Any]:
