@@ -242,14 +242,97 @@ class GateConfig:
     """At most this many of the newest unseen rows are used to decide."""
     window_rows: int = 5000
     """Rows in the sliding window of the served model's prequential metrics."""
+    alarm_min_gain: float = 0.02
+    """After an error-drift alarm, a candidate must *beat* the served model by
+    this much to be promoted (random labels make every model look alike)."""
+    alarm_hold_rows: int = 5000
+    """Rows after an error-drift alarm during which ``alarm_min_gain`` applies."""
+    rollback_margin: float = 0.05
+    """Roll back by itself when the previous version, scored on the same live
+    rows, beats the served one by more than this (window accuracy)."""
+    rollback_min_rows: int = 2000
+    """Live rows the served version must have answered before an automatic rollback."""
 
     def __post_init__(self) -> None:
+        if self.alarm_min_gain < 0 or self.rollback_margin < 0:
+            raise ConfigError("gate.alarm_min_gain / gate.rollback_margin: must be >= 0")
+        if self.alarm_hold_rows < 0 or self.rollback_min_rows < 1:
+            raise ConfigError("gate.alarm_hold_rows: must be >= 0; gate.rollback_min_rows: must be >= 1")
         if self.metric not in ("accuracy", "f1", "precision", "recall"):
             raise ConfigError(f"gate.metric: unknown metric {self.metric!r}")
         if self.tolerance < 0:
             raise ConfigError("gate.tolerance: must be >= 0")
         if not 1 <= self.min_eval_rows <= self.max_eval_rows:
             raise ConfigError("gate.min_eval_rows: must be in [1, gate.max_eval_rows]")
+
+
+@dataclass
+class DriftConfig:
+    """Drift detectors on the registry's test-then-train stream, and the
+    reactions an alarm triggers."""
+
+    error_detector: str = "adwin"
+    """Detector on the served model's 0/1 error stream: ``adwin`` (window
+    split with a confidence bound; no scale to tune) or ``page_hinkley``
+    (CUSUM; thresholds are in units of the error rate)."""
+    adwin_delta: float = 0.002
+    """ADWIN confidence: smaller means fewer false alarms and later detection."""
+    ph_delta: float = 0.01
+    """Page-Hinkley slack: error-rate increases smaller than this are ignored."""
+    ph_threshold: float = 50.0
+    """Page-Hinkley alarm level of the cumulative excess error (in rows)."""
+    alarm_on_error_decrease: bool = False
+    """Also alarm when the error rate falls (a better model or an easier
+    concept). Off: a falling error needs no reaction."""
+    psi_threshold: float = 0.2
+    """A feature drifted when its PSI against the reference exceeds this
+    (0.1: moderate, 0.2: significant shift, by the usual rule of thumb)."""
+    psi_bins: int = 10
+    """Quantile bins per feature, from the reference window."""
+    reference_rows: int = 5000
+    """Rows in the feature reference window: the first rows after a reset."""
+    min_rows: int = 500
+    """Rows needed before the reference is usable, and rows per compared chunk."""
+    cooldown_rows: int = 5000
+    """After an alarm, further alarms of the same detector are suppressed for
+    this many rows (no alarm storms during one transition)."""
+    max_alarms: int = 1000
+    """Alarms kept in ``DriftMonitor.alarms`` (oldest dropped first)."""
+    alarm_recent_fraction: float = 0.95
+    """Share of recent data in the sampling mix right after an alarm."""
+    alarm_lr_scale: float = 3.0
+    """Learning-rate multiplier right after an alarm."""
+    alarm_window_rows_scale: float = 0.5
+    """Recent-window length multiplier right after an alarm."""
+    recover_rows: int = 20_000
+    """Rows over which every reaction returns linearly to its baseline."""
+
+    def __post_init__(self) -> None:
+        if self.error_detector not in ("adwin", "page_hinkley"):
+            raise ConfigError(f"drift.error_detector: must be one of adwin, page_hinkley, got {self.error_detector!r}")
+        if not 0.0 < self.adwin_delta < 1.0:
+            raise ConfigError("drift.adwin_delta: must be in (0, 1)")
+        if self.ph_delta < 0:
+            raise ConfigError("drift.ph_delta: must be >= 0")
+        if self.ph_threshold <= 0:
+            raise ConfigError("drift.ph_threshold: must be > 0")
+        if self.psi_threshold <= 0:
+            raise ConfigError("drift.psi_threshold: must be > 0")
+        if self.psi_bins < 2:
+            raise ConfigError("drift.psi_bins: must be >= 2")
+        if not 1 <= self.min_rows <= self.reference_rows:
+            raise ConfigError("drift.min_rows: must be in [1, drift.reference_rows]")
+        for name in ("cooldown_rows", "max_alarms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"drift.{name}: must be >= 0")
+        if not 0.0 <= self.alarm_recent_fraction <= 1.0:
+            raise ConfigError("drift.alarm_recent_fraction: must be in [0, 1]")
+        if self.alarm_lr_scale < 1.0:
+            raise ConfigError("drift.alarm_lr_scale: must be >= 1")
+        if not 0.0 < self.alarm_window_rows_scale <= 1.0:
+            raise ConfigError("drift.alarm_window_rows_scale: must be in (0, 1]")
+        if self.recover_rows < 1:
+            raise ConfigError("drift.recover_rows: must be >= 1")
 
 
 @dataclass
@@ -263,13 +346,50 @@ class ServeConfig:
     num_replicas: int = 1
     """Serve replicas answering /predict."""
     max_instances: int = 10_000
-    """Most rows one /predict request may carry."""
+    """Most rows one JSON /predict request may carry (more: 413)."""
+    max_bulk_rows: int = 1_000_000
+    """Most rows one Arrow IPC or Parquet /predict request may carry (more: 413)."""
+    max_body_bytes: int = 64 * 1024 * 1024
+    """Largest /predict request body in bytes (more: 413, without reading it all)."""
+    max_batch_size: int = 32
+    """Most JSON requests one replica predicts together (``@serve.batch``);
+    every request of a batch is answered by the same model version."""
+    batch_wait_timeout_s: float = 0.002
+    """How long a replica waits for a batch to fill before predicting what it has."""
+    max_ongoing_requests: int = 128
+    """Requests a replica accepts at once; the proxy queues the rest.
+    Must be at least ``serve.max_batch_size``."""
+    pinned_versions: int = 4
+    """Older versions each replica keeps loaded for ``/predict?version=N``."""
+    health_check_period_s: float = 5.0
+    """How often Serve asks a replica whether it is healthy; a replica with no
+    model while the registry serves one is replaced."""
+    auth_token_env: str | None = None
+    """Name of an environment variable (of the process that starts serving)
+    holding a bearer token required on /predict and /admin/*; None: no token.
+    Put the variable's name here, never the token."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError("serve.port: must be a TCP port")
         if self.num_replicas < 1 or self.max_instances < 1:
             raise ConfigError("serve.num_replicas / serve.max_instances: must be >= 1")
+        if self.max_bulk_rows < 1 or self.max_body_bytes < 1:
+            raise ConfigError("serve.max_bulk_rows / serve.max_body_bytes: must be >= 1")
+        if self.max_batch_size < 1:
+            raise ConfigError("serve.max_batch_size: must be >= 1")
+        if not 0 <= self.batch_wait_timeout_s <= 1:
+            raise ConfigError("serve.batch_wait_timeout_s: must be in [0, 1] seconds")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ConfigError("serve.max_ongoing_requests: must be >= serve.max_batch_size")
+        if self.pinned_versions < 0:
+            raise ConfigError("serve.pinned_versions: must be >= 0")
+        if self.health_check_period_s <= 0:
+            raise ConfigError("serve.health_check_period_s: must be > 0")
+        if self.auth_token_env is not None and not self.auth_token_env.replace("_", "").isalnum():
+            raise ConfigError(
+                f"serve.auth_token_env: must be the NAME of an environment variable, got {self.auth_token_env!r}"
+            )
 
 
 @dataclass
@@ -319,6 +439,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)

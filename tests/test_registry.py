@@ -122,3 +122,94 @@ def test_rollback_without_an_earlier_version_is_refused():
     r.observe(*block(0, 1))
     with pytest.raises(RollbackError, match="only version"):
         r.rollback()
+
+
+def xor_block(seq: int, rows: int = 500, flip: bool = False, seed: int = 0):
+    """A learnable block: label = x0 > 0 (flipped when ``flip``: a poisoned block)."""
+    rng = np.random.default_rng(seed + seq)
+    x = rng.normal(size=(rows, 2)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    if flip:
+        y = 1 - y
+    return BlockMeta(f"s{seq}", seq, rows, rows * 12, 0.0, 0.0), x, y
+
+
+def weights_threshold(sign: float) -> dict[str, np.ndarray]:
+    """An MLP predicting class 1 iff sign * x0 > 0."""
+    m = MLP(2, 2, [4])
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.net[0].weight.fill_(1.0)  # input BatchNorm: identity (running mean 0, var 1)
+        m.net[1].weight[0, 0] = 1.0
+        m.net[1].weight[1, 0] = -1.0
+        m.net[3].weight[1, 0] = 10.0 * sign
+        m.net[3].weight[1, 1] = -10.0 * sign
+    return {k: v.numpy().copy() for k, v in m.state_dict().items()}
+
+
+def cand_w(w, through: int) -> tuple[Candidate, dict]:
+    return Candidate(None, SPEC, through, 0.0, 0, 0.0, 0.0), w
+
+
+def test_poisoned_burst_puts_the_gate_on_hold():
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=3000), 2)
+    good, bad = weights_threshold(1.0), weights_threshold(-1.0)
+    r.propose(*cand_w(good, -1))
+    seq = 0
+    for seq in range(20):
+        r.observe(*xor_block(seq))
+    assert r.served.version == 1 and r.prequential.window_accuracy > 0.99
+    for seq in range(20, 26):  # poisoned burst: every label flipped
+        r.observe(*xor_block(seq, flip=True))
+    assert r.drift.alarms and r.holding
+    # evidence gathered during the burst is suspect: the next candidate is judged
+    # only when clean rows arrive, and a model that learnt the poison loses there
+    r.propose(*cand_w(bad, seq))
+    decisions = []
+    for s in range(seq + 1, seq + 4):
+        decisions += r.observe(*xor_block(s))
+    assert [d.action for d in decisions] == ["reject"] and r.served.version == 1
+
+
+def test_equal_candidate_is_not_promoted_while_holding_after_alarm():
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
+    good = weights_threshold(1.0)
+    r.propose(*cand_w(good, -1))
+    for seq in range(20):
+        r.observe(*xor_block(seq))
+    rng = np.random.default_rng(1)
+    for seq in range(20, 26):  # random labels: every model scores ~50%
+        meta, x, _ = xor_block(seq)
+        r.observe(meta, x, rng.integers(0, 2, len(x)))
+    assert r.holding
+    r.propose(*cand_w(good, 25))
+    meta, x, _ = xor_block(26)
+    d = r.observe(meta, x, rng.integers(0, 2, len(x)))
+    assert [x.action for x in d] == ["reject"] and "while holding" in d[0].reason
+    assert r.served.version == 1
+
+
+def test_served_version_is_rolled_back_when_previous_beats_it_on_live_rows():
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000, rollback_margin=0.05, tolerance=1.0), 2)
+    r.propose(*cand_w(weights_threshold(1.0), -1))
+    r.observe(*xor_block(0))
+    r.propose(*cand_w(weights_threshold(-1.0), 0))  # tolerance 1.0 lets a bad one through
+    r.observe(*xor_block(1))
+    assert r.served.version == 2 and r.previous.version == 1
+    decisions = []
+    for seq in range(2, 6):
+        decisions += r.observe(*xor_block(seq))
+    assert [d.action for d in decisions] == ["rollback"]
+    assert r.served.version == 1 and "below v1's" in decisions[0].reason
+
+
+def test_drift_alarm_raises_the_recent_share_and_learning_rate():
+    r = Registry(GateConfig(min_eval_rows=100, window_rows=1000), 2, recent_fraction=0.7)
+    r.propose(*cand_w(weights_threshold(1.0), -1))
+    for seq in range(20):
+        r.observe(*xor_block(seq))
+    assert r.reaction.recent_fraction == pytest.approx(0.7) and r.reaction.lr_scale == 1.0
+    for seq in range(20, 26):
+        r.observe(*xor_block(seq, flip=True))
+    assert r.reaction.recent_fraction > 0.9 and r.reaction.lr_scale > 1.0

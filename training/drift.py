@@ -28,78 +28,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 from river import drift
 
-from livetrain.config import ConfigError
+from livetrain.config import ConfigError, DriftConfig
 
 ERROR_DETECTORS = ("adwin", "page_hinkley")
-
-
-@dataclass
-class DriftConfig:
-    """Drift detectors on the registry's test-then-train stream, and the
-    reactions an alarm triggers."""
-
-    error_detector: str = "adwin"
-    """Detector on the served model's 0/1 error stream: ``adwin`` (window
-    split with a confidence bound; no scale to tune) or ``page_hinkley``
-    (CUSUM; thresholds are in units of the error rate)."""
-    adwin_delta: float = 0.002
-    """ADWIN confidence: smaller means fewer false alarms and later detection."""
-    ph_delta: float = 0.01
-    """Page-Hinkley slack: error-rate increases smaller than this are ignored."""
-    ph_threshold: float = 50.0
-    """Page-Hinkley alarm level of the cumulative excess error (in rows)."""
-    alarm_on_error_decrease: bool = False
-    """Also alarm when the error rate falls (a better model or an easier
-    concept). Off: a falling error needs no reaction."""
-    psi_threshold: float = 0.2
-    """A feature drifted when its PSI against the reference exceeds this
-    (0.1: moderate, 0.2: significant shift, by the usual rule of thumb)."""
-    psi_bins: int = 10
-    """Quantile bins per feature, from the reference window."""
-    reference_rows: int = 5000
-    """Rows in the feature reference window: the first rows after a reset."""
-    min_rows: int = 500
-    """Rows needed before the reference is usable, and rows per compared chunk."""
-    cooldown_rows: int = 5000
-    """After an alarm, further alarms of the same detector are suppressed for
-    this many rows (no alarm storms during one transition)."""
-    max_alarms: int = 1000
-    """Alarms kept in ``DriftMonitor.alarms`` (oldest dropped first)."""
-    alarm_recent_fraction: float = 0.95
-    """Share of recent data in the sampling mix right after an alarm."""
-    alarm_lr_scale: float = 3.0
-    """Learning-rate multiplier right after an alarm."""
-    alarm_window_rows_scale: float = 0.5
-    """Recent-window length multiplier right after an alarm."""
-    recover_rows: int = 20_000
-    """Rows over which every reaction returns linearly to its baseline."""
-
-    def __post_init__(self) -> None:
-        if self.error_detector not in ERROR_DETECTORS:
-            raise ConfigError(f"drift.error_detector: must be one of {ERROR_DETECTORS}, got {self.error_detector!r}")
-        if not 0.0 < self.adwin_delta < 1.0:
-            raise ConfigError("drift.adwin_delta: must be in (0, 1)")
-        if self.ph_delta < 0:
-            raise ConfigError("drift.ph_delta: must be >= 0")
-        if self.ph_threshold <= 0:
-            raise ConfigError("drift.ph_threshold: must be > 0")
-        if self.psi_threshold <= 0:
-            raise ConfigError("drift.psi_threshold: must be > 0")
-        if self.psi_bins < 2:
-            raise ConfigError("drift.psi_bins: must be >= 2")
-        if not 1 <= self.min_rows <= self.reference_rows:
-            raise ConfigError("drift.min_rows: must be in [1, drift.reference_rows]")
-        for name in ("cooldown_rows", "max_alarms"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"drift.{name}: must be >= 0")
-        if not 0.0 <= self.alarm_recent_fraction <= 1.0:
-            raise ConfigError("drift.alarm_recent_fraction: must be in [0, 1]")
-        if self.alarm_lr_scale < 1.0:
-            raise ConfigError("drift.alarm_lr_scale: must be >= 1")
-        if not 0.0 < self.alarm_window_rows_scale <= 1.0:
-            raise ConfigError("drift.alarm_window_rows_scale: must be in (0, 1]")
-        if self.recover_rows < 1:
-            raise ConfigError("drift.recover_rows: must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,10 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
     """Accuracy and macro precision/recall/F1 (classes absent from both count as 0)."""
     if len(y_true) == 0:
         raise ValueError("no rows to evaluate")
-    cm = confusion_matrix(y_true, y_pred, num_classes)
+    return metrics_from_confusion(confusion_matrix(y_true, y_pred, num_classes), per_class=False)
+
+
+def metrics_from_confusion(cm: np.ndarray, per_class: bool = True) -> dict[str, float]:
     tp = np.diag(cm).astype(np.float64)
     pred_pos = cm.sum(axis=0)
     true_pos = cm.sum(axis=1)
@@ -24,12 +27,15 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
     recall = np.divide(tp, true_pos, out=np.zeros_like(tp), where=true_pos > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {
+    out = {
         "accuracy": float(tp.sum() / cm.sum()),
         "precision": float(precision[present].mean()),
         "recall": float(recall[present].mean()),
         "f1": float(f1[present].mean()),
     }
+    if per_class:
+        out.update({f"f1_class_{i}": float(v) for i, v in enumerate(f1)})
+    return out
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -55,34 +61,61 @@ def decide(candidate: dict[str, float], served: dict[str, float] | None, cfg: Ga
 
 
 class Prequential:
-    """Test-then-train counters of the served model: cumulative and over a
-    sliding window of the last ``window_rows`` rows (block granularity)."""
+    """Test-then-train figures of one model: confusion counts and log loss,
+    cumulative and over a sliding window of the last ``window_rows`` rows
+    (block granularity)."""
 
     def __init__(self, num_classes: int, window_rows: int) -> None:
         self.num_classes = num_classes
         self.window_rows = window_rows
-        self.rows = 0
-        self.correct = 0
-        self._window: deque[tuple[int, int]] = deque()
-        self._w_rows = 0
-        self._w_correct = 0
+        self.cm = np.zeros((num_classes, num_classes), np.int64)
+        self.log_loss_sum = 0.0
+        self._window: deque[tuple[np.ndarray, float]] = deque()
+        self._w_cm = np.zeros_like(self.cm)
+        self._w_loss = 0.0
 
-    def update(self, y_true: np.ndarray, y_pred: np.ndarray) -> None:
-        n, c = len(y_true), int((y_true == y_pred).sum())
-        self.rows += n
-        self.correct += c
-        self._window.append((n, c))
-        self._w_rows += n
-        self._w_correct += c
-        while self._w_rows - self._window[0][0] >= self.window_rows:
-            n0, c0 = self._window.popleft()
-            self._w_rows -= n0
-            self._w_correct -= c0
+    def update(self, y_true: np.ndarray, y_pred: np.ndarray, probs: np.ndarray | None = None) -> None:
+        cm = confusion_matrix(y_true, y_pred, self.num_classes)
+        loss = 0.0
+        if probs is not None:
+            p = np.clip(probs[np.arange(len(y_true)), y_true.astype(np.int64)], 1e-12, 1.0)
+            loss = float(-np.log(p).sum())
+        self.cm += cm
+        self.log_loss_sum += loss
+        self._window.append((cm, loss))
+        self._w_cm += cm
+        self._w_loss += loss
+        while self._w_cm.sum() - self._window[0][0].sum() >= self.window_rows:
+            old_cm, old_loss = self._window.popleft()
+            self._w_cm -= old_cm
+            self._w_loss -= old_loss
+
+    @property
+    def rows(self) -> int:
+        return int(self.cm.sum())
+
+    @property
+    def window_rows_seen(self) -> int:
+        return int(self._w_cm.sum())
 
     @property
     def accuracy(self) -> float | None:
-        return self.correct / self.rows if self.rows else None
+        return float(np.trace(self.cm) / self.rows) if self.rows else None
 
     @property
     def window_accuracy(self) -> float | None:
-        return self._w_correct / self._w_rows if self._w_rows else None
+        n = self.window_rows_seen
+        return float(np.trace(self._w_cm) / n) if n else None
+
+    def report(self, window: bool) -> dict[str, float] | None:
+        """accuracy, macro precision/recall/F1, per-class F1 and log loss."""
+        cm, loss = (self._w_cm, self._w_loss) if window else (self.cm, self.log_loss_sum)
+        n = int(cm.sum())
+        if not n:
+            return None
+        out = metrics_from_confusion(cm)
+        out["log_loss"] = loss / n
+        return out
+
+    def confusion(self, window: bool) -> list[list[int]]:
+        return (self._w_cm if window else self.cm).tolist()

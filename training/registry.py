@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from livetrain.config import GateConfig
+from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ModelSpec
 from livetrain.training.checkpoint import model_from_weights
-from livetrain.training.gate import Prequential, classification_metrics, decide
+from livetrain.training.drift import DriftAlarm, DriftMonitor, ReactionState, decay, react
+from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide
 
 
 KEEP_VERSIONS = 32
@@ -51,8 +52,11 @@ class Version:
     metrics: dict[str, float] = field(default_factory=dict)
 
     @torch.no_grad()
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return torch.softmax(self.model(torch.from_numpy(np.ascontiguousarray(x))), dim=1).numpy()
+
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.model(torch.from_numpy(np.ascontiguousarray(x))).argmax(dim=1).numpy()
+        return self.predict_proba(x).argmax(axis=1)
 
 
 @dataclass
@@ -68,8 +72,17 @@ class Registry:
         cfg: GateConfig,
         num_classes: int,
         clock: Callable[[], float] = time.time,
+        drift: DriftConfig | None = None,
+        recent_fraction: float = 0.7,
     ) -> None:
         self.cfg = cfg
+        self.drift = DriftMonitor(drift or DriftConfig())
+        self.reaction = ReactionState.at_rest(recent_fraction)
+        self._rows_since_error_alarm: int | None = None
+        self.previous: Version | None = None
+        """The version served before the current one, shadow-scored for rollback."""
+        self.live: Prequential | None = None
+        self.shadow: Prequential | None = None
         self.num_classes = num_classes
         self.clock = clock
         self.served: Version | None = None
@@ -89,15 +102,50 @@ class Registry:
     # --- inputs ----------------------------------------------------------------
 
     def observe(self, meta: BlockMeta, x: np.ndarray, y: np.ndarray) -> list[Decision]:
-        """Score the served model on a new block (test), keep it for the gate."""
+        """Score the served model on a new block (test), watch for drift, keep
+        the block for the gate; may roll back by itself."""
+        errors = None
         if self.served is not None and len(y):
-            self.prequential.update(y, self.served.predict(x))
+            probs = self.served.predict_proba(x)
+            pred = probs.argmax(axis=1)
+            errors = (pred != y).astype(np.float64)
+            self.prequential.update(y, pred, probs)
+            self.live.update(y, pred, probs)
+            if self.previous is not None:
+                self.shadow.update(y, self.previous.predict(x))
+        self._react(self.drift.observe(meta.seq, x, errors, self.clock()), len(y))
         self._recent.append(_Block(meta, x, y))
         self._recent_rows += len(y)
         while self._recent_rows - len(self._recent[0].y) >= self.cfg.max_eval_rows:
             self._recent_rows -= len(self._recent.popleft().y)
         self._unserved_shards.append((meta.seq, meta.written_at))
-        return self._try_decide()
+        return self._maybe_roll_back() + self._try_decide()
+
+    def _react(self, alarms: list[DriftAlarm], rows: int) -> None:
+        self.reaction = decay(self.reaction, rows, self.drift.cfg)
+        if self._rows_since_error_alarm is not None:
+            self._rows_since_error_alarm += rows
+        for alarm in alarms:
+            self.reaction = react(alarm, self.reaction, self.drift.cfg)
+            if alarm.detector.startswith("error"):
+                self._rows_since_error_alarm = 0
+
+    @property
+    def holding(self) -> bool:
+        """True shortly after an error-drift alarm: promotion then needs a gain."""
+        return self._rows_since_error_alarm is not None and self._rows_since_error_alarm < self.cfg.alarm_hold_rows
+
+    def _maybe_roll_back(self) -> list[Decision]:
+        if self.previous is None or self.live.window_rows_seen < self.cfg.rollback_min_rows:
+            return []
+        live, prev = self.live.window_accuracy, self.shadow.window_accuracy
+        if prev - live <= self.cfg.rollback_margin:
+            return []
+        reason = (
+            f"live accuracy {live:.4f} over {self.live.window_rows_seen} rows is below "
+            f"v{self.previous.version}'s {prev:.4f} on the same rows by more than {self.cfg.rollback_margin}"
+        )
+        return [self.rollback(self.previous, reason)]
 
     def propose(self, cand: Candidate, weights: dict[str, np.ndarray]) -> tuple[int, list[Decision]]:
         """Register a candidate; returns its version and any decisions taken."""
@@ -131,9 +179,15 @@ class Registry:
             _, written = self._unserved_shards.popleft()
             self.freshness_s.append(max(0.0, at - written))
 
+    def _serve(self, v: Version, previous: Version | None) -> None:
+        self.served = v
+        self.previous = previous
+        self.live = Prequential(self.num_classes, self.cfg.window_rows)
+        self.shadow = Prequential(self.num_classes, self.cfg.window_rows)
+
     def restore_served(self, v: Version) -> None:
         """Serve ``v`` again after a restart (no gate: it passed one before)."""
-        self.served = v
+        self._serve(v, previous=None)
         self.history.append(v)
         self.next_version = max(self.next_version, v.version + 1)
 
@@ -149,7 +203,7 @@ class Registry:
         if target.version == self.served.version:
             raise RollbackError(f"v{target.version} is already served")
         previous = self.served
-        self.served = target
+        self._serve(target, previous=None)
         if target not in self.history:
             self.history.append(target)
         else:  # keep history ordered by when a version was (re)served
@@ -176,12 +230,20 @@ class Registry:
         cm = classification_metrics(y, cand.predict(x), self.num_classes)
         sm = classification_metrics(y, self.served.predict(x), self.num_classes) if self.served else None
         verdict = decide(cm, sm, self.cfg)
+        if verdict.promote and sm is not None and self.holding:
+            gain = cm[self.cfg.metric] - sm[self.cfg.metric]
+            if gain < self.cfg.alarm_min_gain:
+                verdict = Verdict(
+                    False,
+                    f"drift alarm {self._rows_since_error_alarm} rows ago: {self.cfg.metric} gain "
+                    f"{gain:+.4f} < {self.cfg.alarm_min_gain} required while holding",
+                )
         self.pending = None
         served_version = self.served.version if self.served else None
         if verdict.promote:
             cand.promoted_at = self.clock()
             cand.metrics = cm
-            self.served = cand
+            self._serve(cand, previous=self.served)
             self.history.append(cand)
         return [self._record(cand, "promote" if verdict.promote else "reject", verdict.reason, cm, sm, len(y), served_version)]
 
@@ -226,4 +288,24 @@ class Registry:
             "freshness_p50_s": float(np.percentile(f, 50)) if f is not None else None,
             "freshness_p95_s": float(np.percentile(f, 95)) if f is not None else None,
             "freshness_count": len(self.freshness_s),
+            "drift_alarms": len(self.drift.alarms),
+            "holding_after_alarm": self.holding,
+            "reaction_recent_fraction": self.reaction.recent_fraction,
+            "reaction_lr_scale": self.reaction.lr_scale,
+            "reaction_window_rows_scale": self.reaction.window_rows_scale,
+            "versions_rolled_back": sum(d.action == "rollback" for d in self.decisions),
+        }
+
+    def live_report(self) -> dict[str, object]:
+        """The served model's live figures (for /model, W&B and the summary)."""
+        last = self.drift.alarms[-1] if self.drift.alarms else None
+        return {
+            "prequential_window": self.prequential.report(window=True),
+            "prequential_cumulative": self.prequential.report(window=False),
+            "served_version_window": self.live.report(window=True) if self.live else None,
+            "confusion_window": self.prequential.confusion(window=True),
+            "drift_alarms": len(self.drift.alarms),
+            "last_drift_alarm": None if last is None else {
+                "at": last.at, "detector": last.detector, "features": list(last.features), "seq": last.seq,
+            },
         }
