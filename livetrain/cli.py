@@ -38,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--state-dir", help="state directory (state_dir)")
         s.add_argument("--no-live", action="store_true", help="no live view")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.01")
+    h = sub.add_parser("history", help="every gate decision and drift alarm of a state directory")
+    h.add_argument("--state-dir", required=True, type=Path)
+    h.add_argument("--json", action="store_true", help="one JSON object per line")
+    r = sub.add_parser("rollback", help="serve an earlier version again (running livetrain)")
+    r.add_argument("version", nargs="?", type=int, help="version to serve (default: the previous one)")
+    r.add_argument("--address", default="auto", help="Ray address of the running livetrain (default: auto)")
+    r.add_argument("--namespace", default="livetrain", help="ray.namespace of that livetrain")
+    r.add_argument("--reason", default="requested by hand")
     c = sub.add_parser("config", help="print the resolved config, or document every field")
     c.add_argument("--config", type=Path)
     c.add_argument("--help-fields", action="store_true", help="list every config field with its default and meaning")
@@ -66,6 +74,10 @@ def _resolve(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "history":
+        return _history(args.state_dir, args.json)
+    if args.command == "rollback":
+        return _rollback(args)
     try:
         if args.command == "config" and args.help_fields:
             for key, default, doc in field_docs():
@@ -99,6 +111,41 @@ def _run(cfg: Config) -> int:
     finally:
         pipeline.stop()
     print(json.dumps(pipeline.final))
+    return 0
+
+
+def _history(state_dir: Path, as_json: bool) -> int:
+    from livetrain.history import read_history
+
+    events = read_history(state_dir)
+    if not events:
+        print(f"livetrain: no decisions in {state_dir}", file=sys.stderr)
+        return 1
+    for e in events:
+        if as_json:
+            print(json.dumps(e))
+        elif e["kind"] == "alarm":
+            print(f"{e['at_iso']}  alarm     {e['detector']:<12} seq {e['seq']:<6} features {e['features']}")
+        else:
+            print(f"{e['at_iso']}  {e['action']:<9} v{e['version']:<5} {e['reason']}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    import ray
+
+    from livetrain.training.registry_actor import REGISTRY_NAME
+
+    ray.init(address=args.address, namespace=args.namespace, configure_logging=False, log_to_driver=False)
+    try:
+        registry = ray.get_actor(REGISTRY_NAME, namespace=args.namespace)
+        d = ray.get(registry.rollback.remote(args.version, args.reason))
+    except (ValueError, ray.exceptions.RayError) as e:
+        print(f"livetrain: rollback failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    print(f"livetrain: now serving v{d.version} ({d.reason})")
     return 0
 
 

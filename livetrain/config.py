@@ -41,6 +41,9 @@ class SchemaConfig:
     """Name of the integer label column."""
     classes: list[int] = field(default_factory=lambda: [0, 1])
     """The declared label values; a row with any other label is quarantined."""
+    id_column: str | None = None
+    """Optional integer row-id column, passed through untouched: kept in each block
+    as ``id`` and in quarantine files, so every row can be accounted for."""
 
     def __post_init__(self) -> None:
         if (self.features is None) == (self.feature_list_column is None):
@@ -58,6 +61,9 @@ class SchemaConfig:
             raise ConfigError("schema.num_features: required (>= 1) with schema.feature_list_column")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"schema.classes: need at least two distinct labels, got {self.classes}")
+        features = self.features if self.features is not None else [self.feature_list_column]
+        if self.id_column is not None and self.id_column in [*features, self.label]:
+            raise ConfigError(f"schema.id_column: {self.id_column!r} is already a feature or the label")
 
 
 @dataclass
@@ -137,12 +143,17 @@ class IngestConfig:
     """Ingest actors reading shards in parallel."""
     max_in_flight: int = 4
     """Shards being read at once, over all ingest actors."""
+    block_rows: int = 65_536
+    """Most rows per buffer block: a larger shard streams in by record batches as
+    several blocks (also capped so one block fits the buffer's byte bound)."""
 
     def __post_init__(self) -> None:
         if self.num_actors < 1:
             raise ConfigError("ingest.num_actors: must be >= 1")
         if self.max_in_flight < 1:
             raise ConfigError("ingest.max_in_flight: must be >= 1")
+        if self.block_rows < 1:
+            raise ConfigError("ingest.block_rows: must be >= 1")
 
 
 @dataclass
@@ -159,8 +170,23 @@ class BufferConfig:
     """Share of sampled blocks drawn from the recent window (rest: reservoir)."""
     seed: int = 0
     """Seed of the reservoir and the sampler."""
+    backpressure: str = "freshness"
+    """When data arrives faster than training draws it: ``freshness`` (old blocks
+    are evicted, unseen ones counted in ``rows_evicted_unseen``) or ``coverage``
+    (ingestion waits while ``max_unseen_rows`` rows are not yet trained on)."""
+    max_unseen_rows: int = 50_000
+    """``coverage`` only: most rows held that no trainer has drawn yet."""
+    snapshot_every_s: float = 1.0
+    """How often the buffer writes which blocks it holds to the state dir
+    (``buffer_snapshot.json``); a restarted buffer is rebuilt from it."""
 
     def __post_init__(self) -> None:
+        if self.backpressure not in ("freshness", "coverage"):
+            raise ConfigError(f"buffer.backpressure: must be 'freshness' or 'coverage', got {self.backpressure!r}")
+        if self.max_unseen_rows < 1 or (self.backpressure == "coverage" and self.max_unseen_rows > self.capacity_rows):
+            raise ConfigError("buffer.max_unseen_rows: must be in [1, buffer.capacity_rows]")
+        if self.snapshot_every_s <= 0:
+            raise ConfigError("buffer.snapshot_every_s: must be > 0")
         if self.capacity_rows < 1 or self.capacity_bytes < 1:
             raise ConfigError("buffer.capacity_rows / buffer.capacity_bytes: must be >= 1")
         if not 0 < self.window_rows <= self.capacity_rows:
@@ -174,7 +200,13 @@ class ModelConfig:
     """The model that is trained and served."""
 
     name: str = "mlp"
-    """Model builder name (built-in: ``mlp``)."""
+    """Model builder: ``mlp`` (tabular), ``cnn`` (fixed-size images stored
+    flat; needs ``model.options.image_shape: [C, H, W]``), or the name of a
+    plug-in registered under the ``livetrain.models`` entry-point group."""
+    task: str = "classification"
+    """What is learnt; ``classification`` (regression is planned)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the builder (e.g. ``image_shape``, ``channels``)."""
     hidden: list[int] = field(default_factory=lambda: [256, 256])
     """Hidden layer widths of the MLP."""
     dropout: float = 0.0
@@ -183,6 +215,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("model.dropout: must be in [0, 1)")
+        if self.task != "classification":
+            raise ConfigError(f"model.task: only 'classification' is supported for now, got {self.task!r}")
 
 
 @dataclass
@@ -203,6 +237,9 @@ class TrainConfig:
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    anchor_l2: float = 0.0
+    """Strength of an L2 pull towards the last promoted weights (0: off);
+    limits forgetting of what the served model knew."""
     steps_per_round: int = 20
     """DDP steps between two draws from the buffer."""
     blocks_per_round: int = 8
@@ -224,6 +261,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: must be >= 1")
         if self.lr <= 0:
             raise ConfigError("train.lr: must be > 0")
+        if self.anchor_l2 < 0 or self.weight_decay < 0:
+            raise ConfigError("train.anchor_l2 / train.weight_decay: must be >= 0")
         if self.propose_every_s <= 0 or self.checkpoint_every_s <= 0:
             raise ConfigError("train.propose_every_s / train.checkpoint_every_s: must be > 0")
 
@@ -481,6 +520,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

@@ -91,6 +91,7 @@ class Pipeline:
         self._owns_ray = False
         self._train_error: BaseException | None = None
         self._decisions_seen = 0
+        self._alarms_seen = 0
         self._probe = {"ok": 0, "failed": 0}
         self.started_at = time.time()
         self.first_promotion_s: float | None = None
@@ -116,7 +117,7 @@ class Pipeline:
         features = _feature_names(cfg)
         self.spec = model_spec(cfg.model, len(features), len(cfg.schema.classes))
         self.registry = ModelRegistry.options(name=REGISTRY_NAME, namespace=ns).remote(
-            cfg.gate, len(cfg.schema.classes), str(self.state_dir)
+            cfg.gate, len(cfg.schema.classes), str(self.state_dir), cfg.drift, cfg.buffer.recent_fraction
         )
         self.buffer = ReplayBufferActor.options(name=BUFFER_NAME, namespace=ns).remote(cfg.buffer)
         self.ingest = IngestLoop(cfg, self.manifest, self.buffer, self.registry)
@@ -141,7 +142,7 @@ class Pipeline:
                     raise RuntimeError("the training job failed") from self._train_error
                 snap = self.snapshot()
                 view.update(snap)
-                self.tracker.log({k: v for k, v in snap.items() if isinstance(v, (int, float))})
+                self.tracker.log({**_numbers(snap), **self._live_metrics()})
                 self._log_decisions()
                 self._stop.wait(_TICK_S)
         return self.summary()
@@ -231,6 +232,11 @@ class Pipeline:
             **{k: reg[k] for k in ("versions_proposed", "versions_promoted", "versions_rejected", "served_version")},
             "prequential_accuracy": reg["prequential_accuracy"],
             "prequential_accuracy_window": reg["prequential_accuracy_window"],
+            "versions_rolled_back": reg["versions_rolled_back"],
+            "drift_alarms": reg["drift_alarms"],
+            "holding_after_alarm": reg["holding_after_alarm"],
+            "reaction_lr_scale": reg["reaction_lr_scale"],
+            "reaction_recent_fraction": reg["reaction_recent_fraction"],
             "freshness_p50_s": reg["freshness_p50_s"],
             "freshness_p95_s": reg["freshness_p95_s"],
             "probe_requests_ok": self._probe["ok"],
@@ -248,12 +254,22 @@ class Pipeline:
             rows_evicted_unseen=snap["rows_evicted_unseen"],
             train_samples_per_s=snap["train_samples_per_s"],
             prequential_accuracy_window=snap["prequential_accuracy_window"],
+            versions_rolled_back=snap["versions_rolled_back"],
+            drift_alarms=snap["drift_alarms"],
             first_promotion_s=self.first_promotion_s,
             probe_requests_ok=self._probe["ok"],
             probe_requests_failed=self._probe["failed"],
             elapsed_s=snap["elapsed_s"],
             state_dir=str(self.state_dir),
         )
+        return out
+
+    def _live_metrics(self) -> dict[str, float]:
+        """The served model's windowed prequential figures and confusion counts, flattened."""
+        live = ray.get(self.registry.live_report.remote())
+        out = {f"prequential/{k}": v for k, v in (live["prequential_window"] or {}).items()}
+        for i, row in enumerate(live["confusion_window"]):
+            out.update({f"confusion/true{i}_pred{j}": n for j, n in enumerate(row)})
         return out
 
     def _log_decisions(self) -> None:
@@ -264,11 +280,20 @@ class Pipeline:
                 continue
             self.tracker.event(d.action, **{k: v for k, v in asdict(d).items() if k != "action"})
             self._last_decision = f"v{d.version} {d.action}: {d.reason}"
+        alarms = ray.get(self.registry.alarms.remote(self._alarms_seen))
+        self._alarms_seen += len(alarms)
+        for a in alarms:
+            self.tracker.event("drift_alarm", **asdict(a))
+            self._last_decision = f"drift alarm ({a.detector}) at shard seq {a.seq}"
 
     def _local_cpus(self) -> int:
         tc = self.cfg.train
         need = math.ceil(tc.num_workers * tc.cpus_per_worker) + 2
         return self.cfg.ray.num_cpus or max(os.cpu_count() or 1, need)
+
+
+def _numbers(d: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _check_synthetic_schema(cfg: Config) -> None:

@@ -64,3 +64,37 @@ def test_cadence_is_due_every_period_and_optionally_at_start():
     now[0] = 1.0
     assert c.due()
     assert not Cadence(1.0, clock=lambda: 0.0).due()
+
+
+def test_anchor_penalty_pulls_weights_towards_the_anchor():
+    import numpy as np
+    import torch
+
+    from livetrain.config import ModelConfig
+    from livetrain.training.learner import Learner
+    from livetrain.training.models import build_model, model_spec
+
+    def drift_from_anchor(anchor_l2: float) -> float:
+        torch.manual_seed(0)
+        model = build_model(model_spec(ModelConfig(hidden=[8]), 2, 2))
+        start = {k: v.detach().clone() for k, v in model.named_parameters()}
+        learner = Learner(model, torch.optim.SGD(model.parameters(), lr=0.1), 32, anchor_l2=anchor_l2)
+        learner.set_anchor({k: v.numpy() for k, v in start.items()})
+        x = np.random.default_rng(0).normal(size=(256, 2)).astype(np.float32)
+        learner.train_round(x, (x[:, 0] > 0).astype(np.int64), 50)
+        return sum(float(((p - start[k]) ** 2).sum()) for k, p in model.named_parameters())
+
+    assert drift_from_anchor(10.0) < 0.5 * drift_from_anchor(0.0)
+
+
+def test_lr_scale_multiplies_the_configured_rate():
+    import torch
+
+    from livetrain.training.learner import Learner
+
+    model = torch.nn.Linear(2, 2)
+    learner = Learner(model, torch.optim.AdamW(model.parameters(), lr=0.01), 4)
+    learner.set_lr_scale(3.0)
+    assert learner.optimizer.param_groups[0]["lr"] == 0.03
+    learner.set_lr_scale(1.0)
+    assert learner.optimizer.param_groups[0]["lr"] == 0.01

@@ -19,12 +19,38 @@ class RoundResult:
 
 
 class Learner:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batch_size: int,
+        seed: int = 0,
+        anchor_l2: float = 0.0,
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.batch_size = batch_size
         self.loss_fn = nn.CrossEntropyLoss()
         self.gen = torch.Generator().manual_seed(seed)
+        self.anchor_l2 = anchor_l2
+        self.anchor: dict[str, torch.Tensor] | None = None
+        """Weights of the last promoted version: L2-to-anchor pulls towards them."""
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def set_lr_scale(self, scale: float) -> None:
+        """Warm the learning rate (drift reaction): ``scale`` x the configured one."""
+        for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = lr * scale
+
+    def set_anchor(self, weights: dict[str, np.ndarray]) -> None:
+        params = dict(_unwrap(self.model).named_parameters())
+        self.anchor = {k: torch.from_numpy(np.array(weights[k])) for k in params if k in weights}
+
+    def _anchor_penalty(self) -> torch.Tensor | float:
+        if not self.anchor_l2 or self.anchor is None:
+            return 0.0
+        params = dict(_unwrap(self.model).named_parameters())
+        return 0.5 * self.anchor_l2 * sum(((params[k] - a) ** 2).sum() for k, a in self.anchor.items())
 
     def train_round(self, x: np.ndarray, y: np.ndarray, steps: int) -> RoundResult:
         """``steps`` minibatch updates drawn uniformly from the rows ``x``, ``y``."""
@@ -37,11 +63,16 @@ class Learner:
         for _ in range(steps):
             idx = torch.randint(n, (bs,), generator=self.gen)
             loss = self.loss_fn(self.model(xt[idx]), yt[idx])
+            total += loss.item()
+            loss = loss + self._anchor_penalty()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            total += loss.item()
         return RoundResult(total / steps, steps * bs, time.perf_counter() - t0)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
 
 
 def concat_blocks(blocks: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,16 +1,39 @@
 """Model builders. A model is rebuilt from a ``ModelSpec`` (name + kwargs)
 alone, so a checkpoint or a served version carries everything the server
-needs besides the weights."""
+needs besides the weights.
+
+Your own model, without forking livetrain: write a builder
+
+    def build(num_features: int, num_classes: int, **options) -> torch.nn.Module
+        # returns a module mapping float32 [n, num_features] to logits [n, num_classes]
+
+in an installed package and declare it as an entry point in that package's
+``pyproject.toml``::
+
+    [project.entry-points."livetrain.models"]
+    my_tabnet = "my_package.models:build"
+
+then set ``model.name: my_tabnet`` and pass its keyword arguments in
+``model.options``. Entry points are looked up in every process that builds
+the model (trainers, the registry, serving replicas), which is why a name,
+not a function, travels in checkpoints. ``register_model`` does the same for
+code running in one process (tests, notebooks).
+"""
 
 from __future__ import annotations
 
+import math
+from importlib.metadata import entry_points
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from livetrain.config import ModelConfig
+from livetrain.config import ConfigError, ModelConfig
 from livetrain.messages import ModelSpec
+
+ENTRY_POINT_GROUP = "livetrain.models"
+Builder = Callable[..., nn.Module]
 
 
 class MLP(nn.Module):
@@ -32,21 +55,84 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-BUILDERS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP}
+class SmallCNN(nn.Module):
+    """Classifier for fixed-size images stored flat (``C*H*W`` features, row-major)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        image_shape: list[int],
+        channels: list[int] = (16, 32),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(image_shape) != 3 or math.prod(image_shape) != num_features:
+            raise ValueError(
+                f"model.options.image_shape: {image_shape} (C, H, W) must multiply to the {num_features} features"
+            )
+        self.image_shape = tuple(image_shape)
+        layers: list[nn.Module] = []
+        c_in = image_shape[0]
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
+            c_in = c
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.reshape(-1, *self.image_shape))
+
+
+def _mlp(num_features: int, num_classes: int, hidden: list[int] = (256, 256), dropout: float = 0.0) -> nn.Module:
+    return MLP(num_features, num_classes, list(hidden), dropout)
+
+
+def _cnn(num_features: int, num_classes: int, **options: Any) -> nn.Module:
+    return SmallCNN(num_features, num_classes, **options)
+
+
+BUILDERS: dict[str, Builder] = {"mlp": _mlp, "cnn": _cnn}
+
+
+def register_model(name: str, builder: Builder) -> None:
+    """Make ``builder`` available as ``model.name: <name>`` in this process."""
+    BUILDERS[name] = builder
+
+
+def find_builder(name: str) -> Builder:
+    if name in BUILDERS:
+        return BUILDERS[name]
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            BUILDERS[name] = ep.load()
+            return BUILDERS[name]
+    known = sorted(set(BUILDERS) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    raise ValueError(f"unknown model {name!r} (known: {', '.join(known)}; plug-ins register under the "
+                     f"'{ENTRY_POINT_GROUP}' entry-point group)")
 
 
 def model_spec(cfg: ModelConfig, num_features: int, num_classes: int) -> ModelSpec:
-    if cfg.name not in BUILDERS:
-        raise ValueError(f"model.name: unknown model {cfg.name!r} (known: {', '.join(sorted(BUILDERS))})")
-    kwargs: dict[str, Any] = dict(num_features=num_features, num_classes=num_classes, hidden=list(cfg.hidden))
-    if cfg.dropout:
-        kwargs["dropout"] = cfg.dropout
-    return ModelSpec(name=cfg.name, kwargs=kwargs)
+    """The spec the trainer builds, checked by building it once."""
+    kwargs: dict[str, Any] = dict(num_features=num_features, num_classes=num_classes, **cfg.options)
+    if cfg.name == "mlp":
+        kwargs.setdefault("hidden", list(cfg.hidden))
+        if cfg.dropout:
+            kwargs.setdefault("dropout", cfg.dropout)
+    elif cfg.name == "cnn" and cfg.dropout:
+        kwargs.setdefault("dropout", cfg.dropout)
+    spec = ModelSpec(name=cfg.name, kwargs=kwargs)
+    try:
+        model = build_model(spec)
+    except TypeError as e:
+        raise ConfigError(f"model.options: the {cfg.name!r} builder does not accept them: {e}") from e
+    except ValueError as e:
+        raise ConfigError(f"model.name: {e}" if str(e).startswith("unknown model") else str(e)) from e
+    out = model.eval()(torch.zeros(2, num_features))
+    if tuple(out.shape) != (2, num_classes):
+        raise ConfigError(f"model {cfg.name!r} maps [2, {num_features}] to {tuple(out.shape)}, expected (2, {num_classes}) logits")
+    return spec
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    try:
-        builder = BUILDERS[spec.name]
-    except KeyError:
-        raise ValueError(f"unknown model {spec.name!r} (known: {', '.join(sorted(BUILDERS))})") from None
-    return builder(**spec.kwargs)
+    return find_builder(spec.name)(**spec.kwargs)

@@ -20,8 +20,9 @@ from typing import Any
 import ray
 import torch
 
-from livetrain.config import GateConfig
+from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ServedVersion
+from livetrain.training.drift import DriftAlarm
 from livetrain.training.checkpoint import CheckpointData, load_checkpoint, model_from_weights, save_checkpoint
 from livetrain.training.registry import KEEP_VERSIONS, Registry, RollbackError, Version
 
@@ -30,10 +31,18 @@ REGISTRY_NAME = "livetrain_registry"
 
 @ray.remote(num_cpus=0.1, max_concurrency=16)
 class ModelRegistry:
-    def __init__(self, cfg: GateConfig, num_classes: int, state_dir: str) -> None:
+    def __init__(
+        self,
+        cfg: GateConfig,
+        num_classes: int,
+        state_dir: str,
+        drift: DriftConfig | None = None,
+        recent_fraction: float = 0.7,
+    ) -> None:
         torch.set_num_threads(1)
         self._state = Path(state_dir)
-        self._reg = Registry(cfg, num_classes)
+        self._reg = Registry(cfg, num_classes, drift=drift, recent_fraction=recent_fraction)
+        self._last_alarm: DriftAlarm | None = None
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._served: ServedVersion | None = None
@@ -49,6 +58,7 @@ class ModelRegistry:
         data = ray.get(block[0])
         with self._lock:
             self._apply(self._reg.observe(meta, data["x"], data["y"]))
+            self._log_alarms()
 
     def propose(self, cand: Candidate) -> int:
         weights = ray.get(cand.weights)
@@ -57,9 +67,16 @@ class ModelRegistry:
             self._apply(decisions)
         return version
 
-    def report_train(self, stats: dict[str, Any]) -> None:
+    def report_train(self, stats: dict[str, Any]) -> dict[str, float]:
+        """Rank 0's training figures in; the drift reactions' knobs out."""
         with self._lock:
             self._train_stats = stats
+            r = self._reg.reaction
+            return {
+                "recent_fraction": r.recent_fraction,
+                "lr_scale": r.lr_scale,
+                "window_rows_scale": r.window_rows_scale,
+            }
 
     # --- from serving replicas -------------------------------------------------
 
@@ -104,6 +121,14 @@ class ModelRegistry:
         with self._lock:
             return {**self._reg.stats(), **{f"train_{k}": v for k, v in self._train_stats.items()}}
 
+    def live_report(self) -> dict[str, Any]:
+        with self._lock:
+            return self._reg.live_report()
+
+    def alarms(self, since: int = 0) -> list[DriftAlarm]:
+        with self._lock:
+            return list(self._reg.drift.alarms)[since:]
+
     def served_info(self) -> dict[str, Any] | None:
         with self._lock:
             s = self._served
@@ -121,6 +146,18 @@ class ModelRegistry:
             if d.action in ("promote", "rollback"):
                 self._publish(self._reg.served)
         self._log.flush()
+
+    def _log_alarms(self) -> None:
+        alarms = self._reg.drift.alarms
+        if not alarms or alarms[-1] is self._last_alarm:
+            return
+        new = list(alarms)
+        if self._last_alarm is not None and self._last_alarm in new:
+            new = new[new.index(self._last_alarm) + 1 :]
+        with (self._state / "alarms.jsonl").open("a") as f:
+            for a in new:
+                f.write(json.dumps(dataclasses.asdict(a)) + "\n")
+        self._last_alarm = alarms[-1]
 
     def _dir(self, version: int) -> Path:
         return self._state / "served" / f"v{version:06d}"

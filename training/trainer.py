@@ -42,7 +42,7 @@ from livetrain.training.checkpoint import (
 from livetrain.training.learner import Cadence, Learner, concat_blocks
 from livetrain.training.models import build_model
 
-STOP, PROPOSE, CHECKPOINT, NO_DATA = range(4)
+STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE = range(5)
 
 
 @dataclass
@@ -80,7 +80,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"livetrain: rank {rank} starting without a checkpoint")
     resumed_from_step = progress.step
     model = ray.train.torch.prepare_model(model)
-    learner = Learner(model, opt, tc.batch_size, seed=1000 * rank + progress.step)
+    learner = Learner(model, opt, tc.batch_size, seed=1000 * rank + progress.step, anchor_l2=tc.anchor_l2)
+    knobs: dict[str, float] = {"lr_scale": 1.0}
+    knobs_ref: ray.ObjectRef | None = None
+    anchor_version = -1
     # propose right after the first round: on a backlog, the candidate is then
     # judged on the shards it has not reached yet instead of waiting for new ones
     propose_clock = Cadence(tc.propose_every_s, due_at_start=True)
@@ -90,15 +93,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     while True:
         sample = ray.get(buffer.sample.remote(tc.blocks_per_round, progress.fresh_after, tc.min_buffer_rows, 0.5))
-        flags = torch.zeros(4)
+        flags = torch.zeros(5)
         flags[NO_DATA] = float(not sample.refs)
         if rank == 0:
+            if knobs_ref is not None and ray.wait([knobs_ref], timeout=0)[0]:
+                knobs, knobs_ref = ray.get(knobs_ref), None
+            flags[LR_SCALE] = knobs["lr_scale"]
             flags[STOP] = float(sample.closed)
             flags[PROPOSE] = float(propose_clock.due())
             flags[CHECKPOINT] = float(ckpt_clock.due() or sample.closed)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
 
+        learner.set_lr_scale(float(flags[LR_SCALE]) or 1.0)  # rank 0's knob, on every rank
+        if tc.anchor_l2:
+            anchor_version = _refresh_anchor(learner, registry, anchor_version)
         if not flags[NO_DATA] and not flags[STOP]:
             t0 = time.perf_counter()
             x, y = concat_blocks(ray.get(sample.refs))
@@ -114,7 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             propose_clock = Cadence(tc.propose_every_s, due_at_start=True)  # no round yet: stay due
         if rank == 0 and flags[PROPOSE] and last_result is not None:
             world = ray.train.get_context().get_world_size()
-            registry.report_train.remote(
+            knobs_ref = registry.report_train.remote(
                 {
                     "steps": progress.step,
                     "loss": last_result.loss,
@@ -142,6 +151,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report(rank, model, opt, spec, cfg, progress, last_result)
         if flags[STOP]:
             return
+
+
+def _refresh_anchor(learner: Learner, registry: Any, have: int) -> int:
+    """Anchor on the served version's weights when it changed (non-blocking check)."""
+    served = ray.get(registry.wait_for_version.remote(have, 0.0))
+    if served is None:
+        return have
+    learner.set_anchor(ray.get(served.weights))
+    return served.version
 
 
 def _report(rank, model, opt, spec, cfg, progress, result) -> None:
