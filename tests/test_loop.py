@@ -137,6 +137,25 @@ def test_accuracy_recovers_after_abrupt_drift(loop):
     assert new_on_new >= RECOVERED and acc >= RECOVERED
 
 
+def test_livetrain_rollback_serves_the_previous_version(loop):
+    import subprocess
+    import sys
+
+    wait_until(lambda: loop.snapshot()["versions_promoted"] >= 2, 180, "two promoted versions")
+    before = model_info(loop)["model_version"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "livetrain.cli", "rollback", "--namespace", loop.cfg.ray.namespace, "--reason", "test"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rolled_to = int(proc.stdout.strip().split("serving v")[1].split()[0])
+    assert rolled_to != before
+    # the replicas follow the rollback (or a newer promotion that came right after it)
+    wait_until(lambda: model_info(loop)["model_version"] != before, 60, "replicas to leave the rolled-back version")
+    decisions = [json.loads(l) for l in (loop.state_dir / "decisions.jsonl").read_text().splitlines()]
+    assert any(d["action"] == "rollback" and d["version"] == rolled_to and "test" in d["reason"] for d in decisions)
+
+
 def train_workers() -> dict[int, str]:
     import ray
 
