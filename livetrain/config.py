@@ -227,6 +227,9 @@ class TrainConfig:
     """Ray Train workers (DDP ranks)."""
     use_gpu: bool = False
     """One GPU per worker and NCCL; gloo on CPU otherwise."""
+    amp: str = "auto"
+    """Mixed precision: ``auto`` (bf16 on GPUs that support it, else fp32),
+    ``bf16`` or ``off``."""
     cpus_per_worker: float = 1.0
     """Logical CPUs each worker reserves."""
     torch_threads: int = 1
@@ -256,6 +259,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("train.num_workers: must be >= 1")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ConfigError(f"train.amp: must be auto, bf16 or off, got {self.amp!r}")
         for name in ("batch_size", "steps_per_round", "blocks_per_round", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1")

@@ -26,12 +26,17 @@ class Learner:
         batch_size: int,
         seed: int = 0,
         anchor_l2: float = 0.0,
+        device: torch.device | str = "cpu",
+        amp_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.batch_size = batch_size
         self.loss_fn = nn.CrossEntropyLoss()
-        self.gen = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
+        self.amp_dtype = amp_dtype
+        """bf16 autocast on the forward pass (None: full precision)."""
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.anchor_l2 = anchor_l2
         self.anchor: dict[str, torch.Tensor] | None = None
         """Weights of the last promoted version: L2-to-anchor pulls towards them."""
@@ -44,7 +49,7 @@ class Learner:
 
     def set_anchor(self, weights: dict[str, np.ndarray]) -> None:
         params = dict(_unwrap(self.model).named_parameters())
-        self.anchor = {k: torch.from_numpy(np.array(weights[k])) for k in params if k in weights}
+        self.anchor = {k: torch.from_numpy(np.array(weights[k])).to(self.device) for k in params if k in weights}
 
     def _anchor_penalty(self) -> torch.Tensor | float:
         if not self.anchor_l2 or self.anchor is None:
@@ -55,20 +60,39 @@ class Learner:
     def train_round(self, x: np.ndarray, y: np.ndarray, steps: int) -> RoundResult:
         """``steps`` minibatch updates drawn uniformly from the rows ``x``, ``y``."""
         t0 = time.perf_counter()
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        xt, yt = self._to_device(x), self._to_device(y)
         n = len(yt)
         bs = min(self.batch_size, n)
         self.model.train()
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for _ in range(steps):
-            idx = torch.randint(n, (bs,), generator=self.gen)
-            loss = self.loss_fn(self.model(xt[idx]), yt[idx])
-            total += loss.item()
+            idx = torch.randint(n, (bs,), generator=self.gen, device=self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                loss = self.loss_fn(self.model(xt[idx]), yt[idx])
+            total += loss.detach()
             loss = loss + self._anchor_penalty()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-        return RoundResult(total / steps, steps * bs, time.perf_counter() - t0)
+        return RoundResult(total.item() / steps, steps * bs, time.perf_counter() - t0)  # one sync per round
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if self.device.type != "cuda":
+            return t
+        # pinned staging buffer, then an asynchronous copy that overlaps with queued kernels
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+
+def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
+    """``train.amp``: ``auto`` -> bf16 on a CUDA device that supports it, else full precision."""
+    if setting == "off":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -39,7 +39,7 @@ from livetrain.training.checkpoint import (
     state_dict_numpy,
     unwrap,
 )
-from livetrain.training.learner import Cadence, Learner, concat_blocks
+from livetrain.training.learner import Cadence, Learner, amp_dtype_for, concat_blocks
 from livetrain.training.models import build_model
 
 STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE = range(5)
@@ -67,20 +67,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_model(spec)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     progress = Progress()
-    ckpt = ray.train.get_checkpoint()
+    ckpt, data = ray.train.get_checkpoint(), None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             data = load_checkpoint(d)
         model.load_state_dict(data.weights)
-        if data.optimizer is not None:
-            opt.load_state_dict(data.optimizer)
         progress = Progress(**data.meta["progress"])
         print(f"livetrain: rank {rank} resumed from checkpoint at step {progress.step}")
     else:
         print(f"livetrain: rank {rank} starting without a checkpoint")
     resumed_from_step = progress.step
-    model = ray.train.torch.prepare_model(model)
-    learner = Learner(model, opt, tc.batch_size, seed=1000 * rank + progress.step, anchor_l2=tc.anchor_l2)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP
+    if data is not None and data.optimizer is not None:
+        opt.load_state_dict(data.optimizer)  # after the move: state follows the params' device
+        for group in opt.param_groups:  # a drift reaction may have scaled the saved lr
+            group["lr"] = tc.lr
+    learner = Learner(
+        model,
+        opt,
+        tc.batch_size,
+        seed=1000 * rank + progress.step,
+        anchor_l2=tc.anchor_l2,
+        device=device,
+        amp_dtype=amp_dtype_for(tc.amp, device),
+    )
     knobs: dict[str, float] = {"lr_scale": 1.0}
     knobs_ref: ray.ObjectRef | None = None
     anchor_version = -1
@@ -93,7 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     while True:
         sample = ray.get(buffer.sample.remote(tc.blocks_per_round, progress.fresh_after, tc.min_buffer_rows, 0.5))
-        flags = torch.zeros(5)
+        flags = torch.zeros(5, device=device)  # NCCL reduces device tensors only
         flags[NO_DATA] = float(not sample.refs)
         if rank == 0:
             if knobs_ref is not None and ray.wait([knobs_ref], timeout=0)[0]:

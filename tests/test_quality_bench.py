@@ -1,0 +1,55 @@
+"""Smoke test of benchmarks/quality.py: a tiny Parquet replay end to end, and
+the drift arithmetic on a hand-made outcome curve."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import quality  # noqa: E402
+
+
+def test_dip_and_recovery_are_read_off_the_windowed_accuracy():
+    outcome = np.ones(6000, dtype=np.int8)
+    outcome[3000:3500] = 0  # every answer wrong for 500 rows after the drift at 3000
+    (d,) = quality.drift_figures(outcome, [(3000, 1)], window=1000)
+    assert d["before"] == 1.0 and d["lowest"] == 0.5 and d["dip"] == 0.5
+    assert d["rows_to_recover"] == 1500  # the 1000-row window is clean again at row 4500
+
+
+def test_a_drift_without_a_dip_needs_no_recovery():
+    (d,) = quality.drift_figures(np.ones(4000, dtype=np.int8), [(2000, 1)], window=1000)
+    assert d["dip"] == 0.0 and d["rows_to_recover"] == 0
+
+
+def test_parquet_replay_prints_a_line_per_learner_and_a_summary(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(4):  # four shards; the concept flips at row 1200
+        x = rng.random((400, 2)).astype(np.float32)
+        y = np.where(x[:, 0] + x[:, 1] > 1.0, 1, 0)
+        if i >= 3:
+            y = 1 - y
+        pq.write_table(pa.table({"a": x[:, 0], "b": x[:, 1], "y": y}), tmp_path / f"shard-{i:03d}.parquet")
+    cmd = [sys.executable, str(BENCH / "quality.py"), "--parquet", str(tmp_path), "--features", "a,b",
+           "--label", "y", "--classes", "0,1", "--drift-at", "1200", "--block-rows", "200",
+           "--samples-per-row", "2", "--static-rows", "400", "--window", "200", "--set", "train.min_buffer_rows=200",
+           "--set", "gate.min_eval_rows=200"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+    lines = {d["name"]: d for d in map(json.loads, out.stdout.splitlines())}
+    name = tmp_path.name
+    assert set(lines) == {f"quality/{name}/{k}" for k in (*quality.LEARNERS, "summary")}
+    for k in quality.LEARNERS:
+        line = lines[f"quality/{name}/{k}"]
+        assert 0.0 <= line["value"] <= 1.0 and line["rows_per_s"] > 0 and line["torch_threads"] == 1
+        assert [d["at"] for d in line["drifts"]] == [1200]
+    assert lines[f"quality/{name}/livetrain"]["versions_promoted"] >= 1
+    assert lines[f"quality/{name}/summary"]["rows_per_s_vs_arf"] > 0
