@@ -143,3 +143,17 @@ def test_unseen_eviction_is_counted_only_for_unsampled_blocks():
 
 def test_empty_buffer_samples_nothing():
     assert ReplayBuffer(cfg()).sample(4) == []
+
+
+def test_drift_reaction_shortens_window_and_raises_recent_share():
+    buf = ReplayBuffer(cfg(window_rows=500, recent_fraction=0.2))
+    fill(buf, 10)
+    assert buf.stats().window_rows == 500
+    buf.set_mix(recent_fraction=0.95, window_rows_scale=0.4)
+    s = buf.stats()
+    assert s.window_rows == 200 and s.rows == 1000  # moved to the reservoir, nothing lost
+    window = {e.meta.seq for e in buf.window_entries()}
+    picked = buf.sample(4000, fresh_after=10**9)
+    assert sum(e.meta.seq in window for e in picked) / len(picked) > 0.9
+    with pytest.raises(ValueError):
+        buf.set_mix(1.5)

@@ -38,11 +38,14 @@ class ModelRegistry:
         state_dir: str,
         drift: DriftConfig | None = None,
         recent_fraction: float = 0.7,
+        buffer: Any = None,
     ) -> None:
         torch.set_num_threads(1)
         self._state = Path(state_dir)
         self._reg = Registry(cfg, num_classes, drift=drift, recent_fraction=recent_fraction)
         self._last_alarm: DriftAlarm | None = None
+        self._buffer = buffer
+        self._pushed_mix = (round(recent_fraction, 2), 1.0)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._served: ServedVersion | None = None
@@ -59,6 +62,7 @@ class ModelRegistry:
         with self._lock:
             self._apply(self._reg.observe(meta, data["x"], data["y"]))
             self._log_alarms()
+            self._push_mix()
 
     def propose(self, cand: Candidate) -> int:
         weights = ray.get(cand.weights)
@@ -146,6 +150,14 @@ class ModelRegistry:
             if d.action in ("promote", "rollback"):
                 self._publish(self._reg.served)
         self._log.flush()
+
+    def _push_mix(self) -> None:
+        """Send the sampling-mix reactions to the buffer when they moved (2 decimals)."""
+        r = self._reg.reaction
+        mix = (round(r.recent_fraction, 2), round(min(1.0, r.window_rows_scale), 2))
+        if self._buffer is not None and mix != self._pushed_mix:
+            self._buffer.set_mix.remote(*mix)
+            self._pushed_mix = mix
 
     def _log_alarms(self) -> None:
         alarms = self._reg.drift.alarms
