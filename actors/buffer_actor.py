@@ -4,6 +4,14 @@ It stores ObjectRefs that the ingest loop (their owner) hands over inside a
 list, so Ray passes them through unresolved; the rows never enter this
 process. Trainers get a ``Sample`` of refs and fetch the blocks themselves.
 Threaded, so a trainer waiting for data does not block inserts.
+
+Exactly once: ``add_shard`` inserts a shard's blocks and marks the shard
+ingested in the manifest before it answers; a retried call for a shard it
+already holds is a no-op. The actor restarts when it dies
+(``max_restarts``), and its calls are retried (``max_task_retries``): a new
+instance rebuilds itself in ``__init__`` from its last snapshot, the
+manifest and the shard files (``actors/blocks.py``), and owns the blocks it
+re-reads. Backpressure is the named limiter of ``actors/rate_limiter.py``.
 """
 
 from __future__ import annotations
@@ -11,31 +19,96 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from livetrain.actors.replay_buffer import ReplayBuffer
-from livetrain.config import BufferConfig
+from livetrain.actors.blocks import (
+    AddResult,
+    HeldPart,
+    ShardCommit,
+    Snapshot,
+    part_rows,
+    plan_rebuild,
+    read_back,
+    read_snapshot,
+    write_snapshot,
+)
+from livetrain.actors.manifest import Manifest
+from livetrain.actors.rate_limiter import make_limiter
+from livetrain.actors.replay_buffer import Entry, ReplayBuffer
+from livetrain.config import BufferConfig, SchemaConfig
 from livetrain.messages import BlockMeta, Sample
 
 BUFFER_NAME = "livetrain_buffer"
 
 
-@ray.remote(num_cpus=0.1, max_concurrency=8)
+@dataclass(frozen=True)
+class BlockHandle:
+    """What the buffer keeps per block: the ref and where its rows came from."""
+
+    ref: Any
+    shard: str
+    row_start: int
+    row_end: int
+
+
+@ray.remote(num_cpus=0.1, max_concurrency=8, max_restarts=-1, max_task_retries=-1)
 class ReplayBufferActor:
-    def __init__(self, cfg: BufferConfig) -> None:
-        self._buf: ReplayBuffer[ray.ObjectRef] = ReplayBuffer(cfg)
+    def __init__(
+        self,
+        cfg: BufferConfig,
+        state_dir: str | None = None,
+        schema: SchemaConfig | None = None,
+        block_rows: int = 65_536,
+    ) -> None:
+        self._cfg = cfg
+        self._buf: ReplayBuffer[BlockHandle] = ReplayBuffer(cfg)
+        self._limiter = make_limiter(cfg.backpressure, cfg.max_unseen_rows)
         self._lock = threading.Lock()
         self._grown = threading.Condition(self._lock)
         self._closed = False
+        self._state_dir = state_dir
+        self._manifest = Manifest(state_dir) if state_dir else None
+        self._newest_seq = -1
+        self._last_snapshot = 0.0
+        self.rebuilt = {"shards": 0, "blocks": 0, "rows": 0, "rows_lost": 0}
+        if state_dir and schema is not None:
+            self._rebuild(schema, part_rows(block_rows, cfg.capacity_rows, cfg.capacity_bytes, schema))
+
+    # --- from the ingest loop ---------------------------------------------------
+
+    def add_shard(self, commit: ShardCommit, refs: list[ray.ObjectRef], wait_s: float = 0.5) -> AddResult:
+        """Insert one shard's blocks and mark it ingested, unless the limiter makes
+        ingestion wait (up to ``wait_s``; then ``accepted=False``: call again)."""
+        deadline = time.monotonic() + wait_s
+        with self._grown:
+            if self._already_ingested(commit.shard):
+                return AddResult(True, self._buf.stats().rows, already_held=True)
+            while not self._limiter.admits(self._buf.unseen_rows, commit.good_rows):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    return AddResult(False, self._buf.stats().rows)
+                self._grown.wait(left)
+            for span, ref in zip(commit.spans, refs):
+                meta = BlockMeta(commit.shard, commit.seq, span.rows, span.nbytes, commit.written_at, time.time())
+                self._buf.add(BlockHandle(ref, commit.shard, span.row_start, span.row_end), meta)
+            if self._manifest is not None:
+                self._manifest.mark_ingested(commit.shard, commit.good_rows, commit.bad_rows)
+            self._newest_seq = max(self._newest_seq, commit.seq)
+            self._grown.notify_all()
+            self._maybe_snapshot()
+            return AddResult(True, self._buf.stats().rows)
 
     def add(self, meta: BlockMeta, block: list[ray.ObjectRef]) -> int:
-        """Insert one block (by reference); returns the rows now held."""
+        """Insert one block (by reference), no manifest; returns the rows now held."""
         with self._grown:
-            self._buf.add(block[0], meta)
+            self._buf.add(BlockHandle(block[0], meta.shard, 0, meta.rows), meta)
             self._grown.notify_all()
             return self._buf.stats().rows
+
+    # --- from trainers ----------------------------------------------------------
 
     def sample(self, n_blocks: int, fresh_after: int, min_rows: int, wait_s: float) -> Sample:
         """Refs of ``n_blocks`` blocks once the buffer holds ``min_rows`` rows
@@ -49,19 +122,86 @@ class ReplayBufferActor:
                 self._grown.wait(left)
             rows = self._buf.stats().rows
             picked = self._buf.sample(n_blocks, fresh_after) if rows >= min_rows else []
+            if picked:
+                self._grown.notify_all()  # unseen rows may have dropped: a waiting insert may go
             return Sample(
-                refs=[e.handle for e in picked],
+                refs=[e.handle.ref for e in picked],
                 metas=[e.meta for e in picked],
                 buffer_rows=rows,
                 closed=self._closed,
             )
 
+    # --- views and lifecycle ----------------------------------------------------
+
+    def held_blocks(self) -> list[tuple[BlockMeta, list[ray.ObjectRef]]]:
+        """Every block held, window then reservoir, as (meta, [ref]) (tests, benchmarks)."""
+        with self._lock:
+            return [(e.meta, [e.handle.ref]) for e in self._buf.entries()]
+
+    def set_mix(self, recent_fraction: float, window_rows_scale: float) -> None:
+        """Drift reactions from the registry: sampling mix and window length."""
+        with self._lock:
+            self._buf.set_mix(recent_fraction, window_rows_scale)
+
     def close(self) -> None:
-        """Training stops: every sampler sees ``closed`` from now on."""
+        """Training stops: every sampler sees ``closed`` from now on; the snapshot is written."""
         with self._grown:
             self._closed = True
             self._grown.notify_all()
+            self._maybe_snapshot(force=True)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return dataclasses.asdict(self._buf.stats())
+            out = dataclasses.asdict(self._buf.stats())
+            out["ingest_waits"] = self._limiter.waits
+            out.update({f"rebuilt_{k}": v for k, v in self.rebuilt.items()})
+            return out
+
+    # --- snapshot and rebuild -----------------------------------------------------
+
+    def _maybe_snapshot(self, force: bool = False) -> None:
+        """Caller holds the lock."""
+        if self._state_dir is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_snapshot < self._cfg.snapshot_every_s:
+            return
+        self._last_snapshot = now
+        parts = [_held(e, False) for e in self._buf.window_entries()]
+        parts += [_held(e, True) for e in self._buf.reservoir_entries()]
+        write_snapshot(self._state_dir, Snapshot(parts, self._newest_seq))
+
+    def _rebuild(self, schema: SchemaConfig, rows_per_part: int) -> None:
+        snap = read_snapshot(self._state_dir)
+        ingested = self._manifest.ingested()
+        self._newest_seq = max([r.seq for r in ingested], default=-1)
+        for shard in plan_rebuild(snap, ingested, self._cfg.capacity_rows):
+            if not shard.file_unchanged():
+                self.rebuilt["rows_lost"] += sum(p.rows for p in (shard.starts or {}).values())
+                continue
+            for span, block in read_back(shard, schema, rows_per_part):
+                meta = BlockMeta(shard.shard, shard.seq, span.rows, span.nbytes, shard.written_at, time.time())
+                handle = BlockHandle(ray.put(block), shard.shard, span.row_start, span.row_end)
+                held = shard.starts.get(span.row_start) if shard.starts is not None else None
+                if held is not None and held.in_reservoir:
+                    self._buf.restore_to_reservoir(handle, meta, held.sampled)
+                else:
+                    self._buf.add(handle, meta)
+                    if held is not None and held.sampled:
+                        self._buf.mark_seen(self._buf.window_entries()[-1])
+                self.rebuilt["blocks"] += 1
+                self.rebuilt["rows"] += span.rows
+            self.rebuilt["shards"] += 1
+        self._maybe_snapshot(force=True)
+
+    def _already_ingested(self, shard: str) -> bool:
+        """A retried ``add_shard`` (the first call committed, then this actor died)."""
+        if self._manifest is None:
+            return False
+        rec = self._manifest.get(shard)
+        return rec is not None and rec.status == "ingested"
+
+
+def _held(e: Entry[BlockHandle], in_reservoir: bool) -> HeldPart:
+    m, h = e.meta, e.handle
+    return HeldPart(m.shard, m.seq, h.row_start, h.row_end, m.rows, m.nbytes, m.written_at, in_reservoir, e.sampled)

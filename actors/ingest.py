@@ -1,19 +1,26 @@
-"""Ingest: IngestActor (read -> validate -> quarantine -> block) and the
+"""Ingest: IngestActor (read -> validate -> quarantine -> blocks) and the
 IngestLoop that drives it.
 
-Ownership: the loop calls ``IngestActor.read_shard`` and keeps the returned
-block reference, so the loop's process (the driver) owns every block, not
-the ingest actor: an ingest actor may die without taking buffered blocks
-with it. The ref then travels to the registry (test) and the buffer (train)
-inside a list, unresolved.
+Ownership: the loop calls ``IngestActor.read_shard`` (a streaming generator:
+one block per record batch, then the verdict) and keeps the yielded block
+references, so the loop's process (the driver) owns every block, not the
+ingest actor: an ingest actor may die without taking blocks with it. The
+refs then travel to the registry (test) and the buffer (train) inside a
+list, unresolved.
 
-Exactly once: a shard is claimed in the manifest, and marked ingested only
-after the buffer has accepted its block. A crash in between leaves it
-``claimed``; ``Manifest.requeue_claimed`` at start-up puts it back.
+Exactly once: a shard is claimed in the manifest; the buffer accepts all of
+its blocks at once and marks it ingested in the same call
+(``ReplayBufferActor.add_shard``). An actor that dies mid-shard voids the
+blocks it already yielded (they are dropped, never added) and the shard is
+read again from the start by a fresh actor. A crash of the whole process
+leaves the shard ``claimed``; ``Manifest.requeue_claimed`` at start-up puts it
+back. Arrival order: shards are finished in claim (``seq``) order, whatever
+actor read them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -23,38 +30,80 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import pyarrow as pa
 import ray
 
+from livetrain.actors.blocks import PartSpan, ShardCommit, block_nbytes, block_of, label_index, part_rows
 from livetrain.actors.manifest import Manifest, ShardRecord
 from livetrain.actors.quarantine import write_quarantine
-from livetrain.actors.schema import read_and_validate
+from livetrain.actors.schema import SchemaError, iter_parts
 from livetrain.actors.sources import DirectorySource
 from livetrain.config import Config, SchemaConfig
-from livetrain.messages import BlockMeta, ShardVerdict
+from livetrain.messages import BlockMeta
+
+__all__ = ["IngestActor", "IngestLoop", "IngestResult", "IngestCounters", "label_index"]
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3
+"""Reads of one shard that may fail (actor died, unexpected error) before it is quarantined whole."""
+BACKPRESSURE_PARTS = 4
+"""Blocks an ingest actor may yield ahead of the loop taking them: bounds its object-store use."""
 
 
-def label_index(y: np.ndarray, classes: list[int]) -> np.ndarray:
-    """Map declared label values to class indices 0..C-1 (validated labels only)."""
-    if list(classes) == list(range(len(classes))):
-        return y
-    order = np.argsort(classes)
-    sorted_classes = np.asarray(classes)[order]
-    return order[np.searchsorted(sorted_classes, y)].astype(np.int64)
+@dataclass(frozen=True)
+class IngestResult:
+    """The last item of ``read_shard``'s stream: the verdict on one shard."""
+
+    shard: str
+    good_rows: int
+    bad_rows: int
+    spans: list[PartSpan]
+    """One per block yielded before this result, in order."""
+    reasons: dict[str, int] = field(default_factory=dict)
+    """Per-row quarantine reason -> rows."""
+    error: str | None = None
+    """Set when the shard was quarantined whole; the yielded blocks are void."""
+    reader: str = ""
+    """Which actor read it (``host:pid``)."""
 
 
 @ray.remote(num_cpus=0.25, max_restarts=-1)
 class IngestActor:
-    def __init__(self, schema: SchemaConfig, state_dir: str) -> None:
+    def __init__(self, schema: SchemaConfig, state_dir: str, rows_per_part: int) -> None:
         self._schema = schema
         self._state = Path(state_dir)
+        self._rows_per_part = rows_per_part
+        self._me = f"{socket.gethostname()}:{os.getpid()}"
 
-    def read_shard(self, path: str, name: str) -> tuple[ShardVerdict, dict[str, np.ndarray]]:
-        """Validate one shard; bad rows go to quarantine. Returns (verdict, block)."""
-        v = read_and_validate(path, self._schema)
-        if v.error is not None or v.bad is not None:
-            write_quarantine(self._state, name, v.bad, v.error, Path(path))
-        return v.verdict(name), {"x": v.x, "y": label_index(v.y, self._schema.classes)}
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE_PARTS)
+    def read_shard(self, path: str, name: str):
+        """Yield one block per record batch of good rows, then an ``IngestResult``.
+
+        Bad rows are written to quarantine at the end (one file per shard, replaced
+        on a retry); a shard that cannot be used at all is quarantined whole.
+        """
+        spans: list[PartSpan] = []
+        bad: list[pa.Table] = []
+        reasons: dict[str, int] = {}
+        try:
+            for part in iter_parts(path, self._schema, self._rows_per_part):
+                if part.bad is not None:
+                    bad.append(part.bad)
+                    for r, n in part.reasons.items():
+                        reasons[r] = reasons.get(r, 0) + n
+                if part.good_rows:
+                    block = block_of(part, self._schema.classes)
+                    spans.append(PartSpan(part.row_start, part.row_end, part.good_rows, block_nbytes(block)))
+                    yield block
+        except SchemaError as e:
+            write_quarantine(self._state, name, None, str(e), Path(path))
+            yield IngestResult(name, 0, 0, [], {}, str(e), self._me)
+            return
+        table = pa.concat_tables(bad) if bad else None
+        if table is not None:
+            write_quarantine(self._state, name, table, None, Path(path))
+        good = sum(s.rows for s in spans)
+        yield IngestResult(name, good, 0 if table is None else table.num_rows, spans, reasons, None, self._me)
 
 
 @dataclass
@@ -64,20 +113,28 @@ class IngestCounters:
     shards_ingested: int = 0
     shards_quarantined: int = 0
     shards_retried: int = 0
+    shards_duplicate: int = 0
+    """Deliveries of bytes already known: same content under another name, or rewritten in place."""
+    shards_changed_in_place: int = 0
+    """Known shards rewritten with other bytes: recorded, not read again."""
     reasons: dict[str, int] = field(default_factory=dict)
+    readers: dict[str, str] = field(default_factory=dict)
+    """Shard -> the actor that read it (last read); for tests and debugging."""
 
 
 @dataclass
 class _InFlight:
     record: ShardRecord
-    verdict: Any  # ObjectRef[ShardVerdict]
-    block: Any  # ObjectRef[block]
+    gen: Any  # ObjectRefGenerator
+    actor: int
+    items: list[Any] = field(default_factory=list)
+    finished: bool = False
 
 
 class IngestLoop:
     """Landing dir -> manifest -> ingest actors -> registry (test) -> buffer (train)."""
 
-    def __init__(self, cfg: Config, manifest: Manifest, buffer: Any, registry: Any) -> None:
+    def __init__(self, cfg: Config, manifest: Manifest, buffer: Any, registry: Any | None) -> None:
         self.cfg = cfg
         self.manifest = manifest
         self.buffer = buffer
@@ -85,76 +142,153 @@ class IngestLoop:
         self.source = DirectorySource(cfg.landing_dir)
         self.counters = IngestCounters()
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
-        self._actors = [
-            IngestActor.remote(cfg.schema, str(Path(cfg.state_dir).resolve())) for _ in range(cfg.ingest.num_actors)
-        ]
+        b = cfg.buffer
+        self._rows_per_part = part_rows(cfg.ingest.block_rows, b.capacity_rows, b.capacity_bytes, cfg.schema)
+        self._actors = [self._new_actor() for _ in range(cfg.ingest.num_actors)]
         self._next_actor = 0
+        self._attempts: dict[str, int] = {}
         self._in_flight: OrderedDict[str, _InFlight] = OrderedDict()
+        self._stop = threading.Event()
         self.manifest.requeue_claimed()
 
+    def _new_actor(self) -> Any:
+        state = str(Path(self.cfg.state_dir).resolve())
+        return IngestActor.remote(self.cfg.schema, state, self._rows_per_part)
+
+    @property
+    def actors(self) -> list[Any]:
+        return list(self._actors)
+
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop
         while not stop.is_set():
             self.step(wait_s=self.cfg.source.poll_interval_s)
 
     def step(self, wait_s: float = 0.0) -> None:
-        """Discover, claim, dispatch, and finish completed shards in claim order."""
-        self.manifest.discover(self.source.poll())
+        """Discover, claim, dispatch, take ready blocks, and finish shards in claim order."""
+        self._discover()
         free = self.cfg.ingest.max_in_flight - len(self._in_flight)
         if free > 0:
             for rec in self.manifest.claim(self.owner, free):
                 self._dispatch(rec)
         if not self._in_flight:
-            time.sleep(wait_s) if wait_s else None
+            if wait_s:
+                time.sleep(wait_s)  # the landing directory's polling interval
             return
-        refs = [f.verdict for f in self._in_flight.values()]
-        ray.wait(refs, num_returns=1, timeout=wait_s)
-        # finish the head of the queue while it is done: keeps arrival order in the buffer
-        while self._in_flight:
+        pending = [f.gen for f in self._in_flight.values() if not f.finished]
+        if pending:
+            ray.wait(pending, num_returns=1, timeout=wait_s)
+        for f in self._in_flight.values():
+            self._drain(f)
+        while self._in_flight:  # the head first: keeps arrival order in the buffer
             name, head = next(iter(self._in_flight.items()))
-            if not ray.wait([head.verdict], timeout=0)[0]:
+            if not head.finished:
                 break
             del self._in_flight[name]
             self._finish(head)
 
-    def _dispatch(self, rec: ShardRecord) -> None:
-        actor = self._actors[self._next_actor % len(self._actors)]
-        self._next_actor += 1
-        verdict, block = actor.read_shard.options(num_returns=2).remote(str(rec.path), rec.name)
-        self._in_flight[rec.name] = _InFlight(rec, verdict, block)
+    def in_flight(self) -> dict[str, int]:
+        """Shard -> blocks taken so far, for shards being read (tests)."""
+        return {n: len(f.items) for n, f in self._in_flight.items()}
+
+    # --- internals ---------------------------------------------------------------
+
+    def _discover(self) -> None:
+        paths = self.source.poll()
+        if not paths:
+            return
+        for rec in self.manifest.discover(paths):
+            if rec.status == "duplicate":
+                self.counters.shards_duplicate += 1
+                log.warning("livetrain: %s has the same bytes as %s: recorded as a duplicate", rec.name, rec.duplicate_of)
+        for event in self.manifest.redelivered(paths):
+            if event.same_content:
+                self.counters.shards_duplicate += 1
+                log.warning("livetrain: %s was delivered again with the same bytes: ignored", event.name)
+            else:
+                self.counters.shards_changed_in_place += 1
+                log.warning("livetrain: %s was rewritten with other bytes after discovery: not read again", event.name)
+
+    def _dispatch(self, rec: ShardRecord, actor: int | None = None) -> None:
+        i = self._next_actor % len(self._actors) if actor is None else actor
+        self._next_actor += actor is None
+        gen = self._actors[i].read_shard.remote(str(rec.path), rec.name)
+        self._in_flight[rec.name] = _InFlight(rec, gen, i)
+
+    def _drain(self, f: _InFlight) -> None:
+        while not f.finished and f.gen.next_ready():
+            try:
+                f.items.append(next(f.gen))
+            except StopIteration:  # next_ready() can be True at the end of the stream
+                f.finished = True
+        f.finished = f.finished or f.gen.is_finished()
 
     def _finish(self, f: _InFlight) -> None:
         rec, c = f.record, self.counters
         try:
-            v: ShardVerdict = ray.get(f.verdict)
-        except ray.exceptions.RayError:  # the ingest actor died mid-shard: retry the shard
-            self.manifest.release(rec.name)
-            c.shards_retried += 1
+            if not f.items:
+                raise RuntimeError("the stream ended without a verdict")
+            result = ray.get(f.items[-1])
+            if not isinstance(result, IngestResult):
+                raise RuntimeError("the stream ended without a verdict")
+        except (ray.exceptions.RayError, RuntimeError) as e:  # the ingest actor died mid-shard
+            self._retry(f, e)
             return
-        for reason, n in v.reasons.items():
+        blocks = f.items[:-1]
+        c.readers[rec.name] = result.reader
+        for reason, n in result.reasons.items():
             c.reasons[reason] = c.reasons.get(reason, 0) + n
-        c.rows_quarantined += v.bad_rows
-        if v.error is not None:
-            self.manifest.mark_quarantined(rec.name, v.error)
+        if result.error is not None:
+            self.manifest.mark_quarantined(rec.name, result.error)
             c.shards_quarantined += 1
-            c.reasons[v.error.split(":")[0]] = c.reasons.get(v.error.split(":")[0], 0) + 1
+            key = result.error.split(":")[0]
+            c.reasons[key] = c.reasons.get(key, 0) + 1
             return
-        if v.good_rows:
-            meta = BlockMeta(
-                shard=rec.name,
-                seq=rec.seq,
-                rows=v.good_rows,
-                nbytes=v.nbytes,
-                written_at=rec.mtime_ns / 1e9,
-                ingested_at=time.time(),
-            )
-            ray.get(self.registry.observe.remote(meta, [f.block]))  # test ...
-            ray.get(self.buffer.add.remote(meta, [f.block]))  # ... then train
-        self.manifest.mark_ingested(rec.name, v.good_rows, v.bad_rows)
-        c.rows_ingested += v.good_rows
+        if result.good_rows:
+            if not self._commit(rec, result, blocks):
+                return  # stopping while the buffer made us wait: the shard stays claimed
+        else:
+            self.manifest.mark_ingested(rec.name, 0, result.bad_rows)
+        c.rows_quarantined += result.bad_rows
+        c.rows_ingested += result.good_rows
         c.shards_ingested += 1
 
+    def _commit(self, rec: ShardRecord, result: IngestResult, blocks: list[Any]) -> bool:
+        commit = ShardCommit(rec.name, rec.seq, rec.written_at, result.good_rows, result.bad_rows, result.spans)
+        if self.registry is not None:  # test before train: the served model scores the rows first
+            now = time.time()
+            ray.get([
+                self.registry.observe.remote(BlockMeta(rec.name, rec.seq, s.rows, s.nbytes, rec.written_at, now), [ref])
+                for s, ref in zip(result.spans, blocks)
+            ])
+        while True:
+            answer = ray.get(self.buffer.add_shard.remote(commit, blocks))
+            if answer.accepted:
+                return True
+            if self._stop.is_set():
+                return False
+
+    def _retry(self, f: _InFlight, error: BaseException) -> None:
+        name = f.record.name
+        self._attempts[name] = self._attempts.get(name, 0) + 1
+        self.counters.shards_retried += 1
+        try:
+            ray.kill(self._actors[f.actor])
+        except Exception:
+            pass
+        self._actors[f.actor] = self._new_actor()
+        if self._attempts[name] >= MAX_ATTEMPTS:
+            reason = f"ingest failed {MAX_ATTEMPTS} times: {str(error).strip().splitlines()[0][:200]}"
+            write_quarantine(self.cfg.state_dir, name, None, reason, f.record.path)
+            self.manifest.mark_quarantined(name, reason)
+            self.counters.shards_quarantined += 1
+            return
+        # read it again at once, still claimed, and keep it at the head: arrival order holds
+        self._dispatch(f.record, actor=f.actor)
+        self._in_flight.move_to_end(name, last=False)
+
     def shutdown(self) -> None:
-        for name, f in self._in_flight.items():
+        for name in self._in_flight:
             self.manifest.release(name)
         self._in_flight.clear()
         for a in self._actors:

@@ -59,11 +59,31 @@ CREATE TABLE IF NOT EXISTS shards (
 CREATE INDEX IF NOT EXISTS shards_by_status ON shards (status, seq);
 CREATE INDEX IF NOT EXISTS shards_by_hash ON shards (content_hash);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS redeliveries (
+    name          TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    mtime_ns      INTEGER NOT NULL,
+    content_hash  TEXT NOT NULL,
+    same_content  INTEGER NOT NULL,
+    at            REAL NOT NULL,
+    PRIMARY KEY (name, size, mtime_ns)
+);
 """
 _COLUMNS = (
     "name, path, size, mtime_ns, content_hash, seq, status, claimed_by, claimed_at, "
     "good_rows, bad_rows, reason, duplicate_of, discovered_at, updated_at"
 )
+
+
+@dataclass(frozen=True)
+class Redelivery:
+    """A known shard's file changed on disk after discovery."""
+
+    name: str
+    same_content: bool
+    """True: the same bytes again (a duplicate delivery); False: other bytes, not ingested."""
+    status: str
+    """The shard's status when it was seen again."""
 
 
 class ManifestError(ValueError):
@@ -181,6 +201,68 @@ class Manifest:
             rows = self._read(f"SELECT name FROM shards WHERE name IN ({marks})", chunk)
             known.update(r[0] for r in rows)
         return known
+
+    def redelivered(self, paths: Iterable[str | Path]) -> list[Redelivery]:
+        """Record known shards whose file changed on disk (rewritten in place); return the new events.
+
+        Same bytes: a duplicate delivery, ignored. Other bytes: the shard is
+        *not* re-read (its rows may already be trained on); the event is
+        recorded so the user sees it. To replace a quarantined shard use
+        ``reingest``.
+        """
+        out = []
+        for p in map(Path, paths):
+            rec = self.get(p.name)
+            if rec is None or not p.exists():
+                continue
+            st = p.stat()
+            if (st.st_size, st.st_mtime_ns) == (rec.size, rec.mtime_ns):
+                continue
+            digest = file_hash(p)
+            with self._write() as db:
+                cur = db.execute(
+                    "INSERT INTO redeliveries (name, size, mtime_ns, content_hash, same_content, at)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (p.name, st.st_size, st.st_mtime_ns, digest, int(digest == rec.content_hash), time.time()),
+                )
+            if cur.rowcount:
+                out.append(Redelivery(p.name, digest == rec.content_hash, rec.status))
+        return out
+
+    def redeliveries(self) -> list[Redelivery]:
+        rows = self._read(
+            "SELECT r.name, r.same_content, s.status FROM redeliveries r JOIN shards s USING (name) ORDER BY r.at"
+        )
+        return [Redelivery(n, bool(same), status) for n, same, status in rows]
+
+    def reingest(self, name: str, path: str | Path) -> ShardRecord:
+        """A quarantined shard goes back to ``discovered`` with the current bytes of ``path``.
+
+        It gets a new ``seq`` (it arrives now) and a fresh content hash; if those
+        bytes equal another shard's, it becomes a ``duplicate`` of it instead.
+        """
+        p = Path(path)
+        st = p.stat()
+        digest = file_hash(p)
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT status, discovered_at FROM shards WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise ManifestError(f"unknown shard {name!r}")
+            if row[0] != "quarantined":
+                raise ManifestError(f"shard {name!r} is {row[0]}; only a quarantined shard can be re-ingested")
+            db.execute("DELETE FROM shards WHERE name = ?", (name,))
+            first = db.execute(
+                "SELECT name FROM shards WHERE content_hash = ? AND status != 'duplicate' ORDER BY seq LIMIT 1",
+                (digest,),
+            ).fetchone()
+            db.execute(
+                "INSERT INTO shards (name, path, size, mtime_ns, content_hash, status, duplicate_of,"
+                " discovered_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, str(p), st.st_size, st.st_mtime_ns, digest, "duplicate" if first else "discovered",
+                 first[0] if first else None, now, now),
+            )
+        return self._get(name)
 
     # --- claiming ----------------------------------------------------------------
 

@@ -151,3 +151,62 @@ def _atomic(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# --- re-ingesting after the user fixed the cause -----------------------------------
+
+REINGESTED_DIR = "reingested"
+"""Quarantine entries that were re-ingested move here (kept, no longer listed)."""
+
+
+def reingest(state_dir: str | Path, landing_dir: str | Path, entry: QuarantineEntry, manifest) -> str:
+    """Send one quarantine entry through ingestion again; return what was done.
+
+    * A shard rejected whole: ``landing/<name>`` is read again (replace it
+      there with the fixed file; if it is gone, the quarantined copy, which you
+      may fix in place, is put back first). The manifest gives it a new
+      ``seq``; bytes identical to another shard make it a duplicate instead.
+    * Bad rows of a shard: the rows of ``quarantine/<stem>.bad.parquet``
+      (fix them in that file; drop rows you do not want) are written to
+      ``landing/<stem>.reingest-<hash>.parquet`` without the ``reason`` and
+      ``source_shard`` columns, a new shard validated like any other.
+
+    Either way the entry then moves to ``quarantine/reingested/``. Idempotent:
+    running it again after a crash neither loses nor repeats rows.
+    """
+    qdir, landing = quarantine_dir(state_dir), Path(landing_dir)
+    done = qdir / REINGESTED_DIR
+    done.mkdir(parents=True, exist_ok=True)
+    if entry.error is not None:
+        target = landing / entry.shard
+        if not target.exists():
+            copy = qdir / entry.shard
+            if not copy.exists():
+                raise FileNotFoundError(f"{entry.shard}: not in {landing} and no quarantined copy")
+            with _atomic(target) as tmp:
+                shutil.copyfile(copy, tmp)
+        rec = manifest.get(entry.shard)
+        if rec is not None and rec.status == "quarantined":
+            rec = manifest.reingest(entry.shard, target)
+        for p in (qdir / entry.shard, qdir / f"{entry.shard}{REASON_SUFFIX}"):
+            if p.exists():
+                os.replace(p, done / p.name)
+        return f"{entry.shard}: re-reading {target} (now {rec.status if rec else 'unknown'}, seq {rec.seq if rec else '-'})"
+    table = pq.read_table(entry.path)
+    table = table.drop_columns([c for c in ("reason", SOURCE_COLUMN) if c in table.column_names])
+    digest = _table_digest(table)
+    target = landing / f"{Path(entry.shard).stem}.reingest-{digest}.parquet"
+    if not target.exists():
+        with _atomic(target) as tmp:
+            pq.write_table(table, tmp)
+    os.replace(entry.path, done / entry.path.name)
+    return f"{entry.shard}: {table.num_rows} rows re-ingested as {target.name}"
+
+
+def _table_digest(table: pa.Table) -> str:
+    import hashlib
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:10]

@@ -58,6 +58,8 @@ class BufferStats:
     rows_evicted: int
     rows_evicted_unseen: int
     newest_seq: int
+    unseen_rows: int
+    """Rows held that no caller has been given yet (what ``coverage`` bounds)."""
 
 
 @dataclass(order=True)
@@ -70,6 +72,10 @@ class _Kept:
 class ReplayBuffer(Generic[H]):
     def __init__(self, cfg: BufferConfig) -> None:
         self.cfg = cfg
+        self.recent_fraction = cfg.recent_fraction
+        """Share of mixed draws from the window (a drift reaction may raise it)."""
+        self.window_limit = cfg.window_rows
+        """Rows the window may hold (a drift reaction may shorten it)."""
         self._rng = random.Random(cfg.seed)
         self._window: deque[Entry[H]] = deque()
         self._window_rows = 0
@@ -81,6 +87,7 @@ class ReplayBuffer(Generic[H]):
         self.rows_added = 0
         self.rows_evicted = 0
         self.rows_evicted_unseen = 0
+        self.unseen_rows = 0
         self.newest_seq = -1
 
     # --- insertion -----------------------------------------------------------
@@ -96,10 +103,37 @@ class ReplayBuffer(Generic[H]):
         self._window_rows += meta.rows
         self._window_bytes += meta.nbytes
         self.rows_added += meta.rows
+        self.unseen_rows += meta.rows
         self.newest_seq = max(self.newest_seq, meta.seq)
-        while self._window_rows > self.cfg.window_rows and len(self._window) > 1:
-            self._to_reservoir(self._pop_window())
+        self._shrink_window()
         return self._enforce_capacity()
+
+    def set_mix(self, recent_fraction: float, window_rows_scale: float = 1.0) -> None:
+        """Drift reactions: the recent share of the sampling mix and a shorter
+        window (blocks leaving the window join the reservoir draw)."""
+        if not 0.0 <= recent_fraction <= 1.0 or not 0.0 < window_rows_scale <= 1.0:
+            raise ValueError(f"set_mix: recent_fraction {recent_fraction} / window_rows_scale {window_rows_scale} out of range")
+        self.recent_fraction = recent_fraction
+        self.window_limit = max(1, int(self.cfg.window_rows * window_rows_scale))
+        self._shrink_window()
+
+    def _shrink_window(self) -> None:
+        while self._window_rows > self.window_limit and len(self._window) > 1:
+            self._to_reservoir(self._pop_window())
+
+    def restore_to_reservoir(self, handle: H, meta: BlockMeta, sampled: int = 1) -> list[Entry[H]]:
+        """Put back a block that was in the reservoir before a restart (rebuild only)."""
+        self._to_reservoir(Entry(handle, meta, sampled))
+        self.rows_added += meta.rows
+        self.unseen_rows += meta.rows if sampled == 0 else 0
+        self.newest_seq = max(self.newest_seq, meta.seq)
+        return self._enforce_capacity()
+
+    def mark_seen(self, e: Entry[H]) -> None:
+        """Count ``e`` as already drawn (a rebuilt block that was trained on before the restart)."""
+        if e.sampled == 0:
+            self.unseen_rows -= e.meta.rows
+            e.sampled = 1
 
     def _pop_window(self) -> Entry[H]:
         e = self._window.popleft()
@@ -131,6 +165,7 @@ class ReplayBuffer(Generic[H]):
             self.rows_evicted += e.meta.rows
             if e.sampled == 0:
                 self.rows_evicted_unseen += e.meta.rows
+                self.unseen_rows -= e.meta.rows
         return dropped
 
     # --- sampling ------------------------------------------------------------
@@ -146,10 +181,12 @@ class ReplayBuffer(Generic[H]):
         elif not self._window:
             n_recent = 0
         else:
-            n_recent = sum(self._rng.random() < self.cfg.recent_fraction for _ in range(n_mix))
+            n_recent = sum(self._rng.random() < self.recent_fraction for _ in range(n_mix))
         picked = fresh + self._draw(list(self._window), n_recent)
         picked += self._draw([k.entry for k in self._reservoir], n_mix - n_recent)
         for e in picked:
+            if e.sampled == 0:
+                self.unseen_rows -= e.meta.rows
             e.sampled += 1
         return picked
 
@@ -167,6 +204,12 @@ class ReplayBuffer(Generic[H]):
     def entries(self) -> list[Entry[H]]:
         return list(self._window) + [k.entry for k in self._reservoir]
 
+    def window_entries(self) -> list[Entry[H]]:
+        return list(self._window)
+
+    def reservoir_entries(self) -> list[Entry[H]]:
+        return [k.entry for k in self._reservoir]
+
     def stats(self) -> BufferStats:
         return BufferStats(
             blocks=len(self._window) + len(self._reservoir),
@@ -180,4 +223,5 @@ class ReplayBuffer(Generic[H]):
             rows_evicted=self.rows_evicted,
             rows_evicted_unseen=self.rows_evicted_unseen,
             newest_seq=self.newest_seq,
+            unseen_rows=self.unseen_rows,
         )

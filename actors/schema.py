@@ -46,7 +46,8 @@ NAN_FEATURE = "nan feature"
 INF_FEATURE = "inf feature"
 NULL_LABEL = "null label"
 UNKNOWN_LABEL = "label not in classes"
-REASONS = (NULL_FEATURE, NAN_FEATURE, INF_FEATURE, NULL_LABEL, UNKNOWN_LABEL)
+NULL_ID = "null id"
+REASONS = (NULL_FEATURE, NAN_FEATURE, INF_FEATURE, NULL_LABEL, UNKNOWN_LABEL, NULL_ID)
 """Per-row quarantine reasons, in priority order (a row gets the first that applies)."""
 
 REASON_COLUMN = "reason"
@@ -130,6 +131,11 @@ def check_schema(arrow_schema: pa.Schema, schema: SchemaConfig) -> None:
     if schema.feature_list_column is not None:
         list_type = arrow_schema.field(schema.feature_list_column).type
         _check_list(schema.feature_list_column, list_type, schema)
+    if schema.id_column is not None and not pa.types.is_integer(arrow_schema.field(schema.id_column).type):
+        raise SchemaError(
+            f"column {schema.id_column!r}: id has type {arrow_schema.field(schema.id_column).type}, "
+            "expected an integer type"
+        )
     label_type = arrow_schema.field(schema.label).type
     if not pa.types.is_integer(label_type):
         note = " (float labels are rejected even when integral)" if pa.types.is_floating(label_type) else ""
@@ -140,7 +146,8 @@ def check_schema(arrow_schema: pa.Schema, schema: SchemaConfig) -> None:
 
 def _columns(schema: SchemaConfig) -> list[str]:
     features = schema.features if schema.features is not None else [schema.feature_list_column]
-    return [*features, schema.label]
+    ids = [schema.id_column] if schema.id_column is not None else []
+    return [*features, schema.label, *ids]
 
 
 def _check_numeric(name: str, tp: pa.DataType) -> None:
@@ -315,3 +322,89 @@ def _rejected(d: int, error: str) -> ValidatedShard:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
+
+
+# --- streaming by parts ----------------------------------------------------------
+
+
+@dataclass
+class Part:
+    """One record batch of a shard, validated: its good rows become one buffer block."""
+
+    row_start: int
+    """File row index of the batch's first row (good or bad)."""
+    row_end: int
+    """One past the batch's last file row."""
+    x: np.ndarray
+    y: np.ndarray
+    """Labels as read (declared values, not class indices)."""
+    ids: np.ndarray | None
+    """int64 row ids when ``schema.id_column`` is set."""
+    bad: pa.Table | None
+    reasons: dict[str, int]
+
+    @property
+    def good_rows(self) -> int:
+        return len(self.y)
+
+
+def iter_parts(path: str | Path, schema: SchemaConfig, part_rows: int):
+    """Validate ``path`` one record batch (<= ``part_rows`` rows) at a time.
+
+    Whole-shard problems raise ``SchemaError`` (before the first part for the
+    footer and columns; mid-file for corrupt pages), so a caller must treat the
+    parts it already got as void when that happens. Part boundaries depend only
+    on the file and ``part_rows``: reading again yields the same parts.
+    """
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SchemaError(f"not a readable parquet file: {_first_line(e)}") from None
+    try:
+        check_schema(pf.schema_arrow, schema)
+        total = pf.metadata.num_rows
+        if total == 0:
+            raise SchemaError("zero rows")
+        classes = np.asarray(sorted(schema.classes), dtype=np.int64)
+        read = 0
+        try:
+            for batch in pf.iter_batches(batch_size=part_rows, columns=_columns(schema)):
+                if read + batch.num_rows > total:
+                    raise SchemaError(f"more rows than the footer declares ({total})")
+                yield _validate_batch(batch, schema, classes, read)
+                read += batch.num_rows
+        except (pa.ArrowException, OSError) as e:  # corrupt pages, truncated row groups
+            raise SchemaError(f"unreadable parquet data: {_first_line(e)}") from None
+        if read != total:
+            raise SchemaError(f"read {read} rows, the footer declares {total}")
+    finally:
+        pf.close()
+
+
+def _validate_batch(batch: pa.RecordBatch, schema: SchemaConfig, classes: np.ndarray, start: int) -> Part:
+    n = batch.num_rows
+    x = np.empty((n, int(schema.num_features)), dtype=np.float32)
+    y = np.empty(n, dtype=np.int64)
+    code = _fill_features(batch, schema, x)
+    _check_label(batch.column(schema.label), classes, code, y)
+    ids = None
+    if schema.id_column is not None:
+        col = batch.column(schema.id_column)
+        if col.null_count:
+            code[_is_null(col) & (code == len(REASONS))] = REASONS.index(NULL_ID)
+            col = pc.fill_null(col, pa.scalar(0, col.type))
+        ids = col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    bad = code < len(REASONS)
+    if not bad.any():
+        return Part(start, start + n, x, y, ids, None, {})
+    good = np.flatnonzero(~bad)
+    counts = np.bincount(code[bad], minlength=len(REASONS))[: len(REASONS)]
+    return Part(
+        start,
+        start + n,
+        x.take(good, axis=0),
+        y.take(good),
+        None if ids is None else ids.take(good),
+        _bad_table(batch, bad, code),
+        {r: int(c) for r, c in zip(REASONS, counts) if c},
+    )

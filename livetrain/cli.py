@@ -50,6 +50,24 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", type=Path)
     c.add_argument("--help-fields", action="store_true", help="list every config field with its default and meaning")
     c.add_argument("overrides", nargs="*", metavar="key=value")
+    q = sub.add_parser(
+        "quarantine",
+        help="list what was set aside and why; re-ingest it after fixing the cause",
+        description=(
+            "Lists every quarantine entry: shard, rows, reasons. --reingest re-reads an entry after you "
+            "fixed the cause. A shard rejected whole: replace <landing>/NAME with the fixed file (or, if it "
+            "is gone, fix the copy in <state_dir>/quarantine/NAME); it is read again with a new arrival "
+            "number. Bad rows of a shard: fix (or delete) the rows in <state_dir>/quarantine/<stem>.bad.parquet; "
+            "they land as a new shard <stem>.reingest-<hash>.parquet and are validated again. Re-ingested "
+            "entries move to quarantine/reingested/. A running `livetrain run` picks them up; otherwise the next one does."
+        ),
+    )
+    q.add_argument("--config", type=Path)
+    q.add_argument("--state-dir", help="state directory (state_dir)")
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("--reingest", metavar="NAME", help="re-ingest one entry (shard name)")
+    g.add_argument("--all", action="store_true", help="re-ingest every entry")
+    q.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
 
@@ -87,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as e:
         print(f"livetrain: config error: {e}", file=sys.stderr)
         return 2
+    if args.command == "quarantine":
+        from livetrain.actors.quarantine_cli import quarantine_command
+
+        return quarantine_command(cfg, args.reingest, args.all)
     if args.command == "config":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0

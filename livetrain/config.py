@@ -164,7 +164,7 @@ class BufferConfig:
     """Most rows held (window + reservoir)."""
     capacity_bytes: int = 256 * 2**20
     """Most bytes held (window + reservoir)."""
-    window_rows: int = 20_000
+    window_rows: int = 5_000
     """Rows in the recent FIFO window; older blocks go to the reservoir draw."""
     recent_fraction: float = 0.7
     """Share of sampled blocks drawn from the recent window (rest: reservoir)."""
@@ -232,6 +232,9 @@ class TrainConfig:
     ``bf16`` or ``off``."""
     cpus_per_worker: float = 1.0
     """Logical CPUs each worker reserves."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each worker reserves, e.g. ``{trainer: 1}`` to place
+    the workers on the nodes that declare that custom resource."""
     torch_threads: int = 1
     """torch.set_num_threads in each worker."""
     batch_size: int = 256

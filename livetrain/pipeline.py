@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from livetrain.actors.buffer_actor import BUFFER_NAME, ReplayBufferActor
 from livetrain.actors.ingest import IngestLoop
@@ -116,10 +117,16 @@ class Pipeline:
         self.manifest = Manifest(self.state_dir)
         features = _feature_names(cfg)
         self.spec = model_spec(cfg.model, len(features), len(cfg.schema.classes))
-        self.registry = ModelRegistry.options(name=REGISTRY_NAME, namespace=ns).remote(
-            cfg.gate, len(cfg.schema.classes), str(self.state_dir), cfg.drift, cfg.buffer.recent_fraction
+        # the coordinating actors live beside the driver (the head on a cluster), like
+        # Ray Train's controller; soft, so a driver node without spare CPU still works
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.buffer = ReplayBufferActor.options(name=BUFFER_NAME, namespace=ns, scheduling_strategy=here).remote(
+            cfg.buffer, str(self.state_dir), cfg.schema, cfg.ingest.block_rows  # rebuilt from the state dir
         )
-        self.buffer = ReplayBufferActor.options(name=BUFFER_NAME, namespace=ns).remote(cfg.buffer)
+        self.registry = ModelRegistry.options(name=REGISTRY_NAME, namespace=ns, scheduling_strategy=here).remote(
+            cfg.gate, len(cfg.schema.classes), str(self.state_dir), cfg.drift, cfg.buffer.recent_fraction,
+            self.buffer,  # drift reactions reach the sampling mix through it
+        )
         self.ingest = IngestLoop(cfg, self.manifest, self.buffer, self.registry)
         # the train job and Serve each take seconds to come up: start both, then wait
         self._spawn("train", self._fit)
@@ -166,7 +173,8 @@ class Pipeline:
 
         if ray.is_initialized():
             try:
-                serve.shutdown() if self._owns_ray else serve.delete(APP_NAME)
+                # Serve dies with a Ray we started; on a cluster others may use it: leave it up
+                serve.shutdown() if self._owns_ray and self.cfg.ray.address is None else serve.delete(APP_NAME)
             except Exception:
                 pass
         for name in ("registry", "buffer"):
@@ -222,6 +230,12 @@ class Pipeline:
             "rows_quarantined": c.rows_quarantined,
             "shards_ingested": c.shards_ingested,
             "shards_quarantined": c.shards_quarantined,
+            "shards_duplicate": c.shards_duplicate,
+            "shards_changed_in_place": c.shards_changed_in_place,
+            "shards_retried": c.shards_retried,
+            "quarantine_reasons": dict(c.reasons),
+            "ingest_waits": buf.get("ingest_waits", 0),
+            "buffer_rebuilt_rows": buf.get("rebuilt_rows", 0),
             "buffer_rows": buf["rows"],
             "buffer_bytes": buf["bytes"],
             "rows_evicted_unseen": buf["rows_evicted_unseen"],
@@ -251,6 +265,8 @@ class Pipeline:
         out = {k: snap.get(k) for k in SUMMARY_KEYS}
         out.update(
             shards_quarantined=snap["shards_quarantined"],
+            **{k: snap[k] for k in ("shards_duplicate", "shards_changed_in_place", "shards_retried",
+                                    "quarantine_reasons", "ingest_waits", "buffer_rebuilt_rows")},
             rows_evicted_unseen=snap["rows_evicted_unseen"],
             train_samples_per_s=snap["train_samples_per_s"],
             prequential_accuracy_window=snap["prequential_accuracy_window"],

@@ -43,8 +43,8 @@ def processes_mentioning(words: set[str]) -> list[str]:
     return found
 
 
-def livetrain(*args: str, timeout: float = 300) -> tuple[dict, subprocess.CompletedProcess]:
-    env = {**os.environ, "WANDB_SILENT": "true"}
+def livetrain(*args: str, timeout: float = 300, env: dict | None = None) -> tuple[dict, subprocess.CompletedProcess]:
+    env = {**(env or os.environ), "WANDB_SILENT": "true"}
     env.pop("WANDB_MODE", None)
     proc = subprocess.run(
         [sys.executable, "-m", "livetrain.cli", *args], capture_output=True, text=True, timeout=timeout, env=env

@@ -204,7 +204,7 @@ def make_trainer(cfg: Config, spec: ModelSpec, buffer: Any, registry: Any) -> To
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,
-            resources_per_worker={"CPU": tc.cpus_per_worker},
+            resources_per_worker={"CPU": tc.cpus_per_worker, **tc.worker_resources},
         ),
         run_config=RunConfig(
             name="livetrain",

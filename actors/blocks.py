@@ -1,0 +1,196 @@
+"""What crosses from ingest to the buffer, and how the buffer is rebuilt. Pure: no Ray.
+
+A shard's good rows arrive as one or more *parts* (record batches of at most
+``ingest.block_rows`` rows); each part is one buffer block. The buffer accepts
+a shard's parts together (``ShardCommit``) and marks the shard ingested in the
+manifest in the same call, so a shard is in the buffer whole or not at all.
+
+``buffer_snapshot.json`` in the state dir says which parts the buffer held
+(window and reservoir) and the newest shard it had committed. A restarted
+buffer re-reads exactly those parts from the shard files, plus every shard the
+manifest marked ingested after the snapshot (newest first, until capacity),
+so it never holds a part twice and never holds a part of a shard that is not
+``ingested``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from livetrain.config import SchemaConfig
+
+SNAPSHOT_FILE = "buffer_snapshot.json"
+SNAPSHOT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PartSpan:
+    """Where one block came from: file rows ``[row_start, row_end)`` of its shard."""
+
+    row_start: int
+    row_end: int
+    rows: int
+    """Good rows in the block (bad ones went to quarantine)."""
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ShardCommit:
+    """One shard ready for the buffer; its block refs travel beside it, in a list, in span order."""
+
+    shard: str
+    seq: int
+    written_at: float
+    good_rows: int
+    bad_rows: int
+    spans: list[PartSpan] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """The buffer's answer to ``add_shard``."""
+
+    accepted: bool
+    """False: the rate limiter made ingestion wait; call again."""
+    rows: int
+    """Rows now held."""
+    already_held: bool = False
+    """The shard was already in the buffer (a retried call after a restart)."""
+
+
+@dataclass(frozen=True)
+class HeldPart:
+    """One snapshot line: a block the buffer held."""
+
+    shard: str
+    seq: int
+    row_start: int
+    row_end: int
+    rows: int
+    nbytes: int
+    written_at: float
+    in_reservoir: bool
+    sampled: int
+
+
+@dataclass
+class Snapshot:
+    parts: list[HeldPart]
+    newest_seq: int
+    """Highest shard seq committed when the snapshot was taken."""
+    saved_at: float = 0.0
+
+
+def write_snapshot(state_dir: str | Path, snap: Snapshot) -> None:
+    """Atomic (temp file + rename); no fsync: a lost snapshot only makes the rebuild use the manifest."""
+    target = Path(state_dir) / SNAPSHOT_FILE
+    tmp = target.with_name(f".{SNAPSHOT_FILE}.{os.getpid()}.tmp")
+    body = {"version": SNAPSHOT_VERSION, "saved_at": time.time(), "newest_seq": snap.newest_seq,
+            "parts": [asdict(p) for p in snap.parts]}
+    tmp.write_text(json.dumps(body))
+    os.replace(tmp, target)
+
+
+def read_snapshot(state_dir: str | Path) -> Snapshot | None:
+    """The last snapshot, or None when there is none or it cannot be parsed."""
+    try:
+        body = json.loads((Path(state_dir) / SNAPSHOT_FILE).read_text())
+        if body.get("version") != SNAPSHOT_VERSION:
+            return None
+        return Snapshot([HeldPart(**p) for p in body["parts"]], int(body["newest_seq"]), body["saved_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class RebuildShard:
+    """Which parts of one ingested shard to read back (all of them when ``starts`` is None)."""
+
+    shard: str
+    path: str
+    seq: int
+    written_at: float
+    size: int
+    mtime_ns: int
+    starts: dict[int, HeldPart] | None
+
+    def file_unchanged(self) -> bool:
+        """The file on disk is the one that was ingested (size and mtime as recorded)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_size, st.st_mtime_ns) == (self.size, self.mtime_ns)
+
+
+def plan_rebuild(snapshot: Snapshot | None, ingested: list, capacity_rows: int) -> list[RebuildShard]:
+    """Shards to re-read, oldest first. ``ingested``: the manifest's ingested ``ShardRecord``s.
+
+    Snapshot parts are kept only if their shard is still ingested with the same
+    file (size and mtime unchanged); shards committed after the snapshot are
+    added newest first until ``capacity_rows`` good rows.
+    """
+    by_name = {r.name: r for r in ingested}
+    plan: dict[str, RebuildShard] = {}
+    if snapshot is not None:
+        for p in snapshot.parts:
+            rec = by_name.get(p.shard)
+            if rec is None or rec.seq != p.seq:
+                continue
+            entry = plan.setdefault(p.shard, RebuildShard(p.shard, rec.path, rec.seq, rec.written_at, rec.size, rec.mtime_ns, {}))
+            entry.starts[p.row_start] = p
+    floor = snapshot.newest_seq if snapshot is not None else -1
+    budget = capacity_rows
+    for rec in sorted(ingested, key=lambda r: -r.seq):
+        if rec.seq <= floor or budget <= 0:
+            break
+        plan[rec.name] = RebuildShard(rec.name, rec.path, rec.seq, rec.written_at, rec.size, rec.mtime_ns, None)
+        budget -= rec.good_rows or 0
+    return sorted(plan.values(), key=lambda s: s.seq)
+
+
+def part_rows(block_rows: int, capacity_rows: int, capacity_bytes: int, schema: SchemaConfig) -> int:
+    """Rows per block: ``ingest.block_rows``, capped so one block fits the buffer's row and byte bounds."""
+    row_bytes = 4 * int(schema.num_features) + 8 + (8 if schema.id_column else 0)
+    return max(1, min(block_rows, capacity_rows, capacity_bytes // row_bytes))
+
+
+def block_of(part, classes: list[int]) -> dict[str, np.ndarray]:
+    """A validated ``schema.Part`` as a buffer block: x, class-index y, and ids if any."""
+    block = {"x": part.x, "y": label_index(part.y, classes)}
+    if part.ids is not None:
+        block["id"] = part.ids
+    return block
+
+
+def block_nbytes(block: dict[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in block.values())
+
+
+def read_back(shard: RebuildShard, schema: SchemaConfig, part_rows: int) -> Iterator[tuple[PartSpan, dict]]:
+    """Re-read the parts of ``shard`` that the plan names (same boundaries as at ingest)."""
+    from livetrain.actors.schema import iter_parts
+
+    for part in iter_parts(shard.path, schema, part_rows):
+        if shard.starts is not None and part.row_start not in shard.starts:
+            continue
+        if part.good_rows == 0:
+            continue
+        block = block_of(part, schema.classes)
+        yield PartSpan(part.row_start, part.row_end, part.good_rows, block_nbytes(block)), block
+
+
+def label_index(y: np.ndarray, classes: list[int]) -> np.ndarray:
+    """Map declared label values to class indices 0..C-1 (validated labels only)."""
+    if list(classes) == list(range(len(classes))):
+        return y
+    order = np.argsort(classes)
+    sorted_classes = np.asarray(classes)[order]
+    return order[np.searchsorted(sorted_classes, y)].astype(np.int64)

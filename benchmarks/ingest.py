@@ -1,0 +1,148 @@
+"""Ingest and sampling throughput (one JSON line per figure).
+
+    python benchmarks/ingest.py [--shards 12] [--rows 100000] [--features 20]
+
+1. Rows/s and MB/s (Parquet bytes on disk) from shard files into the replay
+   buffer through the real path (manifest, ingest actors, validation, buffer
+   commit), with 1 and 2 ingest actors, against reading the same files with
+   pyarrow into numpy in this one process (baseline, same run).
+2. Rows/s one training worker draws from the buffer (sample refs, fetch the
+   blocks zero-copy, concatenate as the trainer does) against slicing the same
+   rows out of a local numpy array.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import emit  # noqa: E402
+
+
+def write_shards(landing: Path, shards: int, rows: int, d: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(shards):
+        x = rng.random((rows, d), dtype=np.float32)
+        cols = {f"f{j}": x[:, j] for j in range(d)}
+        cols["label"] = (x[:, 0] > 0.5).astype(np.int64)
+        path = landing / f"s-{i:04d}.parquet"
+        pq.write_table(pa.table(cols), path)
+        out.append(path)
+    return out
+
+
+def pyarrow_baseline(paths: list[Path], d: int) -> float:
+    t0 = time.perf_counter()
+    for p in paths:
+        t = pq.read_table(p)
+        x = np.empty((t.num_rows, d), dtype=np.float32)
+        for j in range(d):
+            x[:, j] = t.column(j).to_numpy()
+        t.column("label").to_numpy()
+    return time.perf_counter() - t0
+
+
+def ingest_seconds(paths: list[Path], d: int, actors: int, root: Path):
+    import ray
+
+    from livetrain.actors.buffer_actor import ReplayBufferActor
+    from livetrain.actors.ingest import IngestLoop
+    from livetrain.actors.manifest import Manifest
+    from livetrain.config import load_config
+
+    state = root / f"state-{actors}"
+    landing = state / "landing"
+    landing.mkdir(parents=True)
+    for p in paths:
+        (landing / p.name).hardlink_to(p)
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    cfg = load_config(None, [
+        f"state_dir={state}", f"schema.features=[{', '.join(f'f{j}' for j in range(d))}]",
+        f"ingest.num_actors={actors}", f"ingest.max_in_flight={2 * actors}",
+        f"buffer.capacity_rows={rows}", f"buffer.window_rows={rows}", f"buffer.capacity_bytes={rows * (4 * d + 16)}",
+    ])
+    buffer = ReplayBufferActor.remote(cfg.buffer, str(state), cfg.schema, cfg.ingest.block_rows)
+    ray.get(buffer.stats.remote())
+    manifest = Manifest(state)
+    loop = IngestLoop(cfg, manifest, buffer, None)
+    ray.get([a.__ray_ready__.remote() for a in loop.actors])
+    t0 = time.perf_counter()
+    while loop.counters.shards_ingested < len(paths):
+        loop.step(0.05)
+    seconds = time.perf_counter() - t0
+    loop.shutdown()
+    manifest.close()
+    return seconds, buffer
+
+
+def sampling(buffer, d: int, seconds: float, blocks: int = 8):
+    import ray
+
+    from livetrain.training.learner import concat_blocks
+
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        s = ray.get(buffer.sample.remote(blocks, 1 << 60, 1, 0.0))
+        x, y = concat_blocks(ray.get(s.refs))
+        n += len(y)
+    buffered = n / (time.perf_counter() - t0)
+    block_rows = len(y) // blocks
+    local_x = np.random.default_rng(0).random((len(y) * 4, d), dtype=np.float32)
+    local_y = np.zeros(len(local_x), dtype=np.int64)
+    rng = np.random.default_rng(1)
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        starts = rng.integers(0, len(local_x) - block_rows, blocks)
+        x, y = concat_blocks([{"x": local_x[s : s + block_rows], "y": local_y[s : s + block_rows]} for s in starts])
+        n += len(y)
+    return buffered, n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shards", type=int, default=12)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--features", type=int, default=20)
+    ap.add_argument("--sample-seconds", type=float, default=5.0)
+    args = ap.parse_args()
+    import ray
+
+    root = Path(tempfile.mkdtemp(prefix="livetrain-bench-ingest-"))
+    try:
+        (root / "files").mkdir()
+        paths = write_shards(root / "files", args.shards, args.rows, args.features)
+        rows = args.shards * args.rows
+        mb = sum(p.stat().st_size for p in paths) / 1e6
+        pyarrow_baseline(paths[:2], args.features)  # warm the page cache
+        base_s = pyarrow_baseline(paths, args.features)
+        emit("pyarrow_to_numpy_rows_per_s", rows / base_s, "rows/s", mb_per_s=mb / base_s)
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        buffer = None
+        for actors in (1, 2):
+            s, buf = ingest_seconds(paths, args.features, actors, root)
+            emit(f"ingest_{actors}_actor_rows_per_s", rows / s, "rows/s", baseline=rows / base_s, mb_per_s=mb / s,
+                 baseline_mb_per_s=mb / base_s)
+            if buffer is not None:
+                ray.kill(buffer)
+            buffer = buf
+        buffered, local = sampling(buffer, args.features, args.sample_seconds)
+        emit("sample_rows_per_s", buffered, "rows/s", baseline=local)
+        ray.shutdown()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

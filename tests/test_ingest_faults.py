@@ -1,0 +1,156 @@
+"""Exactly once, by row id, with real Ray: ingest actor killed mid-shard,
+buffer actor killed (restart + rebuild), duplicate deliveries, parallel ingest.
+
+The ingest loop is stepped by the test (no trainer): what the buffer holds is
+read back block by block and every id is accounted for.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from _ingest_util import assert_exactly_once, buffer_ids, close, make_loop, quarantined_ids, run_until_done, write_id_shard
+from _util import wait_until
+
+pytestmark = [pytest.mark.ray]
+
+
+def test_ingest_actor_killed_mid_shard_loses_and_repeats_no_row(ray_session, tmp_path):
+    import ray
+
+    cfg, loop, buffer = make_loop(tmp_path, "ingest.block_rows=100", "ingest.max_in_flight=1")
+    landing = cfg.landing_dir
+    all_ids: set[int] = set()
+    write_id_shard(landing / "a-000.parquet", 0, 6000, bad_every=97)
+    all_ids |= set(range(0, 6000))
+    loop.step(0.2)
+    # take a first few blocks of the big shard, then kill its reader while it is still reading
+    wait_until(lambda: (loop.step(0.2), loop.in_flight().get("a-000.parquet", 0) >= 2)[1], 30, "first blocks")
+    taken = loop.in_flight()["a-000.parquet"]
+    assert taken < 60, "the shard was read whole before the kill: not mid-shard"
+    ray.kill(loop.actors[0])
+    for i in range(1, 4):
+        write_id_shard(landing / f"a-{i:03d}.parquet", i * 10_000, 1000, bad_every=50)
+        all_ids |= set(range(i * 10_000, i * 10_000 + 1000))
+    run_until_done(loop)
+    in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
+    assert loop.counters.shards_retried == 1 and loop.counters.shards_ingested == 4
+    assert_exactly_once(all_ids, in_buffer, quarantined)
+    assert loop.counters.rows_ingested == len(in_buffer) and loop.counters.rows_quarantined == len(quarantined)
+    print(f"killed after {taken} blocks; rows: {len(all_ids)} = {len(in_buffer)} buffered + {len(quarantined)} quarantined")
+    close(loop, buffer)
+
+
+def test_buffer_actor_killed_restarts_rebuilt_from_snapshot_and_manifest(ray_session, tmp_path):
+    import ray
+
+    cfg, loop, buffer = make_loop(tmp_path, "ingest.block_rows=300", "buffer.window_rows=2000")
+    landing = cfg.landing_dir
+    all_ids: set[int] = set()
+    for i in range(6):
+        write_id_shard(landing / f"b-{i:03d}.parquet", i * 10_000, 1000, bad_every=40)
+        all_ids |= set(range(i * 10_000, i * 10_000 + 1000))
+    run_until_done(loop)
+    ray.get(buffer.sample.remote(4, -1, 1, 0))  # some blocks are now seen
+    before = ray.get(buffer.stats.remote())
+    assert before["reservoir_blocks"] > 0 and before["window_blocks"] > 0
+    ray.get(buffer.close.remote())  # writes the snapshot now (it is also written on a cadence)
+    ray.kill(buffer, no_restart=False)
+    # the same handle works again: the restarted actor rebuilt itself from the state dir
+    after = wait_until(lambda: ray.get(buffer.stats.remote(), timeout=30), 60, "the restarted buffer")
+    assert after["rebuilt_rows"] == before["rows"] > 0
+    assert (after["rows"], after["reservoir_blocks"], after["window_blocks"]) == (
+        before["rows"], before["reservoir_blocks"], before["window_blocks"])
+    assert after["unseen_rows"] == before["unseen_rows"]
+    for i in range(6, 9):  # ingestion goes on into the restarted buffer
+        write_id_shard(landing / f"b-{i:03d}.parquet", i * 10_000, 1000, bad_every=40)
+        all_ids |= set(range(i * 10_000, i * 10_000 + 1000))
+    run_until_done(loop)
+    assert ray.get(buffer.sample.remote(4, -1, 1, 0)).refs, "sampling works after the restart"
+    in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
+    assert_exactly_once(all_ids, in_buffer, quarantined)
+    print(f"rows: {len(all_ids)} = {len(in_buffer)} buffered + {len(quarantined)} quarantined; rebuilt {after['rebuilt_rows']}")
+    close(loop, buffer)
+
+
+def test_same_shard_delivered_twice_is_ingested_once_and_recorded(ray_session, tmp_path):
+    cfg, loop, buffer = make_loop(tmp_path)
+    landing = cfg.landing_dir
+    write_id_shard(landing / "d-000.parquet", 0, 1000, bad_every=100)
+    write_id_shard(landing / "d-001.parquet", 10_000, 1000)
+    run_until_done(loop)
+    shutil.copyfile(landing / "d-000.parquet", landing / "d-000-copy.parquet")  # another name
+    data = (landing / "d-001.parquet").read_bytes()
+    (landing / "d-001.parquet").write_bytes(data)  # rewritten in place, same bytes
+    os.utime(landing / "d-001.parquet", ns=(1, 1))  # make sure the mtime changes
+    run_until_done(loop)
+    assert loop.counters.shards_duplicate == 2 and loop.counters.shards_ingested == 2
+    assert loop.manifest.get("d-000-copy.parquet").status == "duplicate"
+    assert [r.same_content for r in loop.manifest.redeliveries()] == [True]
+    in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
+    assert_exactly_once(set(range(1000)) | set(range(10_000, 11_000)), in_buffer, quarantined)
+    close(loop, buffer)
+
+
+def test_parallel_ingest_actors_never_share_a_shard_and_keep_arrival_order(ray_session, tmp_path):
+    import ray
+
+    cfg, loop, buffer = make_loop(tmp_path, "ingest.num_actors=2", "ingest.max_in_flight=4", "ingest.block_rows=400")
+    for i in range(10):
+        write_id_shard(cfg.landing_dir / f"p-{i:03d}.parquet", i * 10_000, 1000 + 100 * (i % 3))
+    run_until_done(loop)
+    readers = loop.counters.readers
+    assert len(readers) == 10 and len(set(readers.values())) == 2, readers
+    assert loop.counters.shards_retried == 0
+    metas = [m for m, _ in ray.get(buffer.held_blocks.remote())]
+    seqs = [m.seq for m in metas]
+    assert seqs == sorted(seqs), "blocks entered the buffer out of arrival order"
+    assert [m.shard for m in metas if m.seq == seqs[0]] == ["p-000.parquet"] * 3
+    assert_exactly_once({i * 10_000 + j for i in range(10) for j in range(1000 + 100 * (i % 3))}, buffer_ids(buffer), [])
+    close(loop, buffer)
+
+
+@pytest.mark.parametrize("policy", ["coverage", "freshness"])
+def test_backpressure_coverage_waits_for_training_freshness_evicts_unseen(ray_session, tmp_path, policy):
+    import threading
+
+    import ray
+
+    cfg, loop, buffer = make_loop(
+        tmp_path, f"buffer.backpressure={policy}", "buffer.max_unseen_rows=1500", "buffer.capacity_rows=3000",
+        "buffer.window_rows=1000", "ingest.block_rows=500",
+    )
+    for i in range(8):
+        write_id_shard(cfg.landing_dir / f"c-{i:03d}.parquet", i * 10_000, 1000)
+    stop = threading.Event()
+    t = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        if policy == "coverage":
+            s = wait_until(lambda: (s := ray.get(buffer.stats.remote()))["ingest_waits"] > 0 and s, 30, "a wait")
+            assert s["unseen_rows"] <= 1500 and loop.manifest.counts()["ingested"] < 8
+            fresh_after = -1
+
+            def trainer_draws():  # a trainer taking fresh blocks, oldest first
+                nonlocal fresh_after
+                sample = ray.get(buffer.sample.remote(2, fresh_after, 1, 0.2))
+                fresh_after = max([m.seq for m in sample.metas] + [fresh_after])
+                return loop.manifest.counts()["ingested"] == 8
+
+            wait_until(trainer_draws, 60, "every shard ingested while training draws", interval_s=0)
+        else:
+            wait_until(lambda: loop.manifest.counts()["ingested"] == 8, 30, "every shard ingested")
+    finally:
+        stop.set()
+        t.join(30)
+    s = ray.get(buffer.stats.remote())
+    assert s["rows"] <= 3000 and s["rows_added"] == 8000
+    if policy == "coverage":
+        assert s["rows_evicted_unseen"] == 0
+    else:
+        assert s["ingest_waits"] == 0 and s["rows_evicted_unseen"] == 5000
+    close(loop, buffer)

@@ -1,0 +1,105 @@
+"""Ingestion's plain parts, no Ray: the backpressure limiters, block splitting,
+the rebuild plan, rewritten-in-place detection."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from _ingest_util import write_id_shard
+from livetrain.actors.blocks import HeldPart, Snapshot, part_rows, plan_rebuild, read_snapshot, write_snapshot
+from livetrain.actors.manifest import Manifest
+from livetrain.actors.rate_limiter import CoverageLimiter, FreshnessPolicy
+from livetrain.actors.replay_buffer import ReplayBuffer
+from livetrain.actors.schema import iter_parts
+from livetrain.actors.sources import DirectorySource
+from livetrain.config import BufferConfig, SchemaConfig
+from livetrain.messages import BlockMeta
+
+SCHEMA = SchemaConfig(features=["x0", "x1", "x2"], id_column="id")
+
+
+def meta(seq: int, rows: int = 100) -> BlockMeta:
+    return BlockMeta(f"s{seq}", seq, rows, rows * 20, 0.0, 0.0)
+
+
+def test_coverage_limiter_makes_ingestion_wait_until_rows_are_drawn():
+    buf: ReplayBuffer[int] = ReplayBuffer(BufferConfig(capacity_rows=10_000, window_rows=10_000))
+    limiter = CoverageLimiter(max_unseen_rows=300)
+    admitted = 0
+    for seq in range(10):
+        if not limiter.admits(buf.unseen_rows, 100):
+            break
+        buf.add(seq, meta(seq))
+        admitted += 1
+    assert admitted == 3 and limiter.waits == 1 and buf.unseen_rows == 300
+    buf.sample(2, fresh_after=-1)  # a trainer draws two blocks: two more may come in
+    assert buf.unseen_rows == 100 and limiter.admits(buf.unseen_rows, 200)
+    assert not limiter.admits(buf.unseen_rows, 201)
+
+
+def test_coverage_limiter_always_admits_into_an_all_seen_buffer():
+    assert CoverageLimiter(max_unseen_rows=10).admits(0, 10_000)
+
+
+def test_freshness_evicts_old_blocks_unseen_and_counts_them_within_bounds():
+    cfg = BufferConfig(capacity_rows=1000, capacity_bytes=10**6, window_rows=500)
+    buf: ReplayBuffer[int] = ReplayBuffer(cfg)
+    policy = FreshnessPolicy()
+    for seq in range(50):
+        assert policy.admits(buf.unseen_rows, 100)
+        buf.add(seq, meta(seq))
+        s = buf.stats()
+        assert s.rows <= cfg.capacity_rows and s.bytes <= cfg.capacity_bytes
+    s = buf.stats()
+    assert s.rows_evicted_unseen == 4000 and s.unseen_rows == 1000
+
+
+def test_large_shard_streams_in_blocks_of_at_most_block_rows(tmp_path):
+    bad = write_id_shard(tmp_path / "big.parquet", 0, 10_000, bad_every=500)
+    parts = list(iter_parts(tmp_path / "big.parquet", SCHEMA, 1500))
+    assert len(parts) >= 7 and all(p.row_end - p.row_start <= 1500 for p in parts)
+    assert [p.row_start for p in parts[1:]] == [p.row_end for p in parts[:-1]]
+    ids = np.concatenate([p.ids for p in parts])
+    assert len(ids) == 10_000 - len(bad) and not set(ids.tolist()) & bad
+    assert sum(p.bad.num_rows for p in parts if p.bad is not None) == len(bad)
+
+
+def test_block_rows_are_capped_by_the_buffer_byte_bound():
+    assert part_rows(65_536, 200_000, 28 * 1000, SCHEMA) == 1000  # 28-byte rows: 3 float32, int64 label, int64 id
+
+
+def test_rebuild_plan_keeps_snapshot_parts_and_adds_shards_committed_after_it(tmp_path):
+    with Manifest(tmp_path) as m:
+        for i in range(4):
+            write_id_shard(tmp_path / f"r{i}.parquet", i * 1000, 100)
+        m.discover(sorted(tmp_path.glob("r*.parquet")))
+        for rec in m.claim("me", 4):
+            m.mark_ingested(rec.name, 100, 0)
+        recs = m.ingested()
+    held = [HeldPart("r0.parquet", recs[0].seq, 0, 50, 50, 1, 0.0, True, 1),
+            HeldPart("gone.parquet", 99, 0, 50, 50, 1, 0.0, False, 0)]
+    write_snapshot(tmp_path, Snapshot(held, newest_seq=recs[1].seq))
+    plan = plan_rebuild(read_snapshot(tmp_path), recs, capacity_rows=10_000)
+    assert [(p.shard, p.starts is None) for p in plan] == [
+        ("r0.parquet", False), ("r2.parquet", True), ("r3.parquet", True)]
+    assert list(plan[0].starts) == [0]
+    assert [p.shard for p in plan_rebuild(None, recs, capacity_rows=150)] == ["r2.parquet", "r3.parquet"]
+
+
+def test_rewritten_in_place_is_reported_again_and_recorded_by_content(tmp_path):
+    src = DirectorySource(tmp_path)
+    write_id_shard(tmp_path / "a.parquet", 0, 100)
+    with Manifest(tmp_path / "state") as m:
+        m.discover(src.poll())
+        assert src.poll() == []
+        data = (tmp_path / "a.parquet").read_bytes()
+        (tmp_path / "a.parquet").write_bytes(data)
+        os.utime(tmp_path / "a.parquet", ns=(1, 1))
+        events = m.redelivered(src.poll())
+        assert [(e.name, e.same_content) for e in events] == [("a.parquet", True)]
+        write_id_shard(tmp_path / "a.parquet", 500, 100)  # other bytes under the same name
+        events = m.redelivered(src.poll())
+        assert [(e.name, e.same_content) for e in events] == [("a.parquet", False)]
+        assert m.get("a.parquet").status == "discovered"  # not read twice, not replaced
