@@ -1,135 +1,359 @@
-"""The Ray Serve deployment: FastAPI ingress, in-place version swaps.
+"""The Ray Serve deployment: FastAPI ingress, dynamic batching, in-place swaps.
 
-Each replica runs a follower thread that long-polls the registry
-(``wait_for_version``), fetches the promoted weights from the object store
-and swaps one ``Loaded`` reference. A request reads that reference once, so
-it is answered entirely by one version, and in-flight requests finish on the
-old weights while new ones get the new. No redeploy per version.
+::
+
+    HTTP ─▶ proxy ─▶ ModelServer replica ─┬─ JSON rows ─▶ @serve.batch ─▶ one forward pass
+                                          │                (one Loaded snapshot per batch)
+                                          ├─ Arrow/Parquet bulk ─▶ forward pass in a thread
+                                          └─ ?version=N ─▶ PinnedVersions (registry.get_version)
+        follower thread: registry.wait_for_version (long-poll) ─▶ fetch weights ─▶ swap Loaded
+
+Each replica follows the registry itself (``versions.VersionFollower``): no
+redeploy per version. A request (or a whole batch) reads the ``Loaded``
+reference once, so it is answered entirely by one version and names it; in-flight
+work finishes on the old weights while new requests get the new. A replica
+loads the current version in its constructor, so replicas started later
+(autoscaling, replacement) come up on it, and ``check_health`` fails a
+replica that has no model once the registry serves one.
 """
 
+# no `from __future__ import annotations`: Serve rebuilds the FastAPI routes in the
+# replica from a by-value copy of this class, where string annotations do not resolve
+import asyncio
+import os
 import threading
 import time
-from typing import Annotated, Any, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Optional
 
+import numpy as np
 import ray
 import torch
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 from ray import serve
 
-from livetrain.serving.predictor import BadRequest, Loaded, describe, instances_to_array
-from livetrain.training.checkpoint import model_from_weights
+from livetrain.serving import bodies
+from livetrain.serving.auth import AuthError, BearerAuth, token_digest
+from livetrain.serving.predictor import BadRequest, Loaded, answer_bytes, describe
+from livetrain.serving.versions import PinnedVersions, VersionFollower, VersionGone
+from livetrain.training.checkpoint import CheckpointError
+from livetrain.training.registry import RollbackError
 
-Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+APP_NAME = "livetrain"
+INLINE_ROWS = 256
+"""Batches up to this many rows are predicted on the event loop; bigger ones
+in a thread, so the replica keeps reading requests meanwhile."""
 
 
-class PredictRequest(BaseModel):
-    instances: list[Union[list[Number], dict[str, Number]]] = Field(
-        ...,
-        description="Rows to score: lists of feature values in schema order, or objects keyed by feature name.",
-        examples=[[[0.1, 0.2, 0.3]]],
-    )
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """Everything a replica needs; built by ``start_serving`` from the config."""
+
+    registry_name: str
+    namespace: str
+    features: list[str]
+    classes: list[int]
+    limits: bodies.Limits
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    pinned_versions: int
+    token_digest: Optional[str] = None
+    """SHA-256 of the bearer token (never the token); None: no auth."""
 
 
 class PredictResponse(BaseModel):
     predictions: list[int]
     probabilities: list[list[float]]
-    model_version: int
+    model_version: int = Field(description="The version that produced every row of this answer.")
+
+
+class RollbackRequest(BaseModel):
+    version: Optional[int] = Field(None, ge=1, description="Version to serve again (default: the one before the current).")
+    reason: str = Field("requested over HTTP", max_length=500)
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "Unparseable body (malformed JSON, not Arrow/Parquet)",
+        401: "Missing or wrong bearer token (when serve.auth_token_env is set)",
+        404: "The pinned version is not available",
+        413: "Body or row count over the configured limit",
+        415: "Unsupported content type",
+        422: "Well-formed but wrong: width, types, NaN/inf, no rows",
+        503: "No model has been promoted yet",
+    }.items()
+}
+
+
+def predict_body_openapi(features: list[str], max_instances: int) -> dict[str, Any]:
+    """The request body of ``POST /predict`` as OpenAPI, for this schema's width."""
+    d = len(features)
+    number = {"type": "number"}
+    row = {
+        "anyOf": [
+            {"type": "array", "items": number, "minItems": d, "maxItems": d, "title": "row as a list in schema order"},
+            {"type": "object", "properties": {f: number for f in features}, "required": features, "additionalProperties": False, "title": "row keyed by feature name"},
+        ]
+    }
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        "required": True,
+        "content": {
+            bodies.JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["instances"],
+                    "properties": {"instances": {"type": "array", "items": row, "minItems": 1, "maxItems": max_instances}},
+                },
+                "example": {"instances": [[0.5] * d]},
+            },
+            bodies.ARROW: binary,
+            bodies.PARQUET: binary,
+        },
+    }
 
 
 app = FastAPI(
     title="livetrain",
     description="The freshest model that passed the gate. Every answer names its model_version.",
+    openapi_url=None,  # served by ModelServer: the schema names this deployment's features
+    docs_url=None,
+    redoc_url=None,
 )
+_bearer = HTTPBearer(auto_error=False, description="Required when serve.auth_token_env is set.")
+"""Documents the scheme in OpenAPI; the check itself is ``ModelServer._auth``."""
 
 
 @app.exception_handler(BadRequest)
 async def _bad_request(_: Request, exc: BadRequest) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"detail": str(exc)})
+    return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.1},
-    max_ongoing_requests=64,
-    logging_config={"enable_access_log": False},
-)
+@app.exception_handler(AuthError)
+async def _unauthorized(_: Request, exc: AuthError) -> JSONResponse:
+    return JSONResponse(status_code=401, content={"detail": str(exc)}, headers={"WWW-Authenticate": "Bearer"})
+
+
+@app.exception_handler(VersionGone)
+async def _gone(_: Request, exc: VersionGone) -> JSONResponse:
+    return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own checks (query parameters, admin bodies) as one readable line."""
+    parts = []
+    for e in exc.errors()[:5]:
+        where = ".".join(str(p) for p in e.get("loc", ()))
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return JSONResponse(status_code=422, content={"detail": "; ".join(parts) or "invalid request"})
+
+
+async def _read_body(request: Request, limits: bodies.Limits) -> bytes:
+    """The body, refusing more than ``limits.max_body_bytes`` without reading it all."""
+    bodies.check_length(request.headers.get("content-length"), limits)
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limits.max_body_bytes:
+            raise BadRequest(bodies.too_large_message(f"more than {limits.max_body_bytes}", limits), 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, logging_config={"enable_access_log": False})
 @serve.ingress(app)
 class ModelServer:
-    def __init__(
-        self,
-        registry_name: str,
-        namespace: str,
-        feature_names: list[str],
-        classes: list[int],
-        max_instances: int,
-    ) -> None:
+    def __init__(self, settings: ReplicaSettings) -> None:
         torch.set_num_threads(1)
-        self._registry = ray.get_actor(registry_name, namespace=namespace)
-        self._features = feature_names
-        self._classes = classes
-        self._max_instances = max_instances
-        self._loaded: Optional[Loaded] = None
+        self._s = settings
+        self._auth = BearerAuth(settings.token_digest)
+        self._registry = ray.get_actor(settings.registry_name, namespace=settings.namespace)
+        fetch = lambda ref: ray.get(ref, timeout=60)  # noqa: E731
+        self._follower = VersionFollower(
+            lambda have, timeout_s: ray.get(self._registry.wait_for_version.remote(have, timeout_s), timeout=timeout_s + 30),
+            fetch,
+        )
+        self._pinned = PinnedVersions(
+            lambda v: ray.get(self._registry.get_version.remote(v), timeout=30), fetch, settings.pinned_versions
+        )
+        self._predict_batch.set_max_batch_size(settings.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self._answered: set[int] = set()
+        self.batches = 0
+        self.batched_requests = 0
+        try:
+            self._follower.step(0.0)  # come up on the current version, if there is one
+        except Exception as e:  # the follower thread retries; check_health reports a replica left without a model
+            print(f"livetrain: could not load the current version at start: {e!r}")
         self._stop = threading.Event()
-        self._follower = threading.Thread(target=self._follow, name="livetrain-follow", daemon=True)
-        self._follower.start()
+        self._thread = threading.Thread(target=self._follower.run, args=(self._stop,), name="livetrain-follow", daemon=True)
+        self._thread.start()
+        self._openapi: Optional[dict[str, Any]] = None
 
-    def _follow(self) -> None:
-        while not self._stop.is_set():
-            have = self._loaded.served.version if self._loaded else -1
-            try:
-                served = ray.get(self._registry.wait_for_version.remote(have, 5.0))
-                if served is None:
-                    continue
-                model = model_from_weights(served.spec, ray.get(served.weights))
-            except Exception as e:  # registry restarting, weights gone: keep serving what we have
-                print(f"livetrain: follower could not load a new version: {e!r}")
-                self._stop.wait(1.0)
-                continue
-            self._loaded = Loaded(served, model, time.time())
+    # --- the API ---------------------------------------------------------------
 
-    @app.post("/predict", response_model=PredictResponse)
-    def predict(self, body: PredictRequest) -> dict[str, Any]:
-        loaded = self._loaded  # read once: the whole answer comes from this version
-        if loaded is None:
-            return JSONResponse(status_code=503, content={"detail": "no model has been promoted yet"})
-        x = instances_to_array(body.instances, self._features, self._max_instances)
-        out = loaded.predict(x, self._classes)
-        v = loaded.served.version
-        if v not in self._answered:
-            self._answered.add(v)
-            self._registry.record_answer.remote(v, time.time())
-        return out
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        responses=ERRORS,
+        dependencies=[Depends(_bearer)],
+        openapi_extra={"requestBody": predict_body_openapi(["feature_0", "feature_1"], 10_000)},  # per deployment: openapi()
+        summary="Score rows with the served model (or a pinned version)",
+    )
+    async def predict(
+        self,
+        request: Request,
+        version: Optional[int] = Query(None, ge=1, description="Answer with this version (debugging, A/B); 404 if gone."),
+    ) -> Response:
+        self._auth.check(request.headers.get("authorization"))
+        ctype = request.headers.get("content-type")
+        kind = bodies.media_type(ctype)  # 415 before reading the body
+        raw = await _read_body(request, self._s.limits)
+        if len(raw) > 65_536:  # parsing a big body would stall the event loop
+            x = await asyncio.to_thread(bodies.decode, raw, kind, self._s.features, self._s.limits)
+        else:
+            x = bodies.decode(raw, kind, self._s.features, self._s.limits)
+        if version is not None:
+            answer = await self._predict_pinned(version, x)
+        elif kind == bodies.JSON:
+            answer = await self._predict_batch(x)
+        else:
+            loaded = self._follower.current  # bulk rows are a batch already
+            answer = None if loaded is None else (await asyncio.to_thread(self._answer, loaded, [x]))[0]
+        if answer is None:
+            return JSONResponse(status_code=503, content={"detail": "no model has been promoted yet"}, headers={"Retry-After": "1"})
+        v, payload = answer
+        self._note_answer(v)
+        return Response(payload, media_type="application/json", headers={"x-model-version": str(v)})
 
-    @app.get("/model")
+    @app.get("/model", summary="The served version: lineage, data age, metrics on unseen data")
     def model(self) -> dict[str, Any]:
-        return describe(self._loaded)
+        return describe(self._follower.current)
 
-    @app.get("/healthz")
-    def healthz(self) -> dict[str, Any]:
-        return {"ok": True, "model_version": self._loaded.served.version if self._loaded else None}
+    @app.get("/healthz", summary="This replica's health (503 when it has no model but the registry has one)")
+    def healthz(self) -> JSONResponse:
+        f = self._follower
+        problem = self._health_problem()
+        body = {
+            "ok": problem is None,
+            "detail": problem,
+            "model_version": f.current.version if f.current else None,
+            "registry_version": f.announced,
+            "swaps": f.swaps,
+            "last_error": f.last_error,
+            "batches": self.batches,
+            "batched_requests": self.batched_requests,
+            "pinned_loads": self._pinned.loads,
+            "replica_pid": os.getpid(),
+        }
+        return JSONResponse(status_code=200 if problem is None else 503, content=body)
+
+    @app.post("/admin/rollback", responses=ERRORS, dependencies=[Depends(_bearer)], summary="Serve an earlier version again")
+    async def rollback(self, request: Request, body: RollbackRequest) -> JSONResponse:
+        self._auth.check(request.headers.get("authorization"))
+        try:
+            d = await self._registry.rollback.remote(body.version, body.reason)
+        except RollbackError as e:  # raised in the registry, re-raised here as a RayTaskError subclass
+            return JSONResponse(status_code=409, content={"detail": str(getattr(e, "cause", e))})
+        return JSONResponse(content={"action": d.action, "version": d.version, "reason": d.reason, "previous": d.served_version})
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(self, request: Request) -> dict[str, Any]:
+        if self._openapi is None:
+            schema = request.app.openapi()
+            predict = schema["paths"]["/predict"]["post"]
+            predict["requestBody"] = predict_body_openapi(self._s.features, self._s.limits.max_instances)
+            self._openapi = schema
+        return self._openapi
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(self, request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json", title="livetrain")
+
+    # --- Serve hooks -----------------------------------------------------------
 
     def check_health(self) -> None:
-        if not self._follower.is_alive():
-            raise RuntimeError("version follower thread died")
+        problem = self._health_problem()
+        if problem is not None:
+            raise RuntimeError(problem)
 
     def __del__(self) -> None:
-        self._stop.set()
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
+    # --- internals -------------------------------------------------------------
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _predict_batch(self, xs: list[np.ndarray]) -> list[Optional[tuple[int, bytes]]]:
+        loaded = self._follower.current  # ONE snapshot: the whole batch comes from this version
+        if loaded is None:
+            return [None] * len(xs)
+        self.batches += 1
+        self.batched_requests += len(xs)
+        if sum(len(x) for x in xs) <= INLINE_ROWS:
+            return self._answer(loaded, xs)
+        return await asyncio.to_thread(self._answer, loaded, xs)
+
+    def _answer(self, loaded: Loaded, xs: list[np.ndarray]) -> list[tuple[int, bytes]]:
+        return [(loaded.version, answer_bytes(a)) for a in loaded.predict_many(xs, self._s.classes)]
+
+    async def _predict_pinned(self, version: int, x: np.ndarray) -> tuple[int, bytes]:
+        current = self._follower.current
+        if current is not None and current.version == version:
+            loaded = current
+        else:
+            try:
+                loaded = await asyncio.to_thread(self._pinned.get, version)
+            except CheckpointError as e:
+                raise BadRequest(f"model version {version} cannot be loaded: {e}", 409) from None
+        return (await asyncio.to_thread(self._answer, loaded, [x]))[0]
+
+    def _note_answer(self, version: int) -> None:
+        if version not in self._answered:  # freshness: the first answer from each version
+            self._answered.add(version)
+            self._registry.record_answer.remote(version, time.time())
+
+    def _health_problem(self) -> Optional[str]:
+        if not self._thread.is_alive():
+            return "the version follower thread died"
+        return self._follower.health_problem()
 
 
-APP_NAME = "livetrain"
-
-
-def start_serving(cfg, registry_name: str, namespace: str, feature_names: list[str]) -> str:
+def start_serving(cfg, registry_name: str, namespace: str, feature_names: list[str], *, name: str = APP_NAME, route_prefix: str = "/") -> str:
     """Start Serve on ``cfg.serve.host:port`` and deploy the app; returns its URL."""
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    s = cfg.serve
+    settings = ReplicaSettings(
+        registry_name=registry_name,
+        namespace=namespace,
+        features=list(feature_names),
+        classes=list(cfg.schema.classes),
+        limits=bodies.Limits(s.max_instances, s.max_bulk_rows, s.max_body_bytes),
+        max_batch_size=s.max_batch_size,
+        batch_wait_timeout_s=s.batch_wait_timeout_s,
+        pinned_versions=s.pinned_versions,
+        token_digest=token_digest(s.auth_token_env),
+    )
+    serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(
-        ModelServer.options(num_replicas=cfg.serve.num_replicas).bind(
-            registry_name, namespace, feature_names, list(cfg.schema.classes), cfg.serve.max_instances
-        ),
-        name=APP_NAME,
-        route_prefix="/",
+        ModelServer.options(
+            num_replicas=s.num_replicas,
+            max_ongoing_requests=s.max_ongoing_requests,
+            health_check_period_s=s.health_check_period_s,
+        ).bind(settings),
+        name=name,
+        route_prefix=route_prefix,
         blocking=False,
     )
-    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+    return f"http://{s.host}:{s.port}" + ("" if route_prefix == "/" else route_prefix)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -12,10 +13,21 @@ import torch
 from torch import nn
 
 from livetrain.messages import ServedVersion
+from livetrain.training.checkpoint import CheckpointError, model_from_weights
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class BadRequest(ValueError):
-    """The request is malformed; the message says what is wrong (-> HTTP 422)."""
+    """The request is malformed; the message says what is wrong.
+
+    ``status`` is the HTTP answer: 422 by default (well-formed but wrong),
+    400 for unparseable bodies, 413 for too much, 415 for a content type we
+    do not read."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def instances_to_array(instances: Any, feature_names: list[str], max_instances: int) -> np.ndarray:
@@ -26,7 +38,7 @@ def instances_to_array(instances: Any, feature_names: list[str], max_instances: 
     if not instances:
         raise BadRequest("'instances' is empty: send at least one row")
     if len(instances) > max_instances:
-        raise BadRequest(f"too many instances: {len(instances)} > {max_instances} per request")
+        raise BadRequest(f"too many instances: {len(instances)} > {max_instances} per request (serve.max_instances)", 413)
     rows = []
     for i, row in enumerate(instances):
         if isinstance(row, dict):
@@ -41,11 +53,29 @@ def instances_to_array(instances: Any, feature_names: list[str], max_instances: 
             raise BadRequest(f"instance {i} has {len(row)} features, expected {d}")
         for j, v in enumerate(row):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise BadRequest(f"instance {i}, feature {j}: {v!r} is not a number")
-            if not math.isfinite(v):
-                raise BadRequest(f"instance {i}, feature {j}: {v!r} is not finite")
+                raise BadRequest(f"instance {i}, feature {j}: {_short(v)} is not a number")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise BadRequest(f"instance {i}, feature {j}: {_short(v)} is not finite")
+            if abs(v) > FLOAT32_MAX:  # would become inf in float32 (and a huge int overflows float())
+                raise BadRequest(f"instance {i}, feature {j}: {_short(v)} is out of float32 range")
         rows.append(row)
     return np.asarray(rows, dtype=np.float32).reshape(len(rows), d)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def load_version(served: ServedVersion, weights: dict[str, Any], now: float | None = None) -> "Loaded":
+    """Build the model of a served version, refusing weights that do not fit
+    its spec or are not finite (CheckpointError); nothing is swapped on error."""
+    for name, w in weights.items():
+        a = np.asarray(w)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise CheckpointError(f"v{served.version}: weight {name!r} is not finite")
+    model = model_from_weights(served.spec, weights)
+    return Loaded(served, model, time.time() if now is None else now)
 
 
 @dataclass(frozen=True)
@@ -57,15 +87,34 @@ class Loaded:
     model: nn.Module
     loaded_at: float
 
+    @property
+    def version(self) -> int:
+        return self.served.version
+
     @torch.no_grad()
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        return torch.softmax(self.model(torch.from_numpy(np.ascontiguousarray(x))), dim=1).numpy()
+
     def predict(self, x: np.ndarray, classes: list[int]) -> dict[str, Any]:
-        probs = torch.softmax(self.model(torch.from_numpy(x)), dim=1).numpy()
+        return self.predict_many([x], classes)[0]
+
+    def predict_many(self, xs: list[np.ndarray], classes: list[int]) -> list[dict[str, Any]]:
+        """One forward pass over several requests' rows; one answer per request,
+        all from this version."""
+        probs = self.probabilities(np.concatenate(xs) if len(xs) > 1 else xs[0])
         idx = probs.argmax(axis=1)
-        return {
-            "predictions": [classes[i] for i in idx],
-            "probabilities": probs.round(6).tolist(),
-            "model_version": self.served.version,
-        }
+        labels = np.asarray(classes)[idx].tolist()
+        rounded = probs.round(6).tolist()
+        out, start = [], 0
+        for x in xs:
+            end = start + len(x)
+            out.append({"predictions": labels[start:end], "probabilities": rounded[start:end], "model_version": self.version})
+            start = end
+        return out
+
+
+def answer_bytes(answer: dict[str, Any]) -> bytes:
+    return json.dumps(answer, separators=(",", ":")).encode()
 
 
 def describe(loaded: Loaded | None, now: float | None = None) -> dict[str, Any]:

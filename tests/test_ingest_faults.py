@@ -61,7 +61,14 @@ def test_buffer_actor_killed_restarts_rebuilt_from_snapshot_and_manifest(ray_ses
     ray.get(buffer.close.remote())  # writes the snapshot now (it is also written on a cadence)
     ray.kill(buffer, no_restart=False)
     # the same handle works again: the restarted actor rebuilt itself from the state dir
-    after = wait_until(lambda: ray.get(buffer.stats.remote(), timeout=30), 60, "the restarted buffer")
+    def restarted():  # ray.kill is asynchronous: the old instance may still answer first
+        try:
+            s = ray.get(buffer.stats.remote(), timeout=30)
+        except ray.exceptions.RayError:
+            return None
+        return s if s["rebuilt_rows"] > 0 else None
+
+    after = wait_until(restarted, 60, "the restarted, rebuilt buffer")
     assert after["rebuilt_rows"] == before["rows"] > 0
     assert (after["rows"], after["reservoir_blocks"], after["window_blocks"]) == (
         before["rows"], before["reservoir_blocks"], before["window_blocks"])

@@ -1,0 +1,52 @@
+"""Optional bearer token for ``/predict`` and ``/admin/*``; plain code, no Ray.
+
+The token is read from the environment variable named by
+``serve.auth_token_env`` in the process that starts serving, and only its
+SHA-256 reaches the replicas (deployment arguments live in the Serve
+controller; the token itself never does). Requests are compared by digest in
+constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+
+class AuthError(PermissionError):
+    """Missing or wrong bearer token (-> HTTP 401)."""
+
+
+def token_digest(env_var: str | None, environ: dict[str, str] | None = None) -> str | None:
+    """SHA-256 hex of the token in ``env_var``; None when auth is off."""
+    if env_var is None:
+        return None
+    token = (os.environ if environ is None else environ).get(env_var, "")
+    if not token.strip():
+        raise ValueError(f"serve.auth_token_env: environment variable {env_var} is not set (or empty); set it or unset serve.auth_token_env")
+    return _digest(token.strip())
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class BearerAuth:
+    def __init__(self, digest: str | None) -> None:
+        self.digest = digest
+
+    @property
+    def enabled(self) -> bool:
+        return self.digest is not None
+
+    def check(self, authorization: str | None) -> None:
+        if self.digest is None:
+            return
+        if not authorization:
+            raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("the Authorization header must be 'Bearer <token>'")
+        if not hmac.compare_digest(_digest(token.strip()), self.digest):
+            raise AuthError("wrong bearer token")

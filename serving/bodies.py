@@ -1,0 +1,178 @@
+"""Request bodies of ``POST /predict`` -> a float32 [rows, features] array.
+
+Pure (pyarrow, numpy; no Ray). Three content types:
+
+- ``application/json``: ``{"instances": [[...], ...]}`` or rows as objects
+  keyed by feature name (also the default when no content type is sent);
+- ``application/vnd.apache.arrow.stream``: an Arrow IPC stream;
+- ``application/x-parquet``: a Parquet file.
+
+The bulk formats hold either one numeric column per feature (by name) or a
+single list column of the full width. Every refusal is a ``BadRequest``
+whose message names the problem and whose status is the HTTP answer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from livetrain.serving.predictor import FLOAT32_MAX, BadRequest, instances_to_array
+
+JSON = "application/json"
+ARROW = "application/vnd.apache.arrow.stream"
+PARQUET = "application/x-parquet"
+CONTENT_TYPES = (JSON, ARROW, PARQUET)
+_ALIASES = {"application/vnd.apache.parquet": PARQUET, "application/parquet": PARQUET}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_instances: int
+    """Rows in one JSON request."""
+    max_bulk_rows: int
+    """Rows in one Arrow or Parquet request."""
+    max_body_bytes: int
+
+
+def media_type(content_type: str | None) -> str:
+    """The content type we read the body as (415 if none of ours)."""
+    if not content_type:
+        return JSON
+    base = content_type.split(";", 1)[0].strip().lower()
+    base = _ALIASES.get(base, base)
+    if base == JSON or (base.startswith("application/") and base.endswith("+json")):
+        return JSON
+    if base in CONTENT_TYPES:
+        return base
+    raise BadRequest(f"unsupported content type {content_type[:80]!r}: send one of {', '.join(CONTENT_TYPES)}", 415)
+
+
+def check_length(content_length: str | None, limits: Limits) -> None:
+    """Refuse a declared oversized body before reading it."""
+    if content_length is None:
+        return
+    try:
+        n = int(content_length)
+    except ValueError:
+        raise BadRequest(f"content-length {content_length[:40]!r} is not a number", 400) from None
+    if n > limits.max_body_bytes:
+        raise BadRequest(too_large_message(n, limits), 413)
+
+
+def too_large_message(n: int | str, limits: Limits) -> str:
+    return f"request body of {n} bytes is larger than {limits.max_body_bytes} (serve.max_body_bytes)"
+
+
+def decode(raw: bytes, content_type: str | None, features: list[str], limits: Limits) -> np.ndarray:
+    kind = media_type(content_type)
+    if len(raw) > limits.max_body_bytes:
+        raise BadRequest(too_large_message(len(raw), limits), 413)
+    if kind == JSON:
+        return decode_json(raw, features, limits.max_instances)
+    return table_to_array(read_table(raw, kind), features, limits.max_bulk_rows)
+
+
+def decode_json(raw: bytes, features: list[str], max_instances: int) -> np.ndarray:
+    if not raw.strip():
+        raise BadRequest("empty body: send a JSON object with 'instances'", 400)
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"malformed JSON: not UTF-8 text ({e.reason} at byte {e.start})", 400) from None
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}", 400) from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply", 400) from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the body must be a JSON object with 'instances', got a JSON {type(body).__name__}")
+    if "instances" not in body:
+        raise BadRequest("'instances' is missing: send {\"instances\": [[...], ...]}")
+    return instances_to_array(body["instances"], features, max_instances)
+
+
+def read_table(raw: bytes, kind: str) -> pa.Table:
+    name = "Arrow IPC stream" if kind == ARROW else "Parquet file"
+    if not raw:
+        raise BadRequest(f"empty body: expected an {name}", 400)
+    try:
+        if kind == ARROW:
+            with pa.ipc.open_stream(pa.py_buffer(raw)) as reader:
+                return reader.read_all()
+        return pq.read_table(pa.BufferReader(raw))
+    except (pa.ArrowException, OSError, ValueError, TypeError, IndexError) as e:
+        raise BadRequest(f"body is not a readable {name}: {_first_line(e)}", 400) from None
+
+
+def table_to_array(table: pa.Table, features: list[str], max_rows: int) -> np.ndarray:
+    """Feature columns (by name) or one list column -> float32 [n, d], checked."""
+    d = len(features)
+    if table.num_rows == 0:
+        raise BadRequest("the table has no rows: send at least one")
+    if table.num_rows > max_rows:
+        raise BadRequest(f"too many rows: {table.num_rows} > {max_rows} per request (serve.max_bulk_rows)", 413)
+    names = table.column_names
+    if all(f in names for f in features):
+        x = np.empty((table.num_rows, d), dtype=np.float32)
+        for j, f in enumerate(features):
+            x[:, j] = _numeric_column(table.column(f), f)
+    else:
+        lists = [n for n in names if _is_list(table.schema.field(n).type)]
+        if len(lists) != 1:
+            missing = [f for f in features if f not in names]
+            raise BadRequest(f"missing feature columns {missing[:10]} (or one list column of width {d}); got columns {names[:10]}")
+        x = _list_column(table.column(lists[0]), lists[0], d)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise BadRequest(f"row {int(np.argmax(bad))}: a feature is NaN or infinite ({int(bad.sum())} such rows)")
+    return x
+
+
+def _is_list(tp: pa.DataType) -> bool:
+    return pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp)
+
+
+def _numeric_column(col: pa.ChunkedArray, name: str) -> np.ndarray:
+    tp = col.type
+    if not (pa.types.is_floating(tp) or pa.types.is_integer(tp)):
+        raise BadRequest(f"column {name!r} is {tp}, expected a number type")
+    if col.null_count:
+        raise BadRequest(f"column {name!r} has {col.null_count} null values")
+    a = col.to_numpy().astype(np.float64, copy=False)
+    if (np.abs(a[np.isfinite(a)]) > FLOAT32_MAX).any():
+        raise BadRequest(f"column {name!r} has values out of float32 range")
+    return a
+
+
+def _list_column(col: pa.ChunkedArray, name: str, d: int) -> np.ndarray:
+    arr = col.combine_chunks()
+    if arr.null_count:
+        raise BadRequest(f"column {name!r} has {arr.null_count} null rows")
+    if pa.types.is_fixed_size_list(arr.type):
+        width = arr.type.list_size
+    else:
+        lengths = arr.value_lengths().to_numpy(zero_copy_only=False)
+        if (lengths != d).any():
+            i = int(np.argmax(lengths != d))
+            raise BadRequest(f"row {i} of column {name!r} has {int(lengths[i])} features, expected {d}")
+        width = d
+    if width != d:
+        raise BadRequest(f"column {name!r} has {width} features per row, expected {d}")
+    values = arr.flatten()
+    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
+        raise BadRequest(f"column {name!r} holds {values.type}, expected numbers")
+    if values.null_count:
+        raise BadRequest(f"column {name!r} has {values.null_count} null features")
+    v = values.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    if (np.abs(v[np.isfinite(v)]) > FLOAT32_MAX).any():
+        raise BadRequest(f"column {name!r} has values out of float32 range")
+    return v.astype(np.float32).reshape(len(arr), d)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]

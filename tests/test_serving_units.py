@@ -1,0 +1,303 @@
+"""The serving logic without Ray: body decoding, version following, pinning,
+auth. The registry is a hand-written fake."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from livetrain.config import ConfigError, ServeConfig
+from livetrain.messages import ModelSpec, ServedVersion
+from livetrain.serving import bodies
+from livetrain.serving.auth import AuthError, BearerAuth, token_digest
+from livetrain.serving.predictor import BadRequest, load_version
+from livetrain.serving.versions import PinnedVersions, VersionFollower, VersionGone
+from livetrain.training.checkpoint import CheckpointError, state_dict_numpy
+from livetrain.training.models import build_model
+
+F = ["x0", "x1", "x2"]
+LIMITS = bodies.Limits(max_instances=10, max_bulk_rows=100, max_body_bytes=10_000)
+SPEC = ModelSpec("mlp", {"num_features": 3, "num_classes": 2, "hidden": [8]})
+
+
+def weights(seed: int) -> dict[str, np.ndarray]:
+    torch.manual_seed(seed)
+    return state_dict_numpy(build_model(SPEC))
+
+
+def served(version: int, w: Any = None) -> ServedVersion:
+    return ServedVersion(version, w if w is not None else ("ref", version), SPEC, version, 0.0, 1.0, {})
+
+
+def arrow_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+# --- request bodies ----------------------------------------------------------
+
+
+def test_json_arrow_and_parquet_bodies_give_the_same_rows():
+    x = np.array([[0.1, 0.2, 0.3], [1, 2, 3]], dtype=np.float32)
+    table = pa.table({f: x[:, j] for j, f in enumerate(F)})
+    from_json = bodies.decode(b'{"instances": [[0.1, 0.2, 0.3], {"x0": 1, "x1": 2, "x2": 3}]}', "application/json", F, LIMITS)
+    from_arrow = bodies.decode(arrow_bytes(table), bodies.ARROW, F, LIMITS)
+    from_parquet = bodies.decode(parquet_bytes(table), "application/x-parquet; charset=binary", F, LIMITS)
+    as_list = pa.table({"features": pa.array(x.tolist(), type=pa.list_(pa.float32(), 3))})
+    from_list = bodies.decode(arrow_bytes(as_list), bodies.ARROW, F, LIMITS)
+    for a in (from_json, from_arrow, from_parquet, from_list):
+        assert a.dtype == np.float32 and np.array_equal(a, x)
+
+
+BAD_JSON = [
+    (b'{"instances": [[0.1, 0.2]]}', 422, "has 2 features, expected 3"),
+    (b'{"instances": [[0.1, "a", 0.3]]}', 422, "'a' is not a number"),
+    (b'{"instances": [[0.1, null, 0.3]]}', 422, "None is not a number"),
+    (b'{"instances": [[0.1, true, 0.3]]}', 422, "True is not a number"),
+    (b'{"instances": [[0.1, NaN, 0.3]]}', 422, "not finite"),
+    (b'{"instances": [[0.1, Infinity, 0.3]]}', 422, "not finite"),
+    (b'{"instances": [[0.1, 1e39, 0.3]]}', 422, "out of float32 range"),
+    (b'{"instances": [[0.1, 1' + b"0" * 400 + b', 0.3]]}', 422, "out of float32 range"),
+    (b'{"instances": [{"x0": 1, "x1": 2}]}', 422, "missing features ['x2']"),
+    (b'{"instances": [{"x0": 1, "x1": 2, "x2": 3, "y": 4}]}', 422, "unknown features ['y']"),
+    (b'{"instances": []}', 422, "empty"),
+    (b'{"instances": "rows"}', 422, "must be a list"),
+    (b'{"instances": [3]}', 422, "expected a list of 3 numbers"),
+    (b'{"rows": [[1, 2, 3]]}', 422, "'instances' is missing"),
+    (b"[[1, 2, 3]]", 422, "must be a JSON object"),
+    (b'{"instances": [[1, 2, 3]]', 400, "malformed JSON"),
+    (b"{not json", 400, "malformed JSON"),
+    (b"", 400, "empty body"),
+    (b"\xff\xfe{}", 400, "malformed JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, 413, "larger than"),
+    (b'{"instances": [' + b"[1,2,3]," * 11 + b"[1,2,3]]}", 413, "too many instances: 12 > 10"),
+]
+
+
+@pytest.mark.parametrize("raw, status, message", BAD_JSON, ids=[m for _, _, m in BAD_JSON])
+def test_bad_json_bodies_are_refused_naming_the_problem(raw, status, message):
+    with pytest.raises(BadRequest) as e:
+        bodies.decode(raw, "application/json", F, LIMITS)
+    assert e.value.status == status and message in str(e.value)
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash():
+    deep = b"[" * 5000 + b"]" * 5000
+    with pytest.raises(BadRequest) as e:
+        bodies.decode(deep, "application/json", F, bodies.Limits(10, 10, 1_000_000))
+    assert e.value.status in (400, 422)
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        (pa.table({"x0": [1.0], "x1": [2.0]}), "missing feature columns ['x2']"),
+        (pa.table({"x0": [1.0], "x1": [2.0], "x2": ["a"]}), "column 'x2' is string"),
+        (pa.table({"x0": [1.0], "x1": [2.0], "x2": pa.array([None], pa.float64())}), "1 null values"),
+        (pa.table({"x0": [1.0], "x1": [2.0], "x2": [float("nan")]}), "row 0: a feature is NaN or infinite"),
+        (pa.table({"x0": [1.0], "x1": [2.0], "x2": [1e300]}), "out of float32 range"),
+        (pa.table({f: pa.array([], pa.float32()) for f in F}), "no rows"),
+        (pa.table({"f": pa.array([[1.0, 2.0]], pa.list_(pa.float32()))}), "has 2 features, expected 3"),
+        (pa.table({f: np.zeros(101) for f in F}), "too many rows: 101 > 100"),
+    ],
+)
+def test_bad_bulk_tables_are_refused_naming_the_problem(table, message):
+    for raw, kind in ((arrow_bytes(table), bodies.ARROW), (parquet_bytes(table), bodies.PARQUET)):
+        with pytest.raises(BadRequest, match=None) as e:
+            bodies.decode(raw, kind, F, LIMITS)
+        assert message in str(e.value), (kind, str(e.value))
+
+
+@pytest.mark.parametrize("kind", [bodies.ARROW, bodies.PARQUET])
+def test_bytes_that_are_not_arrow_or_parquet_are_a_400(kind):
+    with pytest.raises(BadRequest) as e:
+        bodies.decode(b"PAR1 certainly not a table", kind, F, LIMITS)
+    assert e.value.status == 400 and "not a readable" in str(e.value)
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
+def test_unsupported_content_type_is_a_415_naming_it(ctype):
+    with pytest.raises(BadRequest) as e:
+        bodies.media_type(ctype)
+    assert e.value.status == 415 and ctype.split(";")[0] in str(e.value)
+
+
+def test_declared_oversized_body_is_refused_before_reading():
+    with pytest.raises(BadRequest) as e:
+        bodies.check_length("10001", LIMITS)
+    assert e.value.status == 413 and "serve.max_body_bytes" in str(e.value)
+    bodies.check_length("10000", LIMITS)
+    with pytest.raises(BadRequest, match="not a number"):
+        bodies.check_length("ten", LIMITS)
+
+
+# --- versions ----------------------------------------------------------------
+
+
+class FakeRegistry:
+    """``wait_for_version`` / ``get_version`` over a dict of served versions."""
+
+    def __init__(self) -> None:
+        self.store: dict[Any, dict[str, np.ndarray]] = {}
+        self.versions: dict[int, ServedVersion] = {}
+        self.served: ServedVersion | None = None
+
+    def promote(self, version: int, w: dict[str, np.ndarray]) -> None:
+        ref = ("ref", version)
+        self.store[ref] = w
+        self.versions[version] = self.served = served(version, ref)
+
+    def wait_for_version(self, have: int, timeout_s: float) -> ServedVersion | None:
+        return None if self.served is None or self.served.version == have else self.served
+
+    def fetch(self, ref: Any) -> dict[str, np.ndarray]:
+        return self.store[ref]
+
+
+def test_follower_swaps_to_each_promoted_version_and_back_on_rollback():
+    reg = FakeRegistry()
+    f = VersionFollower(reg.wait_for_version, reg.fetch, log=lambda _: None)
+    assert not f.step(0) and f.current is None and f.health_problem() is None  # startup: no model yet is healthy
+    reg.promote(1, weights(1))
+    assert f.step(0) and f.current.version == 1
+    reg.promote(2, weights(2))
+    before = f.current
+    assert f.step(0) and f.current.version == 2
+    assert before.version == 1, "a Loaded already handed to a request never changes"
+    reg.served = reg.versions[1]  # rollback
+    assert f.step(0) and f.current.version == 1 and f.swaps == 3
+
+
+def test_mismatched_or_corrupt_weights_are_refused_while_the_current_version_keeps_serving():
+    reg = FakeRegistry()
+    f = VersionFollower(reg.wait_for_version, reg.fetch, log=lambda _: None)
+    reg.promote(1, weights(1))
+    f.step(0)
+    wrong_width = {k: v for k, v in weights(2).items()}
+    wrong_width["net.1.weight"] = np.zeros((8, 5), np.float32)
+    reg.promote(2, wrong_width)
+    assert not f.step(0) and f.current.version == 1
+    assert "refused v2" in f.last_error and "do not fit" in f.refused[2]
+    assert not f.step(0), "a refused version is not fetched again"
+    nan = weights(3)
+    nan["net.1.bias"][0] = np.nan
+    reg.promote(3, nan)
+    assert not f.step(0) and f.current.version == 1 and "not finite" in f.refused[3]
+    reg.promote(4, weights(4))
+    assert f.step(0) and f.current.version == 4
+    assert f.health_problem() is None
+
+
+def test_a_replica_without_a_model_is_unhealthy_once_the_registry_serves_one():
+    reg = FakeRegistry()
+    f = VersionFollower(reg.wait_for_version, reg.fetch, log=lambda _: None)
+    bad = weights(1)
+    bad.pop("net.1.bias")
+    reg.promote(1, bad)
+    f.step(0)
+    assert f.current is None and "no model loaded while the registry serves v1" in f.health_problem()
+    reg.promote(2, weights(2))
+    f.step(0)
+    assert f.health_problem() is None
+
+
+def test_follower_run_retries_after_transient_errors_until_stopped():
+    reg = FakeRegistry()
+    reg.promote(1, weights(1))
+    calls = {"n": 0}
+    stop = threading.Event()
+
+    def flaky_wait(have, timeout_s):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("registry restarting")
+        if have == 1:
+            stop.set()
+            return None
+        return reg.wait_for_version(have, timeout_s)
+
+    f = VersionFollower(flaky_wait, reg.fetch, log=lambda _: None)
+    f.run(stop, poll_s=0, backoff_s=0)
+    assert f.current.version == 1 and calls["n"] >= 3
+
+
+def test_pinned_versions_load_on_demand_keep_a_few_and_404_when_gone():
+    reg = FakeRegistry()
+    for v in (1, 2, 3):
+        reg.promote(v, weights(v))
+    pins = PinnedVersions(lambda v: reg.versions.get(v), reg.fetch, capacity=2)
+    assert pins.get(1).version == 1 and pins.get(1).version == 1 and pins.loads == 1
+    pins.get(2), pins.get(3)
+    pins.get(1)
+    assert pins.loads == 4, "the least recently used version was dropped"
+    with pytest.raises(VersionGone, match="model version 99 is not available"):
+        pins.get(99)
+
+
+def test_a_batch_is_answered_by_one_version_with_the_same_numbers_as_alone():
+    loaded = load_version(served(7), weights(7))
+    xs = [np.random.default_rng(i).random((n, 3), dtype=np.float32) for i, n in enumerate((1, 5, 64))]
+    together = loaded.predict_many(xs, [0, 1])
+    alone = [loaded.predict(x, [0, 1]) for x in xs]
+    assert [a["model_version"] for a in together] == [7, 7, 7]
+    for t, a, x in zip(together, alone, xs):
+        assert len(t["predictions"]) == len(x)
+        assert np.allclose(t["probabilities"], a["probabilities"], atol=1e-5)
+
+
+def test_load_version_refuses_weights_for_another_model():
+    other = ModelSpec("mlp", {"num_features": 4, "num_classes": 2, "hidden": [8]})
+    torch.manual_seed(0)
+    w = state_dict_numpy(build_model(other))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_version(served(1), w)
+
+
+# --- auth and config -----------------------------------------------------------
+
+
+def test_bearer_token_is_checked_by_digest_and_off_by_default():
+    BearerAuth(None).check(None)
+    digest = token_digest("LT_TOKEN", {"LT_TOKEN": "s3cret"})
+    assert digest is not None and "s3cret" not in digest
+    auth = BearerAuth(digest)
+    auth.check("Bearer s3cret")
+    for header, message in [(None, "missing"), ("Basic abc", "must be 'Bearer"), ("Bearer nope", "wrong")]:
+        with pytest.raises(AuthError, match=message):
+            auth.check(header)
+    with pytest.raises(ValueError, match="LT_TOKEN is not set"):
+        token_digest("LT_TOKEN", {})
+
+
+def test_serve_config_binds_loopback_and_checks_batching_fields():
+    assert ServeConfig().host == "127.0.0.1" and ServeConfig().auth_token_env is None
+    with pytest.raises(ConfigError, match="serve.max_ongoing_requests"):
+        ServeConfig(max_batch_size=64, max_ongoing_requests=32)
+    with pytest.raises(ConfigError, match="serve.batch_wait_timeout_s"):
+        ServeConfig(batch_wait_timeout_s=-1)
+    with pytest.raises(ConfigError, match="serve.auth_token_env"):
+        ServeConfig(auth_token_env="Bearer abc.def")
+
+
+def test_pure_serving_modules_never_import_ray():
+    mods = ["bodies", "predictor", "versions", "auth"]
+    code = "import sys\n" + "".join(f"import livetrain.serving.{m}\n" for m in mods) + "print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
