@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config, or document every field")
     c.add_argument("--config", type=Path)
     c.add_argument("--help-fields", action="store_true", help="list every config field with its default and meaning")
+    c.add_argument("--markdown", action="store_true", help="with --help-fields: as the README's markdown tables")
     c.add_argument("overrides", nargs="*", metavar="key=value")
     q = sub.add_parser(
         "quarantine",
@@ -69,6 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--all", action="store_true", help="re-ingest every entry")
     q.add_argument("overrides", nargs="*", metavar="key=value")
     return p
+
+
+def _fields_markdown() -> str:
+    out, section = [], None
+    for key, default, doc in field_docs():
+        s = key.split(".")[0] if "." in key else "(top level)"
+        if s != section:
+            section = s
+            out += ["", f"**{section}**", "", "| key | default | meaning |", "|---|---|---|"]
+        out.append(f"| `{key}` | `{default}` | {doc.replace('|', '/')} |")
+    return "\n".join(out)
 
 
 def _resolve(args: argparse.Namespace) -> Config:
@@ -98,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return _rollback(args)
     try:
         if args.command == "config" and args.help_fields:
-            for key, default, doc in field_docs():
-                print(f"{key} = {default}\n    {doc}")
+            print(_fields_markdown() if args.markdown else "\n".join(f"{k} = {d}\n    {doc}" for k, d, doc in field_docs()))
             return 0
         cfg = _resolve(args)
     except (ConfigError, OSError) as e:
