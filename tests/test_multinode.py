@@ -1,0 +1,95 @@
+"""A real two-node Ray cluster on this machine: a head (``ray start --head``
+on loopback) and a second node that alone has the ``trainer`` resource.
+``livetrain run`` connects to it, the training workers land on the second
+node, the buffer and registry beside the driver on the head, blocks cross
+nodes through the object store, the endpoint answers. Stopping livetrain
+leaves the cluster up; tearing it down is this test's job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _util import free_port, wait_until
+from test_cli import livetrain, processes_mentioning, write_shards
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+QUERY = """
+import json, ray
+ray.init(address="{address}", configure_logging=False, log_to_driver=False)
+nodes = {{n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}}
+actors = [(v["ActorClassName"], v["Address"]["NodeID"]) for v in ray._private.state.actors().values()]
+print(json.dumps({{"nodes": nodes, "actors": actors}}))
+"""
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path):
+    temp = Path("/tmp") / f"lt-mn-{os.getpid()}"  # short: Ray's socket paths are length-limited
+    port = free_port()
+    common = ["--disable-usage-stats"]
+    # the head enables token auth when ~/.ray/auth_token exists; every client must then send it
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_AUTH_MODE": "token"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # a token for the cluster's auth (created once per machine if missing)
+    subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, capture_output=True, env=env, timeout=60)
+    try:
+        subprocess.run(
+            [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=3",
+             '--resources={"head": 1}', "--include-dashboard=false", f"--temp-dir={temp}", *common],
+            check=True, capture_output=True, env=env, timeout=120,
+        )
+        subprocess.run(
+            [ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+             '--resources={"trainer": 2}', *common],
+            check=True, capture_output=True, env=env, timeout=120,
+        )
+        yield f"127.0.0.1:{port}", env
+    finally:
+        for line in processes_mentioning({str(temp), f"127.0.0.1:{port}"}):
+            pid = int(line.split(":", 1)[0])
+            if pid != os.getpid():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def test_loop_runs_across_two_nodes_and_leaves_the_cluster_up(two_nodes, tmp_path: Path):
+    address, env = two_nodes
+    landing = tmp_path / "landing"
+    write_shards(landing, 16)
+    cfg = {
+        "state_dir": str(tmp_path / "state"),
+        "live_view": False,
+        "source": {"kind": "directory", "path": str(landing)},
+        "schema": {"features": ["x0", "x1", "x2"], "label": "label", "classes": [0, 1]},
+        "train": {"worker_resources": {"trainer": 1}, "cpus_per_worker": 0.5, "min_buffer_rows": 500},
+        "serve": {"port": free_port()},
+        "tracking": {"wandb": "disabled"},
+        "ray": {"address": address},
+    }
+    path = tmp_path / "mn.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    summary, _ = livetrain("run", "--config", str(path), "--duration", "30", env=env)
+    assert summary["shards_ingested"] == 16 and summary["train_steps"] > 0
+    assert summary["served_version"] is not None  # the endpoint answered probes with it
+    out = subprocess.run([sys.executable, "-c", QUERY.format(address=address)], capture_output=True, text=True,
+                         env=env, timeout=120, check=True)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    trainer_node = next(n for n, r in info["nodes"].items() if "trainer" in r)
+    head_node = next(n for n, r in info["nodes"].items() if "head" in r)
+    placed = {}
+    for cls, node in info["actors"]:
+        placed.setdefault(cls, set()).add(node)
+    assert placed["RayTrainWorker"] == {trainer_node}
+    assert placed["ReplayBufferActor"] == {head_node} and placed["ModelRegistry"] == {head_node}
+    assert len(info["nodes"]) == 2  # livetrain stopped; the cluster is still up
