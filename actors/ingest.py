@@ -32,6 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from livetrain.actors.blocks import PartSpan, ShardCommit, block_nbytes, block_of, label_index, part_rows
 from livetrain.actors.manifest import Manifest, ShardRecord
@@ -153,7 +154,10 @@ class IngestLoop:
 
     def _new_actor(self) -> Any:
         state = str(Path(self.cfg.state_dir).resolve())
-        return IngestActor.remote(self.cfg.schema, state, self._rows_per_part)
+        # beside the driver: the landing dir and the quarantine are on its disk
+        # unless they live on shared storage
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        return IngestActor.options(scheduling_strategy=here).remote(self.cfg.schema, state, self._rows_per_part)
 
     @property
     def actors(self) -> list[Any]:

@@ -3,24 +3,28 @@
     landing dir (*.parquet; written by the user, or by SyntheticStream)
         |  DirectorySource.poll            [IngestLoop thread, driver process]
         v
-    Manifest (SQLite) -- discover -> claim -------------------------------+
-        |                                                                   |
-        v                                                                   |
-    IngestActor xN: read -> validate -> quarantine/ ; returns block ref     |
-        |  (the driver owns the block: it made the call)                    |
-        v                                                                   |
-    ModelRegistry.observe(meta, [ref])   test: served model scores block    |
-        v                                                                   |
-    ReplayBufferActor.add(meta, [ref])   then train: window + reservoir     |
-        |                                              mark_ingested -------+
+    Manifest (SQLite) -- discover (content hash: duplicates recorded) -> claim
+        |
+        v
+    IngestActor xN (beside the driver): read by row group -> validate ->
+        quarantine/ ; streams block refs (the driver owns them: it made the call)
+        v
+    ModelRegistry.observe(meta, [ref])   test: served model scores each block,
+        |                                drift detectors watch errors + features
+        v
+    ReplayBufferActor.add_shard(commit, refs)   then train: window + reservoir;
+        |   marks the shard ingested in the same call (exactly once); may make
+        |   ingest wait (buffer.backpressure: coverage) ; snapshot for restarts
         |  Sample(refs)                     [TorchTrainer job, fit() in a driver thread]
         v
     train_loop_per_worker x2 (DDP/gloo): fetch blocks zero-copy, K steps,
         rank 0 -> ModelRegistry.propose(Candidate(weights ref))   (time cadence)
         all    -> ray.train.report(checkpoint)                    (time cadence)
         v
-    ModelRegistry: gate on unseen rows -> promote / reject -> decisions.jsonl,
-        served/vN/model.pt, ServedVersion(weights re-put, registry-owned)
+    ModelRegistry: gate on unseen rows (on hold after a drift alarm) -> promote /
+        reject / rollback -> decisions.jsonl, alarms.jsonl, served/vN/model.pt,
+        ServedVersion(weights re-put, registry-owned); drift reactions ->
+        ReplayBufferActor.set_mix (sampling mix) and, via report_train, the lr
         |  wait_for_version (long-poll)
         v
     ModelServer replicas (Ray Serve, FastAPI): swap in place; POST /predict,
@@ -31,9 +35,11 @@
     ``_TICK_S`` -> LiveView (stderr) and Tracker (W&B + metrics.jsonl).
 
 What each loop waits on: the IngestLoop on ``ray.wait`` over in-flight shards
-(at most ``source.poll_interval_s``); trainers on ``ReplayBufferActor.sample``
+(at most ``source.poll_interval_s``) and, with ``buffer.backpressure:
+coverage``, on the buffer's sample-to-insert limiter; trainers on ``ReplayBufferActor.sample``
 (a condition, until ``train.min_buffer_rows``); replicas on
-``wait_for_version`` (a condition in the registry); the synthetic writer on
+``wait_for_version`` (a condition in the registry) and requests on
+``@serve.batch`` (``serve.batch_wait_timeout_s``); the synthetic writer on
 its pacing schedule. Stopping closes the buffer, which every trainer sees in
 its next sample; they checkpoint once more and return.
 """

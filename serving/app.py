@@ -40,6 +40,7 @@ from ray import serve
 from livetrain.serving import bodies
 from livetrain.serving.auth import AuthError, BearerAuth, token_digest
 from livetrain.serving.predictor import BadRequest, Loaded, answer_bytes, describe
+from livetrain.training.checkpoint import weights_from_bytes
 from livetrain.serving.versions import PinnedVersions, VersionFollower, VersionGone
 from livetrain.training.checkpoint import CheckpointError
 from livetrain.training.registry import RollbackError
@@ -179,7 +180,7 @@ class ModelServer:
         self._s = settings
         self._auth = BearerAuth(settings.token_digest)
         self._registry = ray.get_actor(settings.registry_name, namespace=settings.namespace)
-        fetch = lambda ref: ray.get(ref, timeout=60)  # noqa: E731
+        fetch = lambda ref: weights_from_bytes(ray.get(ref, timeout=60))  # noqa: E731  (.npz, no pickle)
         self._follower = VersionFollower(
             lambda have, timeout_s: ray.get(self._registry.wait_for_version.remote(have, timeout_s), timeout=timeout_s + 30),
             fetch,
@@ -238,8 +239,13 @@ class ModelServer:
         return Response(payload, media_type="application/json", headers={"x-model-version": str(v)})
 
     @app.get("/model", summary="The served version: lineage, data age, metrics on unseen data")
-    def model(self) -> dict[str, Any]:
-        return describe(self._follower.current)
+    async def model(self) -> dict[str, Any]:
+        out = describe(self._follower.current)
+        try:  # the registry's live, test-then-train figures of whatever is served
+            out["live"] = await asyncio.wait_for(self._registry.live_report.remote(), timeout=2.0)
+        except Exception:  # registry busy or restarting: the static part still answers
+            out["live"] = None
+        return out
 
     @app.get("/healthz", summary="This replica's health (503 when it has no model but the registry has one)")
     def healthz(self) -> JSONResponse:

@@ -46,3 +46,24 @@ def test_weights_of_another_shape_are_refused():
 def test_unknown_model_name_is_an_error():
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         model_spec(ModelConfig(name="resnet"), 3, 2)
+
+
+def test_served_weights_travel_as_npz_bytes_without_pickle():
+    import pickle
+
+    import numpy as np
+
+    from livetrain.training.checkpoint import weights_from_bytes, weights_to_bytes
+
+    spec = model_spec(ModelConfig(hidden=[4]), 3, 2)
+    model = build_model(spec).eval()
+    again = model_from_weights(spec, weights_from_bytes(weights_to_bytes(state_dict_numpy(model))))
+    x = torch.randn(2, 3)
+    assert torch.equal(again(x), model(x))
+    hostile = pickle.dumps({"w": np.zeros(2)})  # a pickle stream is refused, never executed
+    with pytest.raises(CheckpointError, match="not a weights payload"):
+        weights_from_bytes(hostile)
+    buf = __import__("io").BytesIO()
+    np.savez(buf, w=np.array([object()], dtype=object))
+    with pytest.raises(CheckpointError):
+        weights_from_bytes(buf.getvalue())

@@ -87,6 +87,9 @@ def test_model_endpoint_describes_the_served_version(loop):
     info = wait_until(lambda: (i := model_info(loop)).get("model_version") and i, 120, "a served version")
     assert info["trained_through_seq"] >= 0 and info["promoted_at"] > 0
     assert set(info["metrics_on_unseen_data"]) >= {"accuracy", "precision", "recall", "f1"}
+    live = wait_until(lambda: (m := model_info(loop)["live"]) and m["prequential_window"] and m, 60, "live figures")
+    assert set(live["prequential_window"]) >= {"accuracy", "f1", "log_loss", "f1_class_0", "f1_class_1"}
+    assert "drift_alarms" in live and len(live["confusion_window"]) == 2
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ pickled code. ``load_model`` rebuilds the model from the file alone.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,23 @@ def model_from_weights(spec: ModelSpec, weights: dict[str, Any]) -> nn.Module:
 def state_dict_numpy(model: nn.Module) -> dict[str, np.ndarray]:
     """Weights as numpy arrays: what goes into the object store."""
     return {k: v.detach().cpu().numpy().copy() for k, v in unwrap(model).state_dict().items()}
+
+
+def weights_to_bytes(weights: dict[str, np.ndarray]) -> bytes:
+    """A state dict as ``.npz`` bytes: what a promoted version carries in the object store."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.ascontiguousarray(v) for k, v in weights.items()})
+    return buf.getvalue()
+
+
+def weights_from_bytes(data: bytes) -> dict[str, np.ndarray]:
+    """Parse ``weights_to_bytes`` output; arrays only (``allow_pickle=False``), so a
+    corrupt or hostile payload can fail but never run code."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError) as e:
+        raise CheckpointError(f"not a weights payload: {e}") from e
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -23,7 +23,7 @@ import torch
 from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ServedVersion
 from livetrain.training.drift import DriftAlarm
-from livetrain.training.checkpoint import CheckpointData, load_checkpoint, model_from_weights, save_checkpoint
+from livetrain.training.checkpoint import CheckpointData, load_checkpoint, model_from_weights, save_checkpoint, weights_to_bytes
 from livetrain.training.registry import KEEP_VERSIONS, Registry, RollbackError, Version
 
 REGISTRY_NAME = "livetrain_registry"
@@ -183,7 +183,7 @@ class ModelRegistry:
 
     def _served_message(self, v: Version) -> ServedVersion:
         if v.version not in self._weight_refs:  # re-put once: owned by this actor
-            self._weight_refs[v.version] = ray.put(v.weights)
+            self._weight_refs[v.version] = ray.put(weights_to_bytes(v.weights))  # no pickle on the serving side
             while len(self._weight_refs) > KEEP_VERSIONS:
                 self._weight_refs.pop(next(iter(self._weight_refs)))
         return ServedVersion(

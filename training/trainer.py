@@ -38,6 +38,7 @@ from livetrain.training.checkpoint import (
     save_checkpoint,
     state_dict_numpy,
     unwrap,
+    weights_from_bytes,
 )
 from livetrain.training.learner import Cadence, Learner, amp_dtype_for, concat_blocks
 from livetrain.training.models import build_model
@@ -169,7 +170,7 @@ def _refresh_anchor(learner: Learner, registry: Any, have: int) -> int:
     served = ray.get(registry.wait_for_version.remote(have, 0.0))
     if served is None:
         return have
-    learner.set_anchor(ray.get(served.weights))
+    learner.set_anchor(weights_from_bytes(ray.get(served.weights)))
     return served.version
 
 
