@@ -210,7 +210,11 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
         buffer.add({"x": x, "y": y}, meta)
         if buffer.stats().rows < tc.min_buffer_rows:
             continue
-        learner.set_lr_scale(registry.reaction.lr_scale)
+        r = registry.reaction  # the drift reactions, applied as production applies them
+        if REACTIONS in ("all", "lr"):
+            learner.set_lr_scale(r.lr_scale)
+        if REACTIONS in ("all", "mix"):
+            buffer.set_mix(r.recent_fraction, min(1.0, r.window_rows_scale))
         if tc.anchor_l2 and registry.served is not None and registry.served.version != anchored:
             learner.set_anchor(registry.served.weights)
             anchored = registry.served.version
@@ -336,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--static-rows", type=int, default=5000, help="rows the static model trains on (and eval_from)")
     p.add_argument("--window", type=int, default=1000, help="rows of the windowed accuracy for drift figures")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--reactions", default="all", choices=["all", "none", "lr", "mix"],
+                   help="which drift reactions livetrain applies (lr warm-up, sampling mix + window)")
     p.add_argument("--config", default=None, help="livetrain YAML config (default: the shipped Config() defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--parquet", default=None, help="replay this directory's *.parquet shards instead")
@@ -361,8 +367,14 @@ def streams(args: argparse.Namespace) -> Iterator[Callable[[], Stream]]:
         yield lambda name=name: makers[name](args.rows, args.seed)
 
 
+REACTIONS = "all"
+"""Which drift reactions the livetrain replay applies (``--reactions``)."""
+
+
 def main(argv: list[str] | None = None) -> None:
+    global REACTIONS
     args = parse_args(argv)
+    REACTIONS = args.reactions
     torch.set_num_threads(1)
     cfg = load_config(args.config, args.set)
     if args.block_rows < cfg.gate.min_eval_rows:  # a proposal per block would supersede every candidate
