@@ -39,7 +39,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from livetrain.config import SchemaConfig
-from livetrain.messages import ShardVerdict
 
 NULL_FEATURE = "null feature"
 NAN_FEATURE = "nan feature"
@@ -83,15 +82,6 @@ class ValidatedShard:
     def bad_rows(self) -> int:
         return 0 if self.bad is None else self.bad.num_rows
 
-    def verdict(self, shard: str) -> ShardVerdict:
-        return ShardVerdict(
-            shard=shard,
-            good_rows=self.good_rows,
-            bad_rows=self.bad_rows,
-            nbytes=self.x.nbytes + self.y.nbytes,
-            reasons=dict(self.reasons),
-            error=self.error,
-        )
 
 
 def read_and_validate(path: str | Path, schema: SchemaConfig) -> ValidatedShard:

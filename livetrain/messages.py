@@ -33,20 +33,6 @@ class BlockMeta:
 
 
 @dataclass(frozen=True)
-class ShardVerdict:
-    """What an ingest actor made of one shard (the block travels beside it)."""
-
-    shard: str
-    good_rows: int
-    bad_rows: int
-    nbytes: int
-    reasons: dict[str, int] = field(default_factory=dict)
-    """Quarantine reason -> rows."""
-    error: str | None = None
-    """Set when the shard could not be read at all (quarantined whole)."""
-
-
-@dataclass(frozen=True)
 class Sample:
     """The buffer's answer to a trainer: references, never the data."""
 

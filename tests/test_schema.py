@@ -218,12 +218,11 @@ def test_all_rows_bad_gives_an_empty_block_not_an_error(tmp_path):
     assert shard.error is None and shard.x.shape == (0, 3) and shard.reasons == {UNKNOWN_LABEL: 3}
 
 
-def test_verdict_summarises_the_shard(tmp_path):
+def test_counts_summarise_the_shard(tmp_path):
     path = _column_shard(tmp_path / "s.parquet", n=4, label=pa.array([0, 1, 9, 2], pa.int64()))
-    verdict = read_and_validate(path, SCHEMA).verdict("s.parquet")
-    assert (verdict.shard, verdict.good_rows, verdict.bad_rows) == ("s.parquet", 3, 1)
-    assert verdict.reasons == {UNKNOWN_LABEL: 1} and verdict.error is None
-    assert verdict.nbytes == 3 * 3 * 4 + 3 * 8
+    shard = read_and_validate(path, SCHEMA)
+    assert (shard.good_rows, shard.bad_rows) == (3, 1)
+    assert shard.reasons == {UNKNOWN_LABEL: 1} and shard.error is None
 
 
 # --- whole-shard rejection -------------------------------------------------------
