@@ -12,7 +12,7 @@ Weights are ``{name: numpy array}`` state dicts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 

@@ -59,8 +59,6 @@ def assert_exactly_once(all_ids: set[int], in_buffer: list[int], quarantined: li
 
 
 def make_loop(state: Path, *overrides: str):
-    import ray
-
     from livetrain.actors.buffer_actor import ReplayBufferActor
     from livetrain.actors.ingest import IngestLoop
     from livetrain.actors.manifest import Manifest

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _util import free_port, wait_until
+from _util import free_port
 from test_cli import livetrain, processes_mentioning, write_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

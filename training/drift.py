@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from river import drift
 
-from livetrain.config import ConfigError, DriftConfig
+from livetrain.config import DriftConfig
 
 ERROR_DETECTORS = ("adwin", "page_hinkley")
 
