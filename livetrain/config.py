@@ -292,6 +292,9 @@ class GateConfig:
     alarm_min_gain: float = 0.02
     """After an error-drift alarm, a candidate must *beat* the served model by
     this much to be promoted (random labels make every model look alike)."""
+    alarm_min_z: float = 3.0
+    """After an error-drift alarm, the candidate's win must also be significant:
+    McNemar's z over the rows where exactly one model is right."""
     alarm_hold_rows: int = 5000
     """Rows after an error-drift alarm during which ``alarm_min_gain`` applies."""
     rollback_margin: float = 0.05

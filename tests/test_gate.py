@@ -98,3 +98,16 @@ def test_lr_scale_multiplies_the_configured_rate():
     assert learner.optimizer.param_groups[0]["lr"] == 0.03
     learner.set_lr_scale(1.0)
     assert learner.optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_mcnemar_z_separates_signal_from_label_noise():
+    from livetrain.training.gate import mcnemar_z
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    served = rng.integers(0, 2, 2000)
+    cand = np.where(rng.random(2000) < 0.2, 1 - served, served)  # differs on 20% of rows
+    assert abs(mcnemar_z(y, cand, served)) < 3  # random labels: no model is really better
+    better = np.where(rng.random(2000) < 0.5, y, served)  # right on half the rows it disagrees
+    assert mcnemar_z(y, better, served) > 3
+    assert mcnemar_z(y, served, served) == 0.0

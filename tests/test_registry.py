@@ -186,7 +186,7 @@ def test_equal_candidate_is_not_promoted_while_holding_after_alarm():
     r.propose(*cand_w(good, 25))
     meta, x, _ = xor_block(26)
     d = r.observe(meta, x, rng.integers(0, 2, len(x)))
-    assert [x.action for x in d] == ["reject"] and "while holding" in d[0].reason
+    assert [x.action for x in d] == ["reject"] and "holding needs" in d[0].reason
     assert r.served.version == 1
 
 

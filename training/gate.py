@@ -60,6 +60,18 @@ def decide(candidate: dict[str, float], served: dict[str, float] | None, cfg: Ga
     return Verdict(False, f"{m} {candidate[m]:.4f} vs served {served[m]:.4f} (delta {delta:+.4f} < -{cfg.tolerance})")
 
 
+def mcnemar_z(y: np.ndarray, cand: np.ndarray, served: np.ndarray) -> float:
+    """McNemar's statistic on the rows where exactly one model is right:
+    (candidate-only right - served-only right) / sqrt(their sum). On labels
+    that carry no signal (a poisoned burst) it is ~N(0, 1) whatever the gap in
+    accuracy looks like on a few hundred rows; a model that learnt a new
+    concept scores far above 3."""
+    c_right, s_right = cand == y, served == y
+    b = int((c_right & ~s_right).sum())
+    c = int((~c_right & s_right).sum())
+    return (b - c) / float(np.sqrt(b + c)) if b + c else 0.0
+
+
 class Prequential:
     """Test-then-train figures of one model: confusion counts and log loss,
     cumulative and over a sliding window of the last ``window_rows`` rows

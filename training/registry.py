@@ -25,7 +25,7 @@ from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ModelSpec
 from livetrain.training.checkpoint import model_from_weights
 from livetrain.training.drift import DriftAlarm, DriftMonitor, ReactionState, decay, react
-from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide
+from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, mcnemar_z
 
 
 KEEP_VERSIONS = 32
@@ -227,16 +227,20 @@ class Registry:
             return []
         x = np.concatenate([b.x for b in unseen])[-self.cfg.max_eval_rows :]
         y = np.concatenate([b.y for b in unseen])[-self.cfg.max_eval_rows :]
-        cm = classification_metrics(y, cand.predict(x), self.num_classes)
-        sm = classification_metrics(y, self.served.predict(x), self.num_classes) if self.served else None
+        pc = cand.predict(x)
+        ps = self.served.predict(x) if self.served else None
+        cm = classification_metrics(y, pc, self.num_classes)
+        sm = classification_metrics(y, ps, self.num_classes) if ps is not None else None
         verdict = decide(cm, sm, self.cfg)
         if verdict.promote and sm is not None and self.holding:
             gain = cm[self.cfg.metric] - sm[self.cfg.metric]
-            if gain < self.cfg.alarm_min_gain:
+            z = mcnemar_z(y, pc, ps)
+            if gain < self.cfg.alarm_min_gain or z < self.cfg.alarm_min_z:
                 verdict = Verdict(
                     False,
                     f"drift alarm {self._rows_since_error_alarm} rows ago: {self.cfg.metric} gain "
-                    f"{gain:+.4f} < {self.cfg.alarm_min_gain} required while holding",
+                    f"{gain:+.4f} (McNemar z {z:.2f}); holding needs >= {self.cfg.alarm_min_gain} "
+                    f"and z >= {self.cfg.alarm_min_z}",
                 )
         self.pending = None
         served_version = self.served.version if self.served else None
