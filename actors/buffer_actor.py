@@ -101,13 +101,6 @@ class ReplayBufferActor:
             self._maybe_snapshot()
             return AddResult(True, self._buf.stats().rows)
 
-    def add(self, meta: BlockMeta, block: list[ray.ObjectRef]) -> int:
-        """Insert one block (by reference), no manifest; returns the rows now held."""
-        with self._grown:
-            self._buf.add(BlockHandle(block[0], meta.shard, 0, meta.rows), meta)
-            self._grown.notify_all()
-            return self._buf.stats().rows
-
     # --- from trainers ----------------------------------------------------------
 
     def sample(self, n_blocks: int, fresh_after: int, min_rows: int, wait_s: float) -> Sample:

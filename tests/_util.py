@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import time
 import urllib.error
 import urllib.request
 from typing import Any, Callable, TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 T = TypeVar("T")
 
@@ -42,3 +46,18 @@ def http(method: str, url: str, body: Any = None, raw: bytes | None = None, ctyp
             return e.code, json.loads(payload)
         except ValueError:
             return e.code, payload.decode(errors="replace")
+
+
+def arrow_bytes(table: pa.Table) -> bytes:
+    """An Arrow IPC stream of ``table`` (a bulk /predict body)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as Parquet file bytes (a bulk /predict body)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()

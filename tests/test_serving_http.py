@@ -7,7 +7,6 @@ promotions) checks auth and that late replicas come up on the current version.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import threading
@@ -17,11 +16,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from _util import http, wait_until
+from _util import arrow_bytes, http, parquet_bytes, wait_until
 from livetrain.config import load_config, shipped_config
 from livetrain.messages import BlockMeta, Candidate, ModelSpec
 from livetrain.training.checkpoint import model_from_weights, state_dict_numpy
@@ -235,26 +233,13 @@ def test_pinned_version_answers_from_that_version_and_404_when_gone(app):
     assert status == 404 and "9999" in body["detail"]
 
 
-def _arrow(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _parquet(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
-
-
 def test_bulk_arrow_and_parquet_bodies_answer_every_row(app):
     url, promoter, _ = app
     v = healthz(url)["model_version"] or promoter.promote()
     served_by_replica(url, v)
     x = np.random.default_rng(2).random((5000, 3), dtype=np.float32)
     table = pa.table({f: x[:, j] for j, f in enumerate(FEATURES)})
-    for raw, ctype in ((_arrow(table), "application/vnd.apache.arrow.stream"), (_parquet(table), "application/x-parquet")):
+    for raw, ctype in ((arrow_bytes(table), "application/vnd.apache.arrow.stream"), (parquet_bytes(table), "application/x-parquet")):
         status, body = http("POST", url + "/predict", raw=raw, ctype=ctype)
         assert status == 200, body
         assert body["model_version"] == v and len(body["predictions"]) == 5000

@@ -3,7 +3,6 @@ auth. The registry is a hand-written fake."""
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 import threading
@@ -11,10 +10,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
+from _util import arrow_bytes, parquet_bytes
 from livetrain.config import ConfigError, ServeConfig
 from livetrain.messages import ModelSpec, ServedVersion
 from livetrain.serving import bodies
@@ -36,19 +35,6 @@ def weights(seed: int) -> dict[str, np.ndarray]:
 
 def served(version: int, w: Any = None) -> ServedVersion:
     return ServedVersion(version, w if w is not None else ("ref", version), SPEC, version, 0.0, 1.0, {})
-
-
-def arrow_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return buf.getvalue()
 
 
 # --- request bodies ----------------------------------------------------------
