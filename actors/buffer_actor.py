@@ -17,9 +17,11 @@ re-reads. Backpressure is the named limiter of ``actors/rate_limiter.py``.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -29,6 +31,7 @@ from livetrain.actors.blocks import (
     HeldPart,
     ShardCommit,
     Snapshot,
+    SNAPSHOT_FILE,
     part_rows,
     plan_rebuild,
     read_back,
@@ -40,6 +43,7 @@ from livetrain.actors.rate_limiter import make_limiter
 from livetrain.actors.replay_buffer import Entry, ReplayBuffer
 from livetrain.config import BufferConfig, SchemaConfig
 from livetrain.messages import BlockMeta, Sample
+from livetrain.storage import Store
 
 BUFFER_NAME = "livetrain_buffer"
 
@@ -62,8 +66,11 @@ class ReplayBufferActor:
         state_dir: str | None = None,
         schema: SchemaConfig | None = None,
         block_rows: int = 65_536,
+        store: Store | None = None,
     ) -> None:
         self._cfg = cfg
+        self._store = store
+        self._pushing = threading.Lock()
         self._buf: ReplayBuffer[BlockHandle] = ReplayBuffer(cfg)
         self._limiter = make_limiter(cfg.backpressure, cfg.max_unseen_rows)
         self._lock = threading.Lock()
@@ -74,6 +81,8 @@ class ReplayBufferActor:
         self._newest_seq = -1
         self._last_snapshot = 0.0
         self.rebuilt = {"shards": 0, "blocks": 0, "rows": 0, "rows_lost": 0}
+        if state_dir and store is not None:
+            store.restore(state_dir, only=(SNAPSHOT_FILE,))
         if state_dir and schema is not None:
             self._rebuild(schema, part_rows(block_rows, cfg.capacity_rows, cfg.capacity_bytes, schema))
 
@@ -142,6 +151,9 @@ class ReplayBufferActor:
             self._closed = True
             self._grown.notify_all()
             self._maybe_snapshot(force=True)
+        if self._store is not None and self._state_dir is not None:
+            with self._pushing:  # the last snapshot reaches shared storage before close returns
+                self._push_snapshot_locked()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -163,6 +175,21 @@ class ReplayBufferActor:
         parts = [_held(e, False) for e in self._buf.window_entries()]
         parts += [_held(e, True) for e in self._buf.reservoir_entries()]
         write_snapshot(self._state_dir, Snapshot(parts, self._newest_seq))
+        if self._store is not None and self._pushing.acquire(blocking=False):
+            # off the lock: samplers must not wait on the object store's latency
+            threading.Thread(target=self._push_snapshot, name="push-snapshot", daemon=True).start()
+
+    def _push_snapshot(self) -> None:
+        try:
+            self._push_snapshot_locked()
+        finally:
+            self._pushing.release()
+
+    def _push_snapshot_locked(self) -> None:
+        try:
+            self._store.put_file(Path(self._state_dir) / SNAPSHOT_FILE, SNAPSHOT_FILE)
+        except OSError as e:
+            print(f"livetrain: buffer: could not push its snapshot to {self._store.cfg.uri}: {e}", file=sys.stderr)
 
     def _rebuild(self, schema: SchemaConfig, rows_per_part: int) -> None:
         snap = read_snapshot(self._state_dir)

@@ -359,6 +359,11 @@ class Manifest:
 
     # --- lifecycle ---------------------------------------------------------------
 
+    def backup(self, target: sqlite3.Connection) -> None:
+        """A consistent copy of the whole manifest into ``target`` (SQLite's online backup)."""
+        with self._lock:
+            self._db.backup(target)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

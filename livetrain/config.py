@@ -460,6 +460,36 @@ class TrackingConfig:
 
 
 @dataclass
+class StorageConfig:
+    """Durable state on shared storage, for clusters where nodes share no disk."""
+
+    uri: str | None = None
+    """Where durable state also lives: ``s3://bucket/prefix`` (or any URI
+    pyarrow's filesystems open, or a local path on a shared mount). Ray Train
+    checkpoints are written there directly; served versions, the buffer's
+    reservoir snapshot, the decision and alarm logs and a copy of the SQLite
+    manifest are mirrored there, and a fresh ``state_dir`` is restored from it.
+    None: everything stays in ``state_dir``."""
+    endpoint: str | None = None
+    """S3 endpoint for S3-compatible stores (MinIO, moto, ...), e.g.
+    ``http://10.0.0.5:9000``; None: AWS. Credentials come from the usual AWS
+    environment variables or instance role, never from this file."""
+    region: str | None = None
+    """S3 region (None: from the environment, else us-east-1)."""
+    sync_interval_s: float = 5.0
+    """How often the manifest copy is pushed. A head node lost with its disk
+    loses at most this much manifest history: those shards are read again."""
+
+    def __post_init__(self) -> None:
+        if self.uri is not None and not self.uri.strip():
+            raise ConfigError("storage.uri: empty; leave it out to keep state in state_dir only")
+        if self.endpoint is not None and "://" not in self.endpoint:
+            raise ConfigError(f"storage.endpoint: give a scheme, e.g. http://{self.endpoint}")
+        if not self.sync_interval_s > 0:
+            raise ConfigError(f"storage.sync_interval_s: must be > 0, got {self.sync_interval_s}")
+
+
+@dataclass
 class RayConfig:
     """How livetrain reaches Ray."""
 
@@ -493,6 +523,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
     def landing_dir(self) -> Path:

@@ -34,6 +34,11 @@
     Pipeline.run polls ingest counters, buffer and registry stats every
     ``_TICK_S`` -> LiveView (stderr) and Tracker (W&B + metrics.jsonl).
 
+    With ``storage.uri`` (s3://..., livetrain.storage.Store): Ray Train writes
+    its checkpoints there; the registry pushes served versions and its logs,
+    the buffer its snapshot, Pipeline.run a SQLite copy of the manifest every
+    ``storage.sync_interval_s``; a fresh state dir is restored from it at start.
+
 What each loop waits on: the IngestLoop on ``ray.wait`` over in-flight shards
 (at most ``source.poll_interval_s``) and, with ``buffer.backpressure:
 coverage``, on the buffer's sample-to-insert limiter; trainers on ``ReplayBufferActor.sample``
@@ -50,6 +55,7 @@ import json
 import math
 import os
 import random
+import sys
 import threading
 import time
 import urllib.request
@@ -62,13 +68,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from livetrain.actors.buffer_actor import BUFFER_NAME, ReplayBufferActor
 from livetrain.actors.ingest import IngestLoop
-from livetrain.actors.manifest import Manifest
+from livetrain.actors.manifest import MANIFEST_FILE, Manifest
 from livetrain.actors.synthetic import SyntheticStream
 from livetrain.actors.synthetic import feature_names as synthetic_feature_names
 from livetrain.config import Config, ConfigError
 from livetrain.live_view import LiveView
 from livetrain.serving.app import APP_NAME, start_serving
-from livetrain.tracking import Tracker
+from livetrain.storage import Store
+from livetrain.tracking import RUN_ID_FILE, Tracker
 from livetrain.training.models import model_spec
 from livetrain.training.registry_actor import REGISTRY_NAME, ModelRegistry
 from livetrain.training.trainer import make_trainer
@@ -103,6 +110,8 @@ class Pipeline:
         self.started_at = time.time()
         self.first_promotion_s: float | None = None
         self.url: str | None = None
+        self.store: Store | None = None
+        self._pushed_at = 0.0
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -119,19 +128,27 @@ class Pipeline:
                 configure_logging=False,
             )
             self._owns_ray = True
+        self.store = Store.from_config(cfg.storage)
+        if self.store is not None:  # a fresh state dir continues from shared storage
+            self.store.check()
+            restored = self.store.restore(self.state_dir)
+            if restored:
+                print(f"livetrain: restored {len(restored)} state files from {cfg.storage.uri}", file=sys.stderr)
         self.tracker = Tracker(cfg.tracking, self.state_dir, cfg.to_dict())
         self.manifest = Manifest(self.state_dir)
+        self._push_state(force=True)
         features = _feature_names(cfg)
         self.spec = model_spec(cfg.model, len(features), len(cfg.schema.classes))
         # the coordinating actors live beside the driver (the head on a cluster), like
         # Ray Train's controller; soft, so a driver node without spare CPU still works
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         self.buffer = ReplayBufferActor.options(name=BUFFER_NAME, namespace=ns, scheduling_strategy=here).remote(
-            cfg.buffer, str(self.state_dir), cfg.schema, cfg.ingest.block_rows  # rebuilt from the state dir
+            cfg.buffer, str(self.state_dir), cfg.schema, cfg.ingest.block_rows, self.store  # rebuilt from the state dir
         )
         self.registry = ModelRegistry.options(name=REGISTRY_NAME, namespace=ns, scheduling_strategy=here).remote(
             cfg.gate, len(cfg.schema.classes), str(self.state_dir), cfg.drift, cfg.buffer.recent_fraction,
             self.buffer,  # drift reactions reach the sampling mix through it
+            self.store,
         )
         self.ingest = IngestLoop(cfg, self.manifest, self.buffer, self.registry)
         # the train job and Serve each take seconds to come up: start both, then wait
@@ -157,6 +174,7 @@ class Pipeline:
                 view.update(snap)
                 self.tracker.log({**_numbers(snap), **self._live_metrics()})
                 self._log_decisions()
+                self._push_state()
                 self._stop.wait(_TICK_S)
         return self.summary()
 
@@ -175,6 +193,7 @@ class Pipeline:
             self.ingest.shutdown()
             self._log_decisions()
             self.final = self.summary()
+            self._push_state(force=True)
         from ray import serve
 
         if ray.is_initialized():
@@ -194,6 +213,22 @@ class Pipeline:
             self.tracker.close()
         if self._owns_ray:
             ray.shutdown()
+
+    def _push_state(self, force: bool = False) -> None:
+        """Mirror the manifest (a consistent SQLite copy) and the W&B run id to shared storage."""
+        if self.store is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._pushed_at < self.cfg.storage.sync_interval_s:
+            return
+        self._pushed_at = now
+        try:
+            self.store.push_sqlite(self.manifest.backup, MANIFEST_FILE)
+            run_id = self.state_dir / RUN_ID_FILE
+            if run_id.exists():
+                self.store.put_file(run_id, RUN_ID_FILE)
+        except OSError as e:  # the next tick tries again
+            print(f"livetrain: could not push state to {self.cfg.storage.uri}: {e}", file=sys.stderr)
 
     # --- the parts' threads ----------------------------------------------------
 

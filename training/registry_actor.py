@@ -4,14 +4,15 @@ Threaded (``max_concurrency``) so that serving replicas can long-poll
 ``wait_for_version`` while blocks and candidates keep arriving; one lock
 guards the plain registry. Promoted weights are re-put into the object store
 by this actor, so the served version outlives the training worker that
-proposed it, and written to ``<state_dir>/served/v<N>/model.pt`` so a restart
-serves the last promoted version at once.
+proposed it, and written to ``<state_dir>/served/v<N>/model.pt`` (and pushed
+to ``storage.uri`` when set) so a restart serves the last promoted version at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,11 +23,14 @@ import torch
 
 from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ServedVersion
+from livetrain.storage import Store
 from livetrain.training.drift import DriftAlarm
 from livetrain.training.checkpoint import CheckpointData, load_checkpoint, model_from_weights, save_checkpoint, weights_to_bytes
 from livetrain.training.registry import KEEP_VERSIONS, Registry, RollbackError, Version
 
 REGISTRY_NAME = "livetrain_registry"
+DECISIONS_FILE = "decisions.jsonl"
+ALARMS_FILE = "alarms.jsonl"
 
 
 @ray.remote(num_cpus=0.1, max_concurrency=16)
@@ -39,9 +43,13 @@ class ModelRegistry:
         drift: DriftConfig | None = None,
         recent_fraction: float = 0.7,
         buffer: Any = None,
+        store: Store | None = None,
     ) -> None:
         torch.set_num_threads(1)
         self._state = Path(state_dir)
+        self._store = store
+        if store is not None:  # a fresh node: served versions and logs come from shared storage
+            store.restore(self._state, only=("served", DECISIONS_FILE, ALARMS_FILE))
         self._reg = Registry(cfg, num_classes, drift=drift, recent_fraction=recent_fraction)
         self._last_alarm: DriftAlarm | None = None
         self._buffer = buffer
@@ -50,7 +58,7 @@ class ModelRegistry:
         self._changed = threading.Condition(self._lock)
         self._served: ServedVersion | None = None
         self._state.mkdir(parents=True, exist_ok=True)
-        self._log = (self._state / "decisions.jsonl").open("a")
+        self._log = (self._state / DECISIONS_FILE).open("a")
         self._train_stats: dict[str, Any] = {}
         self._weight_refs: dict[int, ray.ObjectRef] = {}
         self._restore_last_served()
@@ -148,8 +156,10 @@ class ModelRegistry:
         for d in decisions:
             self._log.write(json.dumps(dataclasses.asdict(d)) + "\n")
             if d.action in ("promote", "rollback"):
-                self._publish(self._reg.served)
+                self._publish(self._reg.served)  # its weights reach the store before the decision naming it
         self._log.flush()
+        if decisions:
+            self._push(DECISIONS_FILE)
 
     def _push_mix(self) -> None:
         """Send the sampling-mix reactions to the buffer when they moved (2 decimals)."""
@@ -166,10 +176,20 @@ class ModelRegistry:
         new = list(alarms)
         if self._last_alarm is not None and self._last_alarm in new:
             new = new[new.index(self._last_alarm) + 1 :]
-        with (self._state / "alarms.jsonl").open("a") as f:
+        with (self._state / ALARMS_FILE).open("a") as f:
             for a in new:
                 f.write(json.dumps(dataclasses.asdict(a)) + "\n")
         self._last_alarm = alarms[-1]
+        self._push(ALARMS_FILE)
+
+    def _push(self, rel: str) -> None:
+        """Mirror one state file to shared storage; a failed push is reported, never fatal."""
+        if self._store is None:
+            return
+        try:
+            self._store.put_file(self._state / rel, rel)
+        except OSError as e:
+            print(f"livetrain: registry: could not push {rel} to {self._store.cfg.uri}: {e}", file=sys.stderr)
 
     def _dir(self, version: int) -> Path:
         return self._state / "served" / f"v{version:06d}"
@@ -197,7 +217,7 @@ class ModelRegistry:
         )
 
     def _save(self, v: Version) -> None:
-        save_checkpoint(
+        path = save_checkpoint(
             self._dir(v.version),
             CheckpointData(
                 spec=v.spec,
@@ -212,6 +232,7 @@ class ModelRegistry:
                 },
             ),
         )
+        self._push(str(path.relative_to(self._state)))
 
     def _from_disk(self, version: int) -> Version | None:
         path = self._dir(version) / "model.pt"
@@ -219,7 +240,7 @@ class ModelRegistry:
 
     def _restore_last_served(self) -> None:
         latest = sorted((self._state / "served").glob("v*/model.pt"))
-        last_decision, max_version = _read_decisions(self._state / "decisions.jsonl")
+        last_decision, max_version = _read_decisions(self._state / DECISIONS_FILE)
         if last_decision is not None:
             self._reg.next_version = max_version + 1
             served = last_decision.get("served_version")

@@ -32,6 +32,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from livetrain.config import Config
 from livetrain.messages import Candidate, ModelSpec
+from livetrain.storage import Store
 from livetrain.training.checkpoint import (
     CheckpointData,
     load_checkpoint,
@@ -196,8 +197,13 @@ def _report(rank, model, opt, spec, cfg, progress, result) -> None:
 
 def make_trainer(cfg: Config, spec: ModelSpec, buffer: Any, registry: Any) -> TorchTrainer:
     tc = cfg.train
-    storage = Path(cfg.state_dir).resolve() / "ray_train"
-    storage.mkdir(parents=True, exist_ok=True)
+    store = Store.from_config(cfg.storage)
+    if store is not None:  # every node reaches the checkpoints there
+        storage_path, storage_fs = store.ray_train()
+    else:
+        local = Path(cfg.state_dir).resolve() / "ray_train"
+        local.mkdir(parents=True, exist_ok=True)
+        storage_path, storage_fs = str(local), None
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "spec": spec, "buffer": buffer, "registry": registry},
@@ -209,7 +215,8 @@ def make_trainer(cfg: Config, spec: ModelSpec, buffer: Any, registry: Any) -> To
         ),
         run_config=RunConfig(
             name="livetrain",
-            storage_path=str(storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

@@ -1,0 +1,178 @@
+"""Durable state on shared storage (``storage.uri``): ``s3://bucket/prefix``,
+any other URI pyarrow's filesystems open, or a path on a shared mount.
+
+The state directory stays the working copy on the node that runs each part:
+SQLite wants a local disk, and the ingest, buffer and registry files are
+written there first. A ``Store`` mirrors the durable ones to the URI as their
+writers produce them, and ``restore`` fills a fresh state directory from it,
+so livetrain restarts on another node (or after losing the head's disk) where
+it stopped:
+
+    what                          written by                 pushed
+    ray_train/ (checkpoints)      Ray Train, directly        (no local copy)
+    served/v<N>/model.pt          ModelRegistry              at promotion
+    decisions.jsonl, alarms.jsonl ModelRegistry              each record
+    buffer_snapshot.json          ReplayBufferActor          each snapshot
+    manifest.sqlite               driver (SQLite backup)     every storage.sync_interval_s, at stop
+    wandb_run_id                  Tracker                    at start
+
+Objects are written whole (S3 PUTs are atomic per object), so a reader sees
+an old or a new copy, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pyarrow.fs as pafs
+
+from livetrain.config import ConfigError, StorageConfig
+
+TRAIN_DIR = "ray_train"
+"""Ray Train's storage under the URI (checkpoints); never mirrored locally."""
+
+
+def filesystem(uri: str, endpoint: str | None = None, region: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a URI or a local path."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).resolve())
+    if uri.startswith("s3://"):
+        bucket_path = uri[len("s3://"):].rstrip("/")
+        if not bucket_path:
+            raise ConfigError(f"storage: {uri!r} names no bucket")
+        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return pafs.S3FileSystem(endpoint_override=endpoint, region=region), bucket_path
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"storage: cannot open {uri!r}: {e}") from e
+
+
+class Store:
+    """The mirror of one state directory at ``storage.uri``.
+
+    Picklable (it travels to the buffer and registry actors): only the config
+    crosses; each process opens its own filesystem client on first use.
+    """
+
+    def __init__(self, cfg: StorageConfig) -> None:
+        if cfg.uri is None:
+            raise ValueError("Store needs storage.uri")
+        self.cfg = cfg
+        self._fs: pafs.FileSystem | None = None
+        self._root = ""
+
+    @classmethod
+    def from_config(cls, cfg: StorageConfig) -> Store | None:
+        return None if cfg.uri is None else cls(cfg)
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["cfg"])
+
+    def __repr__(self) -> str:
+        return f"Store({self.cfg.uri!r})"
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            self._fs, self._root = filesystem(self.cfg.uri, self.cfg.endpoint, self.cfg.region)
+        return self._fs
+
+    def path(self, rel: str) -> str:
+        """The filesystem path of ``rel`` under the URI."""
+        self.fs
+        return f"{self._root}/{rel}" if rel else self._root
+
+    def check(self) -> None:
+        """Fail early, naming the URI, when the store cannot be reached or written."""
+        try:
+            info = self.fs.get_file_info(self.path(""))
+            if info.type == pafs.FileType.File:
+                raise ConfigError(f"storage.uri {self.cfg.uri!r} is a file, not a directory or prefix")
+            self.put_bytes(".livetrain", b"livetrain state\n")
+        except ConfigError:
+            raise
+        except OSError as e:
+            raise ConfigError(f"storage.uri {self.cfg.uri!r}: cannot write there: {e}") from e
+
+    def ray_train(self) -> tuple[str, pafs.FileSystem]:
+        """``RunConfig(storage_path=..., storage_filesystem=...)`` for Ray Train."""
+        return self.path(TRAIN_DIR), self.fs
+
+    # --- objects -----------------------------------------------------------------
+
+    def put_bytes(self, rel: str, data: bytes) -> None:
+        path = self.path(rel)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            # local or a shared mount: temp file + rename, so readers never see half a file
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=Path(path).parent, prefix=".tmp-", delete=False) as f:
+                f.write(data)
+            os.replace(f.name, path)
+            return
+        with self.fs.open_output_stream(path) as out:
+            out.write(data)
+
+    def put_file(self, local: str | Path, rel: str) -> None:
+        self.put_bytes(rel, Path(local).read_bytes())
+
+    def get_bytes(self, rel: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every file under ``prefix`` (relative paths, sorted), Ray Train's excepted."""
+        selector = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
+        root = self.path("") + "/"
+        out = []
+        for info in self.fs.get_file_info(selector):
+            rel = info.path[len(root):] if info.path.startswith(root) else info.path
+            if info.type == pafs.FileType.File and not rel.startswith(TRAIN_DIR + "/") and not rel.split("/")[-1].startswith("."):
+                out.append(rel)
+        return sorted(out)
+
+    def restore(self, state_dir: str | Path, only: Iterable[str] | None = None) -> list[str]:
+        """Download what the store holds and ``state_dir`` lacks; the names fetched.
+
+        A file already in ``state_dir`` is newer than (or the same as) its
+        copy: it is never overwritten. ``only``: relative names or prefixes.
+        """
+        state = Path(state_dir)
+        wanted = None if only is None else tuple(only)
+        fetched = []
+        for rel in self.list():
+            if wanted is not None and not any(rel == w or rel.startswith(w.rstrip("/") + "/") for w in wanted):
+                continue
+            target = state / rel
+            if target.exists():
+                continue
+            data = self.get_bytes(rel)
+            if data is None:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.restore")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+            fetched.append(rel)
+        return fetched
+
+    def push_sqlite(self, backup: Callable[[sqlite3.Connection], None], rel: str) -> None:
+        """A consistent copy of a live SQLite database: ``backup(target)`` runs
+        SQLite's online backup into ``target`` (e.g. ``Manifest.backup``)."""
+        with tempfile.TemporaryDirectory() as d:
+            copy = sqlite3.connect(Path(d) / "copy.sqlite")
+            try:
+                backup(copy)
+            finally:
+                copy.close()
+            self.put_file(Path(d) / "copy.sqlite", rel)
