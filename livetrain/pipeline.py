@@ -73,11 +73,12 @@ from livetrain.actors.synthetic import SyntheticStream
 from livetrain.actors.synthetic import feature_names as synthetic_feature_names
 from livetrain.config import Config, ConfigError
 from livetrain.live_view import LiveView
+from livetrain.messages import Decision
 from livetrain.serving.app import APP_NAME, start_serving
 from livetrain.storage import Store
 from livetrain.tracking import RUN_ID_FILE, Tracker
 from livetrain.training.models import model_spec
-from livetrain.training.registry_actor import REGISTRY_NAME, ModelRegistry
+from livetrain.training.registry_actor import REGISTRY_NAME, SERVED_DIR, ModelRegistry
 from livetrain.training.trainer import make_trainer
 
 _TICK_S = 0.5
@@ -336,12 +337,22 @@ class Pipeline:
             if d.action == "supersede":
                 continue
             self.tracker.event(d.action, **{k: v for k, v in asdict(d).items() if k != "action"})
+            if d.action in ("promote", "rollback"):
+                self._log_model(d)
             self._last_decision = f"v{d.version} {d.action}: {d.reason}"
         alarms = ray.get(self.registry.alarms.remote(self._alarms_seen))
         self._alarms_seen += len(alarms)
         for a in alarms:
             self.tracker.event("drift_alarm", **asdict(a))
             self._last_decision = f"drift alarm ({a.detector}) at shard seq {a.seq}"
+
+    def _log_model(self, d: Decision) -> None:
+        """The served version as a W&B model artifact (a reference when it is on object storage)."""
+        rel = f"{SERVED_DIR}/v{d.version:06d}/model.pt"
+        uri = f"{self.cfg.storage.uri.rstrip('/')}/{rel}" if self.cfg.storage.uri else None
+        meta = {"version": d.version, "action": d.action, "reason": d.reason, "trained_through": d.trained_through,
+                "eval_rows": d.eval_rows, "candidate": d.candidate, "served_before": d.served}
+        self.tracker.log_model(d.version, self.state_dir / rel, uri, meta)
 
     def _local_cpus(self) -> int:
         tc = self.cfg.train

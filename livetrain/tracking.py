@@ -187,6 +187,32 @@ class Tracker:
         except Exception as e:
             self._wandb_failed("event failed", e)
 
+    def log_model(self, version: int, file: str | os.PathLike | None, uri: str | None, metadata: dict[str, Any]) -> None:
+        """Log served version ``version`` as a W&B model artifact ``model-<run id>``
+        with aliases ``served`` and ``v<N>``.
+
+        ``uri`` (the copy on object storage): logged as a reference, so W&B
+        records where the weights are without uploading them again; else
+        ``file`` is uploaded. Logging the same version again (a rollback to
+        it) yields the same artifact version (same digest) and moves
+        ``served`` back to it.
+        """
+        if self._run is None:
+            return
+        try:
+            import wandb
+
+            art = wandb.Artifact(f"model-{self.run_id}", type="model", metadata=json.loads(json.dumps(metadata, default=_jsonable)))
+            if uri is not None:
+                art.add_reference(uri, name="model.pt", checksum=False)  # versions are written once: the path is enough
+            elif file is not None and Path(file).exists():
+                art.add_file(str(file), name="model.pt")
+            else:
+                return
+            self._run.log_artifact(art, aliases=["served", f"v{version}"])
+        except Exception as e:
+            self._wandb_failed("model artifact failed", e)
+
     def summary(self, d: dict[str, Any]) -> None:
         """Update the run's summary (final numbers shown in the W&B run table)."""
         if self._run is None:

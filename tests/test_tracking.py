@@ -156,3 +156,29 @@ def test_live_view_renders_latest_snapshot_on_a_terminal():
         view.update({"served_version": 1})
         view.update({"served_version": 5})
     assert "v5" in console.file.getvalue()
+
+
+def _wandb_log_bytes(state_dir: Path, run_id: str) -> bytes:
+    """The offline run's transaction log (protobuf records; strings appear verbatim)."""
+    files = list((state_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert files, "no offline run log"
+    return b"".join(f.read_bytes() for f in files)
+
+
+def test_served_versions_become_model_artifacts_with_aliases(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "data"))
+    weights = tmp_path / "served" / "v000003" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"the weights of v3")
+    tracker = Tracker(TrackingConfig(wandb="offline", project="livetrain-tests"), tmp_path, {})
+    tracker.log_model(3, weights, None, {"version": 3, "reason": "beats v2"})
+    tracker.log_model(4, None, "s3://bucket/run/served/v000004/model.pt", {"version": 4})
+    tracker.log_model(5, tmp_path / "missing.pt", None, {"version": 5})  # nothing to log: skipped, no error
+    tracker.close()
+    log = _wandb_log_bytes(tmp_path, tracker.run_id)
+    assert f"model-{tracker.run_id}".encode() in log
+    for alias in (b"served", b"v3", b"v4"):
+        assert alias in log, alias
+    assert b"s3://bucket/run/served/v000004/model.pt" in log  # a reference, not an upload

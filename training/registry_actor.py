@@ -31,6 +31,7 @@ from livetrain.training.registry import KEEP_VERSIONS, Registry, RollbackError, 
 REGISTRY_NAME = "livetrain_registry"
 DECISIONS_FILE = "decisions.jsonl"
 ALARMS_FILE = "alarms.jsonl"
+SERVED_DIR = "served"
 
 
 @ray.remote(num_cpus=0.1, max_concurrency=16)
@@ -49,7 +50,7 @@ class ModelRegistry:
         self._state = Path(state_dir)
         self._store = store
         if store is not None:  # a fresh node: served versions and logs come from shared storage
-            store.restore(self._state, only=("served", DECISIONS_FILE, ALARMS_FILE))
+            store.restore(self._state, only=(SERVED_DIR, DECISIONS_FILE, ALARMS_FILE))
         self._reg = Registry(cfg, num_classes, drift=drift, recent_fraction=recent_fraction)
         self._last_alarm: DriftAlarm | None = None
         self._buffer = buffer
@@ -192,7 +193,7 @@ class ModelRegistry:
             print(f"livetrain: registry: could not push {rel} to {self._store.cfg.uri}: {e}", file=sys.stderr)
 
     def _dir(self, version: int) -> Path:
-        return self._state / "served" / f"v{version:06d}"
+        return self._state / SERVED_DIR / f"v{version:06d}"
 
     def _publish(self, v: Version | None) -> None:
         assert v is not None
@@ -239,7 +240,7 @@ class ModelRegistry:
         return _version_from_checkpoint(path) if path.exists() else None
 
     def _restore_last_served(self) -> None:
-        latest = sorted((self._state / "served").glob("v*/model.pt"))
+        latest = sorted((self._state / SERVED_DIR).glob("v*/model.pt"))
         last_decision, max_version = _read_decisions(self._state / DECISIONS_FILE)
         if last_decision is not None:
             self._reg.next_version = max_version + 1
