@@ -1,10 +1,14 @@
 """Shard sources. The directory is the durable log: a source only reports
-which ``*.parquet`` files have landed; the manifest decides what is new."""
+which ``*.parquet`` files have landed; the manifest decides what is new.
+The directory is a local path or a URI (``s3://bucket/landing``, opened
+with ``storage.endpoint``/``storage.region``)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from livetrain.storage import is_uri, list_parquet
 
 
 class DirectorySource:
@@ -17,11 +21,16 @@ class DirectorySource:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.remote = is_uri(path)
+        self.path: str | Path = str(path).rstrip("/") if self.remote else Path(path)
+        if not self.remote:
+            self.path.mkdir(parents=True, exist_ok=True)
         self._seen: dict[str, tuple[int, int]] = {}
 
-    def poll(self) -> list[Path]:
+    def poll(self) -> list[Path] | list[str]:
+        """New or changed shards, oldest first: local paths, or URIs for a remote directory."""
+        if self.remote:
+            return self._poll_remote()
         new: list[tuple[int, str, Path]] = []
         with os.scandir(self.path) as it:
             for entry in it:
@@ -34,3 +43,13 @@ class DirectorySource:
                 new.append((st.st_mtime_ns, entry.name, Path(entry.path)))
         new.sort()
         return [p for _, _, p in new]
+
+    def _poll_remote(self) -> list[str]:
+        new = []
+        for mtime_ns, size, name, uri in list_parquet(str(self.path)):
+            if self._seen.get(name) == (size, mtime_ns):
+                continue
+            self._seen[name] = (size, mtime_ns)
+            new.append((mtime_ns, name, uri))
+        new.sort()
+        return [u for _, _, u in new]

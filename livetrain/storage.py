@@ -176,3 +176,72 @@ class Store:
             finally:
                 copy.close()
             self.put_file(Path(d) / "copy.sqlite", rel)
+
+
+# --- shard files: local paths or URIs (source.path = s3://bucket/landing) ------
+
+_shard_storage = StorageConfig()
+"""Endpoint and region for shard URIs in this process (``configure``)."""
+
+
+def configure(cfg: StorageConfig) -> None:
+    """Use ``cfg``'s endpoint and region for shard URIs opened in this process.
+
+    Called by every process that reads shards (the driver, the ingest actors,
+    the buffer when it rebuilds): one S3 endpoint serves both the state and the
+    source, as on a cluster's object store.
+    """
+    global _shard_storage
+    _shard_storage = cfg
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def _shard_fs(path: str) -> tuple[pafs.FileSystem, str]:
+    return filesystem(path, _shard_storage.endpoint, _shard_storage.region)
+
+
+def open_shard(path: str | os.PathLike):
+    """Something ``pyarrow.parquet.ParquetFile`` reads: the path itself, or an open remote file."""
+    if not is_uri(path):
+        return path
+    fs, inner = _shard_fs(str(path))
+    return fs.open_input_file(inner)
+
+
+def shard_stat(path: str | os.PathLike) -> tuple[int, int]:
+    """``(size, mtime_ns)``; FileNotFoundError when it is gone."""
+    if not is_uri(path):
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    fs, inner = _shard_fs(str(path))
+    info = fs.get_file_info(inner)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(str(path))
+    return info.size, info.mtime_ns or 0
+
+
+def read_shard_chunks(path: str | os.PathLike, chunk_bytes: int = 1 << 20):
+    """The file's bytes in chunks (for hashing and copying without holding it whole)."""
+    if not is_uri(path):
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(chunk_bytes):
+                yield chunk
+        return
+    fs, inner = _shard_fs(str(path))
+    with fs.open_input_stream(inner) as f:
+        while chunk := f.read(chunk_bytes):
+            yield chunk
+
+
+def list_parquet(directory: str) -> list[tuple[int, int, str, str]]:
+    """``(mtime_ns, size, name, uri)`` of each ``*.parquet`` file directly under a URI."""
+    fs, inner = _shard_fs(directory)
+    scheme = directory.split("://", 1)[0]
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True)):
+        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"):
+            out.append((info.mtime_ns or 0, info.size, info.base_name, f"{scheme}://{info.path}"))
+    return out

@@ -105,6 +105,7 @@ class Tracker:
         """The W&B run id (None when W&B is disabled)."""
         self._lock = threading.Lock()
         self._warned = False
+        self._artifact_warned = False
         self._closed = False
         self._log = (self.state_dir / METRICS_FILE).open("a", buffering=1)
         self._run: Any = None
@@ -210,8 +211,11 @@ class Tracker:
             else:
                 return
             self._run.log_artifact(art, aliases=["served", f"v{version}"])
-        except Exception as e:
-            self._wandb_failed("model artifact failed", e)
+        except Exception as e:  # e.g. no boto3 for an s3:// reference: metrics go on
+            if not self._artifact_warned:
+                self._artifact_warned = True
+                print(f"livetrain: W&B model artifact for v{version} failed ({type(e).__name__}: {e}); "
+                      "metrics are still logged", file=sys.stderr)
 
     def summary(self, d: dict[str, Any]) -> None:
         """Update the run's summary (final numbers shown in the W&B run table)."""

@@ -46,3 +46,30 @@ def serve_port() -> int:
     from _util import free_port
 
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """The endpoint of a real S3-compatible server (moto in server mode) on
+    loopback, with a bucket ``livetrain-test``; AWS credentials in the env."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    from _util import S3_ENV
+
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True).create_dir("livetrain-test")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

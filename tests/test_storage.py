@@ -13,35 +13,9 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from _util import free_port
+from _util import S3_ENV, free_port
 from livetrain.config import ConfigError, StorageConfig
 from livetrain.storage import Store
-
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """``(endpoint, env)`` of a moto S3 server on loopback with a bucket ``livetrain-test``."""
-    from moto.server import ThreadedMotoServer
-
-    saved = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True).create_dir("livetrain-test")
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 def test_store_put_get_list_restore_never_overwrites_local(s3: str, tmp_path: Path):
     store = Store(StorageConfig(uri="s3://livetrain-test/unit", endpoint=s3))
@@ -125,6 +99,9 @@ def test_run_restarts_on_a_fresh_state_dir_from_s3(s3: str, tmp_path: Path):
     ckpts = store.fs.get_file_info(pafs.FileSelector(store.path("ray_train"), recursive=True))
     assert any(i.path.endswith("model.pt") for i in ckpts), "no Ray Train checkpoint on S3"
 
+    run_log = b"".join(f.read_bytes() for f in (tmp_path / "a" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert f"s3://livetrain-test/run/served/v{first['served_version']:06d}/model.pt".encode() in run_log  # a model artifact
+
     write_shards(landing, 6)
     fresh = tmp_path / "b"  # an empty state dir: everything durable comes from S3
     second, proc = livetrain("run", "--config", str(path), "--state-dir", str(fresh), "--duration", "20", env=env)
@@ -138,3 +115,29 @@ def test_run_restarts_on_a_fresh_state_dir_from_s3(s3: str, tmp_path: Path):
     assert (fresh / "wandb_run_id").read_text() == (tmp_path / "a" / "wandb_run_id").read_text()
     history = [json.loads(line) for line in (fresh / "decisions.jsonl").read_text().splitlines()]
     assert any(d["action"] == "promote" and d["version"] == first["served_version"] for d in history)
+
+
+def test_directory_source_lists_an_s3_prefix_and_reports_rewrites(s3: str, tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from livetrain import storage
+    from livetrain.actors.sources import DirectorySource
+
+    storage.configure(StorageConfig(endpoint=s3))
+    fs, _ = storage.filesystem("s3://livetrain-test", s3)
+    pq.write_table(pa.table({"x": [1]}), "livetrain-test/landing/a.parquet", filesystem=fs)
+    pq.write_table(pa.table({"x": [2]}), "livetrain-test/landing/b.parquet", filesystem=fs)
+    with fs.open_output_stream("livetrain-test/landing/notes.txt") as f:
+        f.write(b"not a shard")
+    src = DirectorySource("s3://livetrain-test/landing/")
+    got = src.poll()
+    assert sorted(got) == ["s3://livetrain-test/landing/a.parquet", "s3://livetrain-test/landing/b.parquet"]
+    assert src.poll() == []  # nothing new
+    pq.write_table(pa.table({"x": [3, 4]}), "livetrain-test/landing/a.parquet", filesystem=fs)  # rewritten
+    assert src.poll() == ["s3://livetrain-test/landing/a.parquet"]
+    assert pq.ParquetFile(storage.open_shard(got[0])).read().column("x").to_pylist() == [3, 4]
+    size, _ = storage.shard_stat(got[0])
+    assert size == sum(len(c) for c in storage.read_shard_chunks(got[0]))
+    with pytest.raises(FileNotFoundError):
+        storage.shard_stat("s3://livetrain-test/landing/gone.parquet")
