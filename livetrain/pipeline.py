@@ -32,7 +32,11 @@
         (closes the freshness of every shard that version trained on)
 
     Pipeline.run polls ingest counters, buffer and registry stats every
-    ``_TICK_S`` -> LiveView (stderr) and Tracker (W&B + metrics.jsonl).
+    ``_TICK_S`` -> LiveView (stderr) and Tracker (W&B + metrics.jsonl), and
+    publishes the snapshot to the Control actor (named, beside the driver),
+    which answers with any stop request: ``livetrain status`` reads the
+    snapshot there, ``livetrain stop`` sets the request (seen within a tick;
+    the pipeline then stops as on Ctrl-C).
 
 What each loop waits on: the IngestLoop on ``ray.wait`` over in-flight shards
 (at most ``source.poll_interval_s``) and, with ``buffer.backpressure:
@@ -66,6 +70,7 @@ from livetrain.actors.manifest import Manifest
 from livetrain.actors.synthetic import SyntheticStream
 from livetrain.actors.synthetic import feature_names as synthetic_feature_names
 from livetrain.config import Config, ConfigError
+from livetrain.control import AlreadyRunning, job_submission_id, start_control
 from livetrain.live_view import LiveView
 from livetrain.serving.app import APP_NAME, start_serving
 from livetrain.tracking import Tracker
@@ -103,6 +108,10 @@ class Pipeline:
         self.started_at = time.time()
         self.first_promotion_s: float | None = None
         self.url: str | None = None
+        self.stop_reason: str | None = None
+        """Why ``run`` returned early: the stop request of ``livetrain stop``."""
+        # an existing cluster: ray.address, or RAY_ADDRESS as a Ray job's driver gets it
+        self.cluster_address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -112,20 +121,24 @@ class Pipeline:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():
             ray.init(
-                address=cfg.ray.address,
-                num_cpus=None if cfg.ray.address else self._local_cpus(),
+                address=self.cluster_address,
+                num_cpus=None if self.cluster_address else self._local_cpus(),
                 namespace=ns,
                 include_dashboard=False,
                 configure_logging=False,
             )
             self._owns_ray = True
+        # the coordinating actors live beside the driver (the head on a cluster), like
+        # Ray Train's controller; soft, so a driver node without spare CPU still works
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        try:  # first: a second livetrain in this namespace stops here, touching nothing
+            self.control = start_control(ns, self._identity(), here)
+        except AlreadyRunning as e:
+            raise ConfigError(f"ray.namespace: {e}") from e
         self.tracker = Tracker(cfg.tracking, self.state_dir, cfg.to_dict())
         self.manifest = Manifest(self.state_dir)
         features = _feature_names(cfg)
         self.spec = model_spec(cfg.model, len(features), len(cfg.schema.classes))
-        # the coordinating actors live beside the driver (the head on a cluster), like
-        # Ray Train's controller; soft, so a driver node without spare CPU still works
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         self.buffer = ReplayBufferActor.options(name=BUFFER_NAME, namespace=ns, scheduling_strategy=here).remote(
             cfg.buffer, str(self.state_dir), cfg.schema, cfg.ingest.block_rows  # rebuilt from the state dir
         )
@@ -145,7 +158,7 @@ class Pipeline:
             self._spawn("probe", self._probe_loop)
 
     def run(self, duration_s: float | None = None) -> dict[str, Any]:
-        """Run until ``duration_s`` passes, Ctrl-C, or training fails; return the summary."""
+        """Run until ``duration_s`` passes, Ctrl-C, ``livetrain stop``, or training fails; return the summary."""
         deadline = None if duration_s is None else time.monotonic() + duration_s
         with LiveView(self.cfg.live_view, f"livetrain — {self.url}") as view:
             while not self._stop.is_set():
@@ -157,6 +170,9 @@ class Pipeline:
                 view.update(snap)
                 self.tracker.log({**_numbers(snap), **self._live_metrics()})
                 self._log_decisions()
+                self.stop_reason = ray.get(self.control.publish.remote(snap))
+                if self.stop_reason is not None:
+                    break
                 self._stop.wait(_TICK_S)
         return self.summary()
 
@@ -164,6 +180,8 @@ class Pipeline:
         """Stop everything this pipeline started; safe after a partial start."""
         self._stop.set()
         started = hasattr(self, "ingest")
+        if hasattr(self, "control"):
+            self.control.stopping.remote()
         if hasattr(self, "buffer"):
             try:
                 ray.get(self.buffer.close.remote(), timeout=10)
@@ -177,10 +195,10 @@ class Pipeline:
             self.final = self.summary()
         from ray import serve
 
-        if ray.is_initialized():
+        if ray.is_initialized() and hasattr(self, "control"):  # without it, the Serve app may be another's
             try:
                 # Serve dies with a Ray we started; on a cluster others may use it: leave it up
-                serve.shutdown() if self._owns_ray and self.cfg.ray.address is None else serve.delete(APP_NAME)
+                serve.shutdown() if self._owns_ray and self.cluster_address is None else serve.delete(APP_NAME)
             except Exception:
                 pass
         for name in ("registry", "buffer"):
@@ -192,6 +210,12 @@ class Pipeline:
             if started:
                 self.tracker.summary(self.final)
             self.tracker.close()
+        if hasattr(self, "control"):  # last: `livetrain stop` returns when it hears this
+            try:
+                ray.get(self.control.stopped.remote(self.final if started else {}), timeout=10)
+            except ray.exceptions.RayError:
+                pass
+            ray.kill(self.control)
         if self._owns_ray:
             ray.shutdown()
 
@@ -307,6 +331,16 @@ class Pipeline:
         for a in alarms:
             self.tracker.event("drift_alarm", **asdict(a))
             self._last_decision = f"drift alarm ({a.detector}) at shard seq {a.seq}"
+
+    def _identity(self) -> dict[str, Any]:
+        """What ``livetrain status`` shows besides the figures: which run this is."""
+        return {
+            "namespace": self.cfg.ray.namespace,
+            "state_dir": str(self.state_dir),
+            "job_id": job_submission_id(),
+            "driver_pid": os.getpid(),
+            "started_at": self.started_at,
+        }
 
     def _local_cpus(self) -> int:
         tc = self.cfg.train
