@@ -4,6 +4,8 @@
     livetrain run --config my.yaml [--duration S] [--wandb MODE] [key=value ...]
     livetrain config [--config my.yaml] [key=value ...]   # resolved config
     livetrain config --help-fields                        # every field, documented
+    livetrain status [--address A] [--namespace NS] [--json]   # a running livetrain's figures
+    livetrain stop [--address A] [--namespace NS]              # stop it cleanly
 
 Precedence: defaults < the YAML file < flags (--duration, --wandb,
 --state-dir, --no-live) < key=value overrides. The last stdout line of
@@ -43,9 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--json", action="store_true", help="one JSON object per line")
     r = sub.add_parser("rollback", help="serve an earlier version again (running livetrain)")
     r.add_argument("version", nargs="?", type=int, help="version to serve (default: the previous one)")
-    r.add_argument("--address", default="auto", help="Ray address of the running livetrain (default: auto)")
-    r.add_argument("--namespace", default="livetrain", help="ray.namespace of that livetrain")
+    _where(r)
     r.add_argument("--reason", default="requested by hand")
+    st = sub.add_parser("status", help="a running livetrain's figures (also one run as a Ray job)")
+    _where(st)
+    st.add_argument("--json", action="store_true", help="one JSON object")
+    sp = sub.add_parser("stop", help="stop a running livetrain cleanly: final checkpoint, summary, exit 0")
+    _where(sp)
+    sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait until it has stopped")
     c = sub.add_parser("config", help="print the resolved config, or document every field")
     c.add_argument("--config", type=Path)
     c.add_argument("--help-fields", action="store_true", help="list every config field with its default and meaning")
@@ -70,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--all", action="store_true", help="re-ingest every entry")
     q.add_argument("overrides", nargs="*", metavar="key=value")
     return p
+
+
+def _where(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="auto",
+                   help="Ray address of the running livetrain: the head's HOST:PORT (default: auto, on a cluster node)")
+    p.add_argument("--namespace", default="livetrain", help="ray.namespace of that livetrain")
 
 
 def _fields_markdown() -> str:
@@ -106,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "history":
         return _history(args.state_dir, args.json)
-    if args.command == "rollback":
-        return _rollback(args)
+    if args.command in ("rollback", "status", "stop"):
+        return _remote(args)
     try:
         if args.command == "config" and args.help_fields:
             print(_fields_markdown() if args.markdown else "\n".join(f"{k} = {d}\n    {doc}" for k, d, doc in field_docs()))
@@ -143,6 +156,8 @@ def _run(cfg: Config) -> int:
         return 2
     finally:
         pipeline.stop()
+    if pipeline.stop_reason is not None:
+        print(f"livetrain: stopped ({pipeline.stop_reason})", file=sys.stderr)
     print(json.dumps(pipeline.final))
     return 0
 
@@ -164,21 +179,58 @@ def _history(state_dir: Path, as_json: bool) -> int:
     return 0
 
 
+def _remote(args: argparse.Namespace) -> int:
+    """rollback, status, stop: connect to the running livetrain's Ray, act, disconnect."""
+    from livetrain.control import NotRunning, connected
+
+    try:
+        with connected(args.address, args.namespace):
+            return {"rollback": _rollback, "status": _status, "stop": _stop}[args.command](args)
+    except NotRunning as e:
+        print(f"livetrain: {e}", file=sys.stderr)
+        return 1
+
+
 def _rollback(args: argparse.Namespace) -> int:
     import ray
 
     from livetrain.training.registry_actor import REGISTRY_NAME
 
-    ray.init(address=args.address, namespace=args.namespace, configure_logging=False, log_to_driver=False)
     try:
         registry = ray.get_actor(REGISTRY_NAME, namespace=args.namespace)
         d = ray.get(registry.rollback.remote(args.version, args.reason))
     except (ValueError, ray.exceptions.RayError) as e:
         print(f"livetrain: rollback failed: {e}", file=sys.stderr)
         return 1
-    finally:
-        ray.shutdown()
     print(f"livetrain: now serving v{d.version} ({d.reason})")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from livetrain.control import read_status
+
+    report = read_status(args.namespace)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    from rich.console import Console
+
+    from livetrain.live_view import render
+
+    job = f", Ray job {report['job_id']}" if report.get("job_id") else ""
+    print(f"livetrain {report['state']} in namespace {report['namespace']!r}{job}; state dir {report['state_dir']}")
+    Console().print(render(report, f"livetrain — {report.get('endpoint') or 'starting'}"))
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from livetrain.control import request_stop
+
+    print(f"livetrain: stop requested in namespace {args.namespace!r}; waiting for the final checkpoint", file=sys.stderr)
+    if not request_stop(args.namespace, "livetrain stop", args.timeout):
+        print(f"livetrain: still running after {args.timeout:.0f} s (it stops after its current step)", file=sys.stderr)
+        return 1
+    print("livetrain: stopped")
     return 0
 
 

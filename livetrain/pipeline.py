@@ -32,7 +32,11 @@
         (closes the freshness of every shard that version trained on)
 
     Pipeline.run polls ingest counters, buffer and registry stats every
-    ``_TICK_S`` -> LiveView (stderr) and Tracker (W&B + metrics.jsonl).
+    ``_TICK_S`` -> LiveView (stderr) and Tracker (W&B + metrics.jsonl), and
+    publishes the snapshot to the Control actor (named, beside the driver),
+    which answers with any stop request: ``livetrain status`` reads the
+    snapshot there, ``livetrain stop`` sets the request (seen within a tick;
+    the pipeline then stops as on Ctrl-C).
 
     With ``storage.uri`` (s3://..., livetrain.storage.Store): Ray Train writes
     its checkpoints there; the registry pushes served versions and its logs,
@@ -72,6 +76,7 @@ from livetrain.actors.manifest import MANIFEST_FILE, Manifest
 from livetrain.actors.synthetic import SyntheticStream
 from livetrain.actors.synthetic import feature_names as synthetic_feature_names
 from livetrain.config import Config, ConfigError
+from livetrain.control import AlreadyRunning, job_submission_id, start_control
 from livetrain.live_view import LiveView
 from livetrain.messages import Decision
 from livetrain.serving.app import APP_NAME, start_serving
@@ -113,6 +118,10 @@ class Pipeline:
         self.url: str | None = None
         self.store: Store | None = None
         self._pushed_at = 0.0
+        self.stop_reason: str | None = None
+        """Why ``run`` returned early: the stop request of ``livetrain stop``."""
+        # an existing cluster: ray.address, or RAY_ADDRESS as a Ray job's driver gets it
+        self.cluster_address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -122,13 +131,20 @@ class Pipeline:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():
             ray.init(
-                address=cfg.ray.address,
-                num_cpus=None if cfg.ray.address else self._local_cpus(),
+                address=self.cluster_address,
+                num_cpus=None if self.cluster_address else self._local_cpus(),
                 namespace=ns,
                 include_dashboard=False,
                 configure_logging=False,
             )
             self._owns_ray = True
+        # the coordinating actors live beside the driver (the head on a cluster), like
+        # Ray Train's controller; soft, so a driver node without spare CPU still works
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        try:  # first: a second livetrain in this namespace stops here, touching nothing
+            self.control = start_control(ns, self._identity(), here)
+        except AlreadyRunning as e:
+            raise ConfigError(f"ray.namespace: {e}") from e
         self.store = Store.from_config(cfg.storage)
         if self.store is not None:  # a fresh state dir continues from shared storage
             self.store.check()
@@ -140,9 +156,6 @@ class Pipeline:
         self._push_state(force=True)
         features = _feature_names(cfg)
         self.spec = model_spec(cfg.model, len(features), len(cfg.schema.classes))
-        # the coordinating actors live beside the driver (the head on a cluster), like
-        # Ray Train's controller; soft, so a driver node without spare CPU still works
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         self.buffer = ReplayBufferActor.options(name=BUFFER_NAME, namespace=ns, scheduling_strategy=here).remote(
             cfg.buffer, str(self.state_dir), cfg.schema, cfg.ingest.block_rows, self.store  # rebuilt from the state dir
         )
@@ -163,7 +176,7 @@ class Pipeline:
             self._spawn("probe", self._probe_loop)
 
     def run(self, duration_s: float | None = None) -> dict[str, Any]:
-        """Run until ``duration_s`` passes, Ctrl-C, or training fails; return the summary."""
+        """Run until ``duration_s`` passes, Ctrl-C, ``livetrain stop``, or training fails; return the summary."""
         deadline = None if duration_s is None else time.monotonic() + duration_s
         with LiveView(self.cfg.live_view, f"livetrain — {self.url}") as view:
             while not self._stop.is_set():
@@ -176,6 +189,9 @@ class Pipeline:
                 self.tracker.log({**_numbers(snap), **self._live_metrics()})
                 self._log_decisions()
                 self._push_state()
+                self.stop_reason = ray.get(self.control.publish.remote(snap))
+                if self.stop_reason is not None:
+                    break
                 self._stop.wait(_TICK_S)
         return self.summary()
 
@@ -183,6 +199,8 @@ class Pipeline:
         """Stop everything this pipeline started; safe after a partial start."""
         self._stop.set()
         started = hasattr(self, "ingest")
+        if hasattr(self, "control"):
+            self.control.stopping.remote()
         if hasattr(self, "buffer"):
             try:
                 ray.get(self.buffer.close.remote(), timeout=10)
@@ -197,10 +215,10 @@ class Pipeline:
             self._push_state(force=True)
         from ray import serve
 
-        if ray.is_initialized():
+        if ray.is_initialized() and hasattr(self, "control"):  # without it, the Serve app may be another's
             try:
                 # Serve dies with a Ray we started; on a cluster others may use it: leave it up
-                serve.shutdown() if self._owns_ray and self.cfg.ray.address is None else serve.delete(APP_NAME)
+                serve.shutdown() if self._owns_ray and self.cluster_address is None else serve.delete(APP_NAME)
             except Exception:
                 pass
         for name in ("registry", "buffer"):
@@ -212,6 +230,12 @@ class Pipeline:
             if started:
                 self.tracker.summary(self.final)
             self.tracker.close()
+        if hasattr(self, "control"):  # last: `livetrain stop` returns when it hears this
+            try:
+                ray.get(self.control.stopped.remote(self.final if started else {}), timeout=10)
+            except ray.exceptions.RayError:
+                pass
+            ray.kill(self.control)
         if self._owns_ray:
             ray.shutdown()
 
@@ -353,6 +377,16 @@ class Pipeline:
         meta = {"version": d.version, "action": d.action, "reason": d.reason, "trained_through": d.trained_through,
                 "eval_rows": d.eval_rows, "candidate": d.candidate, "served_before": d.served}
         self.tracker.log_model(d.version, self.state_dir / rel, uri, meta)
+
+    def _identity(self) -> dict[str, Any]:
+        """What ``livetrain status`` shows besides the figures: which run this is."""
+        return {
+            "namespace": self.cfg.ray.namespace,
+            "state_dir": str(self.state_dir),
+            "job_id": job_submission_id(),
+            "driver_pid": os.getpid(),
+            "started_at": self.started_at,
+        }
 
     def _local_cpus(self) -> int:
         tc = self.cfg.train

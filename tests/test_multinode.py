@@ -8,8 +8,6 @@ leaves the cluster up; tearing it down is this test's job."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _cluster import local_cluster
 from _util import free_port
-from test_cli import livetrain, processes_mentioning, write_shards
+from test_cli import livetrain, write_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -32,35 +31,10 @@ print(json.dumps({{"nodes": nodes, "actors": actors}}))
 
 
 @pytest.fixture
-def two_nodes(tmp_path: Path):
-    temp = Path("/tmp") / f"lt-mn-{os.getpid()}"  # short: Ray's socket paths are length-limited
-    port = free_port()
-    common = ["--disable-usage-stats"]
-    # the head enables token auth when ~/.ray/auth_token exists; every client must then send it
-    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_AUTH_MODE": "token"}
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    # a token for the cluster's auth (created once per machine if missing)
-    subprocess.run([ray_bin, "get-auth-token", "--generate"], check=True, capture_output=True, env=env, timeout=60)
-    try:
-        subprocess.run(
-            [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=3",
-             '--resources={"head": 1}', "--include-dashboard=false", f"--temp-dir={temp}", *common],
-            check=True, capture_output=True, env=env, timeout=120,
-        )
-        subprocess.run(
-            [ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-             '--resources={"trainer": 2}', *common],
-            check=True, capture_output=True, env=env, timeout=120,
-        )
-        yield f"127.0.0.1:{port}", env
-    finally:
-        for line in processes_mentioning({str(temp), f"127.0.0.1:{port}"}):
-            pid = int(line.split(":", 1)[0])
-            if pid != os.getpid():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+def two_nodes():
+    with local_cluster("mn", head_args=["--num-cpus=3", '--resources={"head": 1}'],
+                       workers=[["--num-cpus=2", '--resources={"trainer": 2}']]) as cluster:
+        yield cluster.address, cluster.env
 
 
 def test_loop_runs_across_two_nodes_and_leaves_the_cluster_up(two_nodes, tmp_path: Path):
