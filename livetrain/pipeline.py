@@ -68,6 +68,7 @@ from livetrain.actors.synthetic import feature_names as synthetic_feature_names
 from livetrain.config import Config, ConfigError
 from livetrain.live_view import LiveView
 from livetrain.serving.app import APP_NAME, start_serving
+from livetrain.serving.deployment import ray_env as serving_ray_env
 from livetrain.tracking import Tracker
 from livetrain.training.models import model_spec
 from livetrain.training.registry_actor import REGISTRY_NAME, ModelRegistry
@@ -111,6 +112,8 @@ class Pipeline:
         _check_synthetic_schema(cfg)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():
+            if cfg.ray.address is None:  # Serve's ingress is fixed when Ray's processes start
+                os.environ.update(serving_ray_env(cfg.serve))
             ray.init(
                 address=cfg.ray.address,
                 num_cpus=None if cfg.ray.address else self._local_cpus(),
