@@ -390,7 +390,8 @@ class ServeConfig:
     """The Ray Serve endpoint."""
 
     host: str = "127.0.0.1"
-    """Address the HTTP proxy binds; loopback unless you mean to expose it."""
+    """Address the ingress (and, with HAProxy, each replica's HTTP server) binds;
+    loopback unless you mean to expose it."""
     port: int = 8000
     """HTTP port of the endpoint."""
     num_replicas: int = 1

