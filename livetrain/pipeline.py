@@ -80,6 +80,7 @@ from livetrain.control import AlreadyRunning, job_submission_id, start_control
 from livetrain.live_view import LiveView
 from livetrain.messages import Decision
 from livetrain.serving.app import APP_NAME, start_serving
+from livetrain.serving.deployment import ray_env as serving_ray_env
 from livetrain.storage import Store
 from livetrain.tracking import RUN_ID_FILE, Tracker
 from livetrain.training.models import model_spec
@@ -130,6 +131,8 @@ class Pipeline:
         _check_synthetic_schema(cfg)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():
+            if self.cluster_address is None:  # Serve's ingress is fixed when Ray's processes start
+                os.environ.update(serving_ray_env(cfg.serve))
             ray.init(
                 address=self.cluster_address,
                 num_cpus=None if self.cluster_address else self._local_cpus(),

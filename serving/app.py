@@ -2,10 +2,10 @@
 
 ::
 
-    HTTP ─▶ proxy ─▶ ModelServer replica ─┬─ JSON rows ─▶ @serve.batch ─▶ one forward pass
-                                          │                (one Loaded snapshot per batch)
-                                          ├─ Arrow/Parquet bulk ─▶ forward pass in a thread
-                                          └─ ?version=N ─▶ PinnedVersions (registry.get_version)
+    HTTP ─▶ ingress ─▶ ModelServer replica ─┬─ JSON rows ─▶ @serve.batch ─▶ one forward pass
+   (HAProxy or             │                (one Loaded snapshot per batch)
+    Serve's proxy)         ├─ Arrow/Parquet bulk, Accept: Arrow ─▶ forward pass in a thread
+                           └─ ?version=N ─▶ PinnedVersions (registry.get_version)
         follower thread: registry.wait_for_version (long-poll) ─▶ fetch weights ─▶ swap Loaded
 
 Each replica follows the registry itself (``versions.VersionFollower``): no
@@ -39,7 +39,8 @@ from ray import serve
 
 from livetrain.serving import bodies
 from livetrain.serving.auth import AuthError, BearerAuth, token_digest
-from livetrain.serving.predictor import BadRequest, Loaded, answer_bytes, describe
+from livetrain.serving.deployment import replica_actor_options
+from livetrain.serving.predictor import BadRequest, Loaded, answer_bytes, describe, replica_device
 from livetrain.training.checkpoint import weights_from_bytes
 from livetrain.serving.versions import PinnedVersions, VersionFollower, VersionGone
 from livetrain.training.checkpoint import CheckpointError
@@ -65,6 +66,8 @@ class ReplicaSettings:
     pinned_versions: int
     token_digest: Optional[str] = None
     """SHA-256 of the bearer token (never the token); None: no auth."""
+    num_gpus: float = 0.0
+    """GPUs Ray gave each replica; > 0: predict on cuda."""
 
 
 class PredictResponse(BaseModel):
@@ -81,6 +84,14 @@ class RollbackRequest(BaseModel):
 class ErrorBody(BaseModel):
     detail: str
 
+
+ARROW_ANSWER = {
+    200: {
+        "description": "JSON (above), or with `Accept: application/vnd.apache.arrow.stream` an Arrow IPC stream: "
+        "columns predictions, probabilities; model_version in the schema metadata",
+        "content": {bodies.ARROW: {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
@@ -172,7 +183,7 @@ async def _read_body(request: Request, limits: bodies.Limits) -> bytes:
     return b"".join(chunks)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, logging_config={"enable_access_log": False})
+@serve.deployment(logging_config={"enable_access_log": False})  # resources: replica_actor_options
 @serve.ingress(app)
 class ModelServer:
     def __init__(self, settings: ReplicaSettings) -> None:
@@ -180,13 +191,15 @@ class ModelServer:
         self._s = settings
         self._auth = BearerAuth(settings.token_digest)
         self._registry = ray.get_actor(settings.registry_name, namespace=settings.namespace)
+        device = replica_device(settings.num_gpus, torch.cuda.is_available())
         fetch = lambda ref: weights_from_bytes(ray.get(ref, timeout=60))  # noqa: E731  (.npz, no pickle)
         self._follower = VersionFollower(
             lambda have, timeout_s: ray.get(self._registry.wait_for_version.remote(have, timeout_s), timeout=timeout_s + 30),
             fetch,
+            device=device,
         )
         self._pinned = PinnedVersions(
-            lambda v: ray.get(self._registry.get_version.remote(v), timeout=30), fetch, settings.pinned_versions
+            lambda v: ray.get(self._registry.get_version.remote(v), timeout=30), fetch, settings.pinned_versions, device=device
         )
         self._predict_batch.set_max_batch_size(settings.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
@@ -207,7 +220,7 @@ class ModelServer:
     @app.post(
         "/predict",
         response_model=PredictResponse,
-        responses=ERRORS,
+        responses={**ERRORS, **ARROW_ANSWER},
         dependencies=[Depends(_bearer)],
         openapi_extra={"requestBody": predict_body_openapi(["feature_0", "feature_1"], 10_000)},  # per deployment: openapi()
         summary="Score rows with the served model (or a pinned version)",
@@ -217,26 +230,30 @@ class ModelServer:
         request: Request,
         version: Optional[int] = Query(None, ge=1, description="Answer with this version (debugging, A/B); 404 if gone."),
     ) -> Response:
-        self._auth.check(request.headers.get("authorization"))
-        ctype = request.headers.get("content-type")
-        kind = bodies.media_type(ctype)  # 415 before reading the body
+        headers = request.headers
+        self._auth.check(headers.get("authorization"))
+        kind = bodies.media_type(headers.get("content-type"))  # 415 before reading the body
+        answer_type = bodies.answer_type(headers.get("accept"))
         raw = await _read_body(request, self._s.limits)
         if len(raw) > 65_536:  # parsing a big body would stall the event loop
             x = await asyncio.to_thread(bodies.decode, raw, kind, self._s.features, self._s.limits)
         else:
             x = bodies.decode(raw, kind, self._s.features, self._s.limits)
-        if version is not None:
-            answer = await self._predict_pinned(version, x)
-        elif kind == bodies.JSON:
-            answer = await self._predict_batch(x)
-        else:
-            loaded = self._follower.current  # bulk rows are a batch already
-            answer = None if loaded is None else (await asyncio.to_thread(self._answer, loaded, [x]))[0]
+        if kind == bodies.JSON and version is None and answer_type == bodies.JSON:
+            answer = await self._predict_batch(x)  # small requests: batched with others
+        else:  # bulk rows are a batch already; pinned and Arrow answers are per request
+            loaded = await self._loaded(version)
+            if loaded is None:
+                answer = None
+            elif answer_type == bodies.ARROW:
+                answer = loaded.version, await asyncio.to_thread(self._arrow, loaded, x)
+            else:
+                answer = (await asyncio.to_thread(self._answer, loaded, [x]))[0]
         if answer is None:
             return JSONResponse(status_code=503, content={"detail": "no model has been promoted yet"}, headers={"Retry-After": "1"})
         v, payload = answer
         self._note_answer(v)
-        return Response(payload, media_type="application/json", headers={"x-model-version": str(v)})
+        return Response(payload, media_type=answer_type, headers={"x-model-version": str(v)})
 
     @app.get("/model", summary="The served version: lineage, data age, metrics on unseen data")
     async def model(self) -> dict[str, Any]:
@@ -315,16 +332,18 @@ class ModelServer:
     def _answer(self, loaded: Loaded, xs: list[np.ndarray]) -> list[tuple[int, bytes]]:
         return [(loaded.version, answer_bytes(a)) for a in loaded.predict_many(xs, self._s.classes)]
 
-    async def _predict_pinned(self, version: int, x: np.ndarray) -> tuple[int, bytes]:
+    def _arrow(self, loaded: Loaded, x: np.ndarray) -> bytes:
+        return bodies.encode_arrow(*loaded.scores(x, self._s.classes), loaded.version)
+
+    async def _loaded(self, version: Optional[int]) -> Optional[Loaded]:
+        """The served version (None before the first promotion), or the pinned one."""
         current = self._follower.current
-        if current is not None and current.version == version:
-            loaded = current
-        else:
-            try:
-                loaded = await asyncio.to_thread(self._pinned.get, version)
-            except CheckpointError as e:
-                raise BadRequest(f"model version {version} cannot be loaded: {e}", 409) from None
-        return (await asyncio.to_thread(self._answer, loaded, [x]))[0]
+        if version is None or (current is not None and current.version == version):
+            return current
+        try:
+            return await asyncio.to_thread(self._pinned.get, version)
+        except CheckpointError as e:
+            raise BadRequest(f"model version {version} cannot be loaded: {e}", 409) from None
 
     def _note_answer(self, version: int) -> None:
         if version not in self._answered:  # freshness: the first answer from each version
@@ -350,12 +369,14 @@ def start_serving(cfg, registry_name: str, namespace: str, feature_names: list[s
         batch_wait_timeout_s=s.batch_wait_timeout_s,
         pinned_versions=s.pinned_versions,
         token_digest=token_digest(s.auth_token_env),
+        num_gpus=s.num_gpus,
     )
     serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(
         ModelServer.options(
             num_replicas=s.num_replicas,
             max_ongoing_requests=s.max_ongoing_requests,
+            ray_actor_options=replica_actor_options(s),
             health_check_period_s=s.health_check_period_s,
         ).bind(settings),
         name=name,

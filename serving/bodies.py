@@ -10,6 +10,10 @@ Pure (pyarrow, numpy; no Ray). Three content types:
 The bulk formats hold either one numeric column per feature (by name) or a
 single list column of the full width. Every refusal is a ``BadRequest``
 whose message names the problem and whose status is the HTTP answer.
+
+Answers are JSON unless the request's ``Accept`` prefers an Arrow IPC
+stream (``answer_type``): then ``encode_arrow`` writes one row per input row
+(``predictions``, ``probabilities``) with the version in the schema metadata.
 """
 
 from __future__ import annotations
@@ -50,6 +54,45 @@ def media_type(content_type: str | None) -> str:
     if base in CONTENT_TYPES:
         return base
     raise BadRequest(f"unsupported content type {content_type[:80]!r}: send one of {', '.join(CONTENT_TYPES)}", 415)
+
+
+def answer_type(accept: str | None) -> str:
+    """``ARROW`` when ``Accept`` lists the Arrow stream type with a q-value at
+    least that of JSON (and above 0); ``JSON`` otherwise, including no header."""
+    if not accept or "arrow" not in accept:
+        return JSON
+    q = {JSON: -1.0, ARROW: -1.0}
+    for part in accept.split(","):
+        kind, *params = (p.strip() for p in part.split(";"))
+        kind = kind.lower()
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        if kind in q:
+            q[kind] = max(q[kind], weight)
+    return ARROW if q[ARROW] > 0 and q[ARROW] >= q[JSON] else JSON
+
+
+def encode_arrow(labels: np.ndarray, probabilities: np.ndarray, version: int) -> bytes:
+    """An Arrow IPC stream: ``predictions`` (int64), ``probabilities``
+    (fixed-size list of float32, one per class); ``model_version`` in the
+    schema metadata."""
+    k = probabilities.shape[1]
+    probs = pa.FixedSizeListArray.from_arrays(pa.array(probabilities.astype(np.float32, copy=False).reshape(-1)), k)
+    schema = pa.schema(
+        [pa.field("predictions", pa.int64()), pa.field("probabilities", probs.type)],
+        metadata={"model_version": str(version)},
+    )
+    batch = pa.record_batch([pa.array(labels.astype(np.int64, copy=False)), probs], schema=schema)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
 
 
 def check_length(content_length: str | None, limits: Limits) -> None:

@@ -16,6 +16,7 @@ from livetrain.messages import ServedVersion
 from livetrain.training.checkpoint import CheckpointError, model_from_weights
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+CPU = torch.device("cpu")
 
 
 class BadRequest(ValueError):
@@ -67,15 +68,26 @@ def _short(v: Any) -> str:
     return r if len(r) <= 40 else r[:37] + "..."
 
 
-def load_version(served: ServedVersion, weights: dict[str, Any], now: float | None = None) -> "Loaded":
-    """Build the model of a served version, refusing weights that do not fit
-    its spec or are not finite (CheckpointError); nothing is swapped on error."""
+def load_version(served: ServedVersion, weights: dict[str, Any], now: float | None = None, device: str = "cpu") -> "Loaded":
+    """Build the model of a served version on ``device``, refusing weights that
+    do not fit its spec or are not finite (CheckpointError); nothing is swapped
+    on error."""
     for name, w in weights.items():
         a = np.asarray(w)
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise CheckpointError(f"v{served.version}: weight {name!r} is not finite")
-    model = model_from_weights(served.spec, weights)
-    return Loaded(served, model, time.time() if now is None else now)
+    model = model_from_weights(served.spec, weights).to(device)
+    return Loaded(served, model, time.time() if now is None else now, torch.device(device))
+
+
+def replica_device(num_gpus: float, cuda_available: bool) -> str:
+    """Where a replica predicts: ``cuda`` when it was given a GPU (``serve.num_gpus``).
+    Ray makes only the replica's own GPU visible, so ``cuda`` is that one."""
+    if num_gpus <= 0:
+        return "cpu"
+    if not cuda_available:
+        raise RuntimeError(f"serve.num_gpus={num_gpus} but this replica sees no CUDA device (is torch built with CUDA?)")
+    return "cuda"
 
 
 @dataclass(frozen=True)
@@ -86,14 +98,23 @@ class Loaded:
     served: ServedVersion
     model: nn.Module
     loaded_at: float
+    device: torch.device = CPU
 
     @property
     def version(self) -> int:
         return self.served.version
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        return torch.softmax(self.model(torch.from_numpy(np.ascontiguousarray(x))), dim=1).numpy()
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        if self.device.type != "cpu":
+            t = t.to(self.device, non_blocking=True)
+        return torch.softmax(self.model(t), dim=1).cpu().numpy()
+
+    def scores(self, x: np.ndarray, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels [n], probabilities [n, classes])`` as arrays (the Arrow answer)."""
+        probs = self.probabilities(x)
+        return np.asarray(classes)[probs.argmax(axis=1)], probs
 
     def predict(self, x: np.ndarray, classes: list[int]) -> dict[str, Any]:
         return self.predict_many([x], classes)[0]

@@ -28,10 +28,13 @@ FetchWeights = Callable[[Any], dict]
 
 
 class VersionFollower:
-    def __init__(self, wait_for_version: WaitForVersion, fetch_weights: FetchWeights, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, wait_for_version: WaitForVersion, fetch_weights: FetchWeights, log: Callable[[str], None] = print, device: str = "cpu"
+    ) -> None:
         self._wait = wait_for_version
         self._fetch = fetch_weights
         self._log = log
+        self._device = device
         self.current: Loaded | None = None
         """What new requests are answered with; replaced whole, never mutated."""
         self.announced: int | None = None
@@ -56,7 +59,7 @@ class VersionFollower:
         if served.version == self.have:  # e.g. a rollback back to what we serve
             return False
         try:
-            loaded = load_version(served, self._fetch(served.weights))
+            loaded = load_version(served, self._fetch(served.weights), device=self._device)
         except CheckpointError as e:
             self.refused[served.version] = str(e)
             self.last_error = f"refused v{served.version}: {e}"
@@ -94,8 +97,11 @@ class VersionGone(LookupError):
 class PinnedVersions:
     """Up to ``capacity`` versions loaded on demand, least recently used out."""
 
-    def __init__(self, lookup: Callable[[int], Optional[ServedVersion]], fetch_weights: FetchWeights, capacity: int) -> None:
+    def __init__(
+        self, lookup: Callable[[int], Optional[ServedVersion]], fetch_weights: FetchWeights, capacity: int, device: str = "cpu"
+    ) -> None:
         self._lookup = lookup
+        self._device = device
         self._fetch = fetch_weights
         self._capacity = capacity
         self._cache: OrderedDict[int, Loaded] = OrderedDict()
@@ -112,7 +118,7 @@ class PinnedVersions:
         served = self._lookup(version)
         if served is None or served.version != version:
             raise VersionGone(f"model version {version} is not available: never served, or no longer kept")
-        loaded = load_version(served, self._fetch(served.weights), now=time.time())
+        loaded = load_version(served, self._fetch(served.weights), now=time.time(), device=self._device)
         self.loads += 1
         with self._lock:
             self._cache[version] = loaded

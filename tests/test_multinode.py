@@ -12,11 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
 from _cluster import local_cluster
 from _util import free_port
+from livetrain.config import StorageConfig
+from livetrain.storage import Store
 from test_cli import livetrain, write_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -31,13 +34,13 @@ print(json.dumps({{"nodes": nodes, "actors": actors}}))
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(s3):  # after s3: the nodes' workers inherit its credentials from `ray start`
     with local_cluster("mn", head_args=["--num-cpus=3", '--resources={"head": 1}'],
                        workers=[["--num-cpus=2", '--resources={"trainer": 2}']]) as cluster:
         yield cluster.address, cluster.env
 
 
-def test_loop_runs_across_two_nodes_and_leaves_the_cluster_up(two_nodes, tmp_path: Path):
+def test_loop_runs_across_two_nodes_and_leaves_the_cluster_up(two_nodes, s3: str, tmp_path: Path):
     address, env = two_nodes
     landing = tmp_path / "landing"
     write_shards(landing, 16)
@@ -50,6 +53,8 @@ def test_loop_runs_across_two_nodes_and_leaves_the_cluster_up(two_nodes, tmp_pat
         "serve": {"port": free_port()},
         "tracking": {"wandb": "disabled"},
         "ray": {"address": address},
+        # no node shares a disk with the trainers' checkpoints: they go to S3
+        "storage": {"uri": "s3://livetrain-test/multinode", "endpoint": s3},
     }
     path = tmp_path / "mn.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -67,3 +72,7 @@ def test_loop_runs_across_two_nodes_and_leaves_the_cluster_up(two_nodes, tmp_pat
     assert placed["RayTrainWorker"] == {trainer_node}
     assert placed["ReplayBufferActor"] == {head_node} and placed["ModelRegistry"] == {head_node}
     assert len(info["nodes"]) == 2  # livetrain stopped; the cluster is still up
+    store = Store(StorageConfig(uri="s3://livetrain-test/multinode", endpoint=s3))
+    ckpts = store.fs.get_file_info(pafs.FileSelector(store.path("ray_train"), recursive=True))
+    assert any(i.path.endswith("model.pt") for i in ckpts), "the second node's workers wrote no checkpoint to S3"
+    assert f"served/v{summary['served_version']:06d}/model.pt" in store.list()

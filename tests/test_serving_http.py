@@ -246,6 +246,25 @@ def test_bulk_arrow_and_parquet_bodies_answer_every_row(app):
         assert np.allclose(body["probabilities"], promoter.expected(v, x), atol=1e-5)
 
 
+def test_bulk_answers_come_as_arrow_when_the_client_accepts_arrow(app):
+    import urllib.request
+
+    url, promoter, _ = app
+    v = healthz(url)["model_version"] or promoter.promote()
+    served_by_replica(url, v)
+    x = np.random.default_rng(3).random((3000, 3), dtype=np.float32)
+    body = arrow_bytes(pa.table({f: x[:, j] for j, f in enumerate(FEATURES)}))
+    headers = {"content-type": "application/vnd.apache.arrow.stream", "accept": "application/vnd.apache.arrow.stream"}
+    with urllib.request.urlopen(urllib.request.Request(url + "/predict", data=body, headers=headers), timeout=30) as r:
+        assert r.headers["content-type"] == "application/vnd.apache.arrow.stream" and r.headers["x-model-version"] == str(v)
+        with pa.ipc.open_stream(r.read()) as reader:
+            table = reader.read_all()
+    assert table.num_rows == 3000 and table.schema.metadata[b"model_version"] == str(v).encode()
+    expected = promoter.expected(v, x)
+    assert np.allclose(np.array(table.column("probabilities").to_pylist()), expected, atol=1e-5)
+    assert table.column("predictions").to_pylist() == expected.argmax(1).tolist()
+
+
 def test_a_late_replica_comes_up_on_the_current_version_and_requires_the_token(app, serve_port, tmp_path):
     import ray
     from ray import serve

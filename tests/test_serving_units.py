@@ -18,7 +18,8 @@ from livetrain.config import ConfigError, ServeConfig
 from livetrain.messages import ModelSpec, ServedVersion
 from livetrain.serving import bodies
 from livetrain.serving.auth import AuthError, BearerAuth, token_digest
-from livetrain.serving.predictor import BadRequest, load_version
+from livetrain.serving.deployment import ray_env, replica_actor_options
+from livetrain.serving.predictor import BadRequest, load_version, replica_device
 from livetrain.serving.versions import PinnedVersions, VersionFollower, VersionGone
 from livetrain.training.checkpoint import CheckpointError, state_dict_numpy
 from livetrain.training.models import build_model
@@ -282,8 +283,58 @@ def test_serve_config_binds_loopback_and_checks_batching_fields():
         ServeConfig(auth_token_env="Bearer abc.def")
 
 
+@pytest.mark.parametrize(
+    "accept, answer",
+    [
+        (None, bodies.JSON),
+        ("*/*", bodies.JSON),
+        ("application/json", bodies.JSON),
+        (bodies.ARROW, bodies.ARROW),
+        (f"{bodies.ARROW}, application/json;q=0.5", bodies.ARROW),
+        (f"application/json, {bodies.ARROW};q=0.9", bodies.JSON),
+        (f"{bodies.ARROW};q=0", bodies.JSON),
+        (f"{bodies.ARROW};q=oops", bodies.JSON),
+        ("application/vnd.apache.arrow.file", bodies.JSON),
+    ],
+)
+def test_arrow_answers_only_when_accept_prefers_them(accept, answer):
+    assert bodies.answer_type(accept) == answer
+
+
+def test_arrow_answer_has_every_row_and_names_the_version():
+    loaded = load_version(served(7), weights(0))
+    x = np.random.default_rng(0).random((50, 3), dtype=np.float32)
+    raw = bodies.encode_arrow(*loaded.scores(x, [3, 5]), loaded.version)
+    with pa.ipc.open_stream(pa.py_buffer(raw)) as reader:
+        table = reader.read_all()
+    assert table.schema.metadata[b"model_version"] == b"7"
+    as_json = loaded.predict(x, [3, 5])
+    assert table.column("predictions").to_pylist() == as_json["predictions"]
+    probs = np.array(table.column("probabilities").to_pylist())
+    assert probs.shape == (50, 2) and np.allclose(probs, as_json["probabilities"], atol=1e-6)
+
+
+def test_replicas_get_the_configured_cpus_and_gpus_and_predict_where_they_are():
+    assert replica_actor_options(ServeConfig()) == {"num_cpus": 0.1}
+    assert replica_actor_options(ServeConfig(num_cpus=1, num_gpus=0.5)) == {"num_cpus": 1, "num_gpus": 0.5}
+    assert replica_device(0, cuda_available=True) == "cpu"
+    assert replica_device(1, cuda_available=True) == "cuda"
+    with pytest.raises(RuntimeError, match="serve.num_gpus=1"):
+        replica_device(1, cuda_available=False)
+    with pytest.raises(ConfigError, match="serve.num_gpus"):
+        ServeConfig(num_gpus=-1)
+
+
+def test_ingress_choice_sets_the_ray_serve_flags():
+    env = ray_env(ServeConfig(ingress="haproxy"))
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) <= 5
+    assert ray_env(ServeConfig())["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # the portable, loopback-only default
+    with pytest.raises(ConfigError, match="serve.ingress"):
+        ServeConfig(ingress="nginx")
+
+
 def test_pure_serving_modules_never_import_ray():
-    mods = ["bodies", "predictor", "versions", "auth"]
+    mods = ["bodies", "predictor", "versions", "auth", "deployment"]
     code = "import sys\n" + "".join(f"import livetrain.serving.{m}\n" for m in mods) + "print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
