@@ -190,6 +190,24 @@ def test_equal_candidate_is_not_promoted_while_holding_after_alarm():
     assert r.served.version == 1
 
 
+def test_significant_win_after_a_real_drift_ends_the_hold():
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
+    good, flipped = weights_threshold(1.0), weights_threshold(-1.0)
+    r.propose(*cand_w(good, -1))
+    for seq in range(20):
+        r.observe(*xor_block(seq))
+    for seq in range(20, 26):  # a real, learnable change: the label rule flips for good
+        r.observe(*xor_block(seq, flip=True))
+    assert r.holding
+    r.propose(*cand_w(flipped, 25))  # learnt the new rule: far better, z >> 3
+    (d,) = r.observe(*xor_block(26, flip=True))
+    assert d.action == "promote" and "ends the hold" in d.reason and not r.holding
+    # the ordinary gate again: a candidate within the tolerance is promoted
+    r.propose(*cand_w(flipped, 26))
+    (d,) = r.observe(*xor_block(27, flip=True))
+    assert d.action == "promote" and r.served.version == 3
+
+
 def test_served_version_is_rolled_back_when_previous_beats_it_on_live_rows():
     r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000, rollback_margin=0.05, tolerance=1.0), 2)
     r.propose(*cand_w(weights_threshold(1.0), -1))

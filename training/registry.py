@@ -242,6 +242,12 @@ class Registry:
                     f"{gain:+.4f} (McNemar z {z:.2f}); holding needs >= {self.cfg.alarm_min_gain} "
                     f"and z >= {self.cfg.alarm_min_z}",
                 )
+            else:
+                # a significant win shows the newest rows are learnable (random labels
+                # are not): the new regime is real, so the ordinary gate resumes
+                verdict = Verdict(True, f"{verdict.reason}; a significant win (McNemar z {z:.2f}) "
+                                        f"{self._rows_since_error_alarm} rows after the drift alarm ends the hold")
+                self._rows_since_error_alarm = None
         self.pending = None
         served_version = self.served.version if self.served else None
         if verdict.promote:
