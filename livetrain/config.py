@@ -304,6 +304,10 @@ class GateConfig:
     McNemar's z over the rows where exactly one model is right."""
     alarm_hold_rows: int = 5000
     """Rows after an error-drift alarm during which ``alarm_min_gain`` applies."""
+    alarm_release_z: float = 6.0
+    """The hold ends early when a promoted candidate beats the version served at
+    the alarm with McNemar z at least this: the new rows are learnable, so the
+    change is real (random labels give z ~ N(0, 1) against any model)."""
     rollback_margin: float = 0.05
     """Roll back by itself when the previous version, scored on the same live
     rows, beats the served one by more than this (window accuracy)."""
@@ -313,6 +317,8 @@ class GateConfig:
     def __post_init__(self) -> None:
         if self.alarm_min_gain < 0 or self.rollback_margin < 0:
             raise ConfigError("gate.alarm_min_gain / gate.rollback_margin: must be >= 0")
+        if self.alarm_release_z <= 0:
+            raise ConfigError("gate.alarm_release_z: must be > 0")
         if self.alarm_hold_rows < 0 or self.rollback_min_rows < 1:
             raise ConfigError("gate.alarm_hold_rows: must be >= 0; gate.rollback_min_rows: must be >= 1")
         if self.metric not in ("accuracy", "f1", "precision", "recall"):

@@ -125,7 +125,11 @@ def accuracy_on_concept(model_dir: Path, variant: int) -> float:
 def test_accuracy_recovers_after_abrupt_drift(loop):
     state = loop.state_dir
     wait_until(lambda: loop.ingest.counters.rows_ingested >= DRIFT_ROW, 120, "the drift point")
-    before = sorted((state / "served").glob("v*"))[-1]  # served when the new concept arrived
+    # the newest version trained on old-concept shards only (the test may start
+    # late enough that a version trained past the drift is already served)
+    last_old_shard = DRIFT_ROW // 500 - 1
+    before = [d for d in sorted((state / "served").glob("v*"))
+              if load_checkpoint(d).meta["trained_through"] <= last_old_shard][-1]
     # the window (4000 rows) must hold new-concept rows only before it counts
     wait_until(lambda: loop.ingest.counters.rows_ingested >= DRIFT_ROW + 8000, 120, "rows past the drift")
     acc = wait_until(

@@ -201,11 +201,29 @@ def test_significant_win_after_a_real_drift_ends_the_hold():
     assert r.holding
     r.propose(*cand_w(flipped, 25))  # learnt the new rule: far better, z >> 3
     (d,) = r.observe(*xor_block(26, flip=True))
-    assert d.action == "promote" and "ends the hold" in d.reason and not r.holding
+    assert d.action == "promote" and "the hold ends" in d.reason and not r.holding
     # the ordinary gate again: a candidate within the tolerance is promoted
     r.propose(*cand_w(flipped, 26))
     (d,) = r.observe(*xor_block(27, flip=True))
     assert d.action == "promote" and r.served.version == 3
+
+
+def test_a_modest_win_while_holding_promotes_once_but_keeps_the_hold():
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
+    r.propose(*cand_w(weights_threshold(1.0), -1))
+    for seq in range(20):
+        r.observe(*xor_block(seq))
+    for seq in range(20, 26):
+        r.observe(*xor_block(seq, flip=True))
+    assert r.holding
+    meta, x, y = xor_block(26)
+    y = np.where(np.arange(len(y)) % 5 < 3, 1 - y, y)  # the flipped rule is right on 60% of rows
+    r.propose(*cand_w(weights_threshold(-1.0), 25))
+    (d,) = r.observe(meta, x, y)  # z = 100 / sqrt(500) = 4.5: promoted, below alarm_release_z
+    assert d.action == "promote" and "hold ends" not in d.reason and r.holding
+    r.propose(*cand_w(weights_threshold(-1.0), 26))
+    (d,) = r.observe(*xor_block(27, flip=True))  # no gain over the new served version: still held
+    assert d.action == "reject" and "holding needs" in d.reason
 
 
 def test_served_version_is_rolled_back_when_previous_beats_it_on_live_rows():

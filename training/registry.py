@@ -79,6 +79,8 @@ class Registry:
         self.drift = DriftMonitor(drift or DriftConfig())
         self.reaction = ReactionState.at_rest(recent_fraction)
         self._rows_since_error_alarm: int | None = None
+        self._served_at_alarm: Version | None = None
+        """The version served when the last error alarm fired (the hold's reference)."""
         self.previous: Version | None = None
         """The version served before the current one, shadow-scored for rollback."""
         self.live: Prequential | None = None
@@ -129,6 +131,7 @@ class Registry:
             self.reaction = react(alarm, self.reaction, self.drift.cfg)
             if alarm.detector.startswith("error"):
                 self._rows_since_error_alarm = 0
+                self._served_at_alarm = self.served
 
     @property
     def holding(self) -> bool:
@@ -242,12 +245,8 @@ class Registry:
                     f"{gain:+.4f} (McNemar z {z:.2f}); holding needs >= {self.cfg.alarm_min_gain} "
                     f"and z >= {self.cfg.alarm_min_z}",
                 )
-            else:
-                # a significant win shows the newest rows are learnable (random labels
-                # are not): the new regime is real, so the ordinary gate resumes
-                verdict = Verdict(True, f"{verdict.reason}; a significant win (McNemar z {z:.2f}) "
-                                        f"{self._rows_since_error_alarm} rows after the drift alarm ends the hold")
-                self._rows_since_error_alarm = None
+            elif self._served_at_alarm is not None:
+                verdict = self._maybe_release(verdict, x, y, pc)
         self.pending = None
         served_version = self.served.version if self.served else None
         if verdict.promote:
@@ -256,6 +255,20 @@ class Registry:
             self._serve(cand, previous=self.served)
             self.history.append(cand)
         return [self._record(cand, "promote" if verdict.promote else "reject", verdict.reason, cm, sm, len(y), served_version)]
+
+    def _maybe_release(self, verdict: Verdict, x: np.ndarray, y: np.ndarray, pc: np.ndarray) -> Verdict:
+        """End the hold when the candidate also beats the version served at the
+        alarm with McNemar z >= ``gate.alarm_release_z``: the newest rows are
+        learnable, so the change is real. On random labels z against any model
+        is ~N(0, 1): a lucky win may promote one version, but never ends the hold."""
+        anchor = self._served_at_alarm
+        assert anchor is not None
+        z = mcnemar_z(y, pc, anchor.predict(x))
+        if z < self.cfg.alarm_release_z:
+            return verdict
+        self._rows_since_error_alarm = self._served_at_alarm = None
+        return Verdict(True, f"{verdict.reason}; beats v{anchor.version} (served at the drift alarm) with "
+                             f"McNemar z {z:.2f} >= {self.cfg.alarm_release_z}: the hold ends")
 
     def _record(
         self,
