@@ -216,14 +216,16 @@ def test_a_modest_win_while_holding_promotes_once_but_keeps_the_hold():
     for seq in range(20, 26):
         r.observe(*xor_block(seq, flip=True))
     assert r.holding
-    meta, x, y = xor_block(26)
-    y = np.where(np.arange(len(y)) % 5 < 3, 1 - y, y)  # the flipped rule is right on 60% of rows
+    def mostly_flipped(seq: int):
+        meta, x, y = xor_block(seq)
+        return meta, x, np.where(np.arange(len(y)) % 5 < 3, 1 - y, y)  # the flipped rule: right on 60%
+
     r.propose(*cand_w(weights_threshold(-1.0), 25))
-    (d,) = r.observe(meta, x, y)  # z = 100 / sqrt(500) = 4.5: promoted, below alarm_release_z
+    (d,) = r.observe(*mostly_flipped(26))  # z = 100 / sqrt(500) = 4.5: promoted, below alarm_release_z
     assert d.action == "promote" and "hold ends" not in d.reason and r.holding
     r.propose(*cand_w(weights_threshold(-1.0), 26))
-    (d,) = r.observe(*xor_block(27, flip=True))  # no gain over the new served version: still held
-    assert d.action == "reject" and "holding needs" in d.reason
+    (d,) = r.observe(*mostly_flipped(27))  # no gain over the new served version: still held
+    assert d.action == "reject" and "holding needs" in d.reason and r.holding
 
 
 def test_served_version_is_rolled_back_when_previous_beats_it_on_live_rows():

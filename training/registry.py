@@ -236,17 +236,7 @@ class Registry:
         sm = classification_metrics(y, ps, self.num_classes) if ps is not None else None
         verdict = decide(cm, sm, self.cfg)
         if verdict.promote and sm is not None and self.holding:
-            gain = cm[self.cfg.metric] - sm[self.cfg.metric]
-            z = mcnemar_z(y, pc, ps)
-            if gain < self.cfg.alarm_min_gain or z < self.cfg.alarm_min_z:
-                verdict = Verdict(
-                    False,
-                    f"drift alarm {self._rows_since_error_alarm} rows ago: {self.cfg.metric} gain "
-                    f"{gain:+.4f} (McNemar z {z:.2f}); holding needs >= {self.cfg.alarm_min_gain} "
-                    f"and z >= {self.cfg.alarm_min_z}",
-                )
-            elif self._served_at_alarm is not None:
-                verdict = self._maybe_release(verdict, x, y, pc)
+            verdict = self._release_hold(verdict, x, y, pc) or self._hold(verdict, y, pc, ps, cm, sm)
         self.pending = None
         served_version = self.served.version if self.served else None
         if verdict.promote:
@@ -256,19 +246,34 @@ class Registry:
             self.history.append(cand)
         return [self._record(cand, "promote" if verdict.promote else "reject", verdict.reason, cm, sm, len(y), served_version)]
 
-    def _maybe_release(self, verdict: Verdict, x: np.ndarray, y: np.ndarray, pc: np.ndarray) -> Verdict:
-        """End the hold when the candidate also beats the version served at the
-        alarm with McNemar z >= ``gate.alarm_release_z``: the newest rows are
-        learnable, so the change is real. On random labels z against any model
-        is ~N(0, 1): a lucky win may promote one version, but never ends the hold."""
+    def _release_hold(self, verdict: Verdict, x: np.ndarray, y: np.ndarray, pc: np.ndarray) -> Verdict | None:
+        """End the hold when the candidate beats the version served at the alarm
+        with McNemar z >= ``gate.alarm_release_z``: the newest rows are learnable,
+        so the change is real, and the ordinary verdict stands. On random labels z
+        against any model is ~N(0, 1), so a poisoned burst never ends the hold."""
         anchor = self._served_at_alarm
-        assert anchor is not None
+        if anchor is None:
+            return None
         z = mcnemar_z(y, pc, anchor.predict(x))
         if z < self.cfg.alarm_release_z:
-            return verdict
+            return None
         self._rows_since_error_alarm = self._served_at_alarm = None
         return Verdict(True, f"{verdict.reason}; beats v{anchor.version} (served at the drift alarm) with "
                              f"McNemar z {z:.2f} >= {self.cfg.alarm_release_z}: the hold ends")
+
+    def _hold(self, verdict: Verdict, y: np.ndarray, pc: np.ndarray, ps: np.ndarray,
+              cm: dict[str, float], sm: dict[str, float]) -> Verdict:
+        """While holding, a candidate must beat the served model, and significantly."""
+        gain = cm[self.cfg.metric] - sm[self.cfg.metric]
+        z = mcnemar_z(y, pc, ps)
+        if gain >= self.cfg.alarm_min_gain and z >= self.cfg.alarm_min_z:
+            return verdict
+        return Verdict(
+            False,
+            f"drift alarm {self._rows_since_error_alarm} rows ago: {self.cfg.metric} gain "
+            f"{gain:+.4f} (McNemar z {z:.2f}); holding needs >= {self.cfg.alarm_min_gain} "
+            f"and z >= {self.cfg.alarm_min_z}",
+        )
 
     def _record(
         self,
