@@ -27,7 +27,8 @@ Learners, each answering every row before it learns from it:
 - ``arf-lag`` and ``logreg-lag`` (diagnostics, not baselines): the same river
   models, but each block is answered by their copy trained through two blocks
   back, the freshest model livetrain's gate can serve. The distance from
-  ``logreg`` to ``logreg-lag`` is what the gate's lag alone costs.
+  ``logreg`` to ``logreg-lag`` is what the gate's lag alone costs
+  (``arf-lag`` runs only when ``--learners`` names it: it is slow).
 
 ``value`` is the accuracy over rows ``[eval_from, rows)``, the same rows for
 every learner (``eval_from`` = ``--static-rows``: the static model has not
