@@ -24,6 +24,11 @@ Learners, each answering every row before it learns from it:
 - river's ``ARFClassifier``, ``HoeffdingAdaptiveTreeClassifier`` and
   ``StandardScaler | LogisticRegression`` (multi-class: ``OneVsRestClassifier``
   of it), with their defaults, row by row.
+- ``arf-lag`` and ``logreg-lag`` (diagnostics, not baselines): the same river
+  models, but each block is answered by their copy trained through two blocks
+  back, the freshest model livetrain's gate can serve. The distance from
+  ``logreg`` to ``logreg-lag`` is what the gate's lag alone costs
+  (``arf-lag`` runs only when ``--learners`` names it: it is slow).
 
 ``value`` is the accuracy over rows ``[eval_from, rows)``, the same rows for
 every learner (``eval_from`` = ``--static-rows``: the static model has not
@@ -42,6 +47,7 @@ excluded); torch runs on one thread, as river does.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import sys
 import time
@@ -57,13 +63,17 @@ from livetrain.actors.replay_buffer import ReplayBuffer
 from livetrain.config import Config, load_config
 from livetrain.messages import BlockMeta, Candidate
 from livetrain.training.checkpoint import state_dict_numpy
-from livetrain.training.learner import Learner, concat_blocks
+from livetrain.training.learner import Learner, concat_blocks, make_optimizer
 from livetrain.training.models import build_model, model_spec
 from livetrain.training.registry import Registry
 
 STREAMS = ("sea", "hyperplane", "rbf", "rbf-fast", "shuttle")
-LEARNERS = ("livetrain", "static", "arf", "hat", "logreg")
+LEARNERS = ("livetrain", "static", "arf", "hat", "logreg", "arf-lag", "logreg-lag")
+DEFAULT_LEARNERS = ("livetrain", "static", "arf", "hat", "logreg", "logreg-lag")
+"""``arf-lag`` is opt-in: copying the forest every block triples ARF's time."""
 RIVER = ("arf", "hat", "logreg")
+LAGGED = ("arf-lag", "logreg-lag")
+"""Diagnostics, not baselines: river's model served with livetrain's gate lag."""
 STRIDE = 100
 """Rows between two points of the windowed-accuracy curve."""
 
@@ -182,7 +192,7 @@ def _learner(cfg: Config, s: Stream, seed: int) -> tuple[Learner, Any]:
     torch.manual_seed(seed)
     spec = model_spec(cfg.model, s.x.shape[1], s.num_classes)
     model = build_model(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     batch = cfg.train.batch_size * cfg.train.num_workers
     return Learner(model, opt, batch, seed=seed, anchor_l2=cfg.train.anchor_l2), spec
 
@@ -269,6 +279,26 @@ def river_model(name: str, num_classes: int, seed: int) -> tuple[Any, str]:
     return preprocessing.StandardScaler() | linear_model.LogisticRegression(), "StandardScaler | LogisticRegression"
 
 
+def run_river_lagged(model: Any, description: str, rows: list[dict[int, float]], labels: list[int], block_rows: int) -> Run:
+    """The same river model, but each block is answered by its copy trained
+    through two blocks back: the freshest model livetrain's gate can serve
+    (a candidate trained through block k is judged on block k + 1, then
+    answers block k + 2). What the gate's lag alone costs a learner."""
+    outcome = np.full(len(labels), -1, dtype=np.int8)
+    served = newest = None
+    t0 = time.perf_counter()
+    for lo in range(0, len(labels), block_rows):
+        hi = min(lo + block_rows, len(labels))
+        for i in range(lo, hi):
+            if served is not None:
+                p = served.predict_one(rows[i])
+                outcome[i] = -1 if p is None else int(p == labels[i])
+        for i in range(lo, hi):
+            model.learn_one(rows[i], labels[i])
+        served, newest = newest, copy.deepcopy(model)
+    return Run(outcome, time.perf_counter() - t0, {"model": description, "served_lag": "trained through block k-2 answers block k"})
+
+
 def run_river(model: Any, description: str, rows: list[dict[int, float]], labels: list[int]) -> Run:
     outcome = np.empty(len(labels), dtype=np.int8)
     t0 = time.perf_counter()
@@ -321,8 +351,10 @@ def report(s: Stream, runs: dict[str, Run], eval_from: int, window: int) -> None
     best = max(river, key=river.get)
     speed = (len(s.y) / runs["livetrain"].seconds) / (len(s.y) / runs["arf"].seconds) if "arf" in runs else None
     met = acc["livetrain"] >= river[best] - 0.01 and speed is not None and speed >= 20
+    lagged = {k: round(v, 4) for k, v in acc.items() if k in LAGGED}
     emit(f"quality/{s.name}/summary", round(acc["livetrain"], 4), "accuracy", baseline=round(river[best], 4),
          best_river=best, gap_points=round(100 * (acc["livetrain"] - river[best]), 2),
+         river_at_gate_lag=lagged or None,
          static=round(acc["static"], 4) if "static" in acc else None,
          rows_per_s_vs_arf=None if speed is None else round(speed, 2), target_met=met, stream=s.note)
 
@@ -334,7 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=20_000, help="rows per stream")
     p.add_argument("--streams", default=",".join(STREAMS), help=f"comma list of {', '.join(STREAMS)}")
-    p.add_argument("--learners", default=",".join(LEARNERS), help=f"comma list of {', '.join(LEARNERS)}")
+    p.add_argument("--learners", default=",".join(DEFAULT_LEARNERS), help=f"comma list of {', '.join(LEARNERS)}")
     p.add_argument("--block-rows", type=int, default=500, help="rows per block (one shard)")
     p.add_argument("--samples-per-row", type=float, default=25.0, help="livetrain samples trained per row ingested")
     p.add_argument("--static-rows", type=int, default=5000, help="rows the static model trains on (and eval_from)")
@@ -394,6 +426,9 @@ def main(argv: list[str] | None = None) -> None:
         rows, labels = [dict(enumerate(r)) for r in s.x.tolist()], s.y.tolist()
         for name in (n for n in RIVER if n in learners):
             runs[name] = run_river(*river_model(name, s.num_classes, args.seed), rows, labels)
+        for name in (n for n in LAGGED if n in learners):
+            model, description = river_model(name.removesuffix("-lag"), s.num_classes, args.seed)
+            runs[name] = run_river_lagged(model, description, rows, labels, args.block_rows)
         report(s, runs, static_rows, args.window)
 
 

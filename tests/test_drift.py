@@ -182,15 +182,18 @@ def test_alarm_history_is_bounded():
 ALARM = DriftAlarm(at=0.0, detector="error:adwin", features=[], detail={}, seq=1)
 
 
+REACT = {"alarm_recent_fraction": 0.95, "alarm_lr_scale": 3.0, "alarm_window_rows_scale": 0.5}
+
+
 def test_alarm_raises_recent_fraction_and_lr_and_shortens_window():
-    cfg = DriftConfig()
+    cfg = DriftConfig(**REACT)
     s = react(ALARM, ReactionState.at_rest(0.7), cfg)
     assert (s.recent_fraction, s.lr_scale, s.window_rows_scale) == (0.95, 3.0, 0.5)
     assert s.base_recent_fraction == 0.7
 
 
 def test_reactions_decay_back_to_baseline_over_recover_rows():
-    cfg = DriftConfig(recover_rows=10_000)
+    cfg = DriftConfig(recover_rows=10_000, **REACT)
     s = react(ALARM, ReactionState.at_rest(0.7), cfg)
     half = decay(s, 5_000, cfg)
     assert half.recent_fraction == pytest.approx(0.825)
@@ -201,7 +204,7 @@ def test_reactions_decay_back_to_baseline_over_recover_rows():
 
 
 def test_a_second_alarm_never_weakens_the_reaction():
-    cfg = DriftConfig()
+    cfg = DriftConfig(**REACT)
     s = react(ALARM, ReactionState.at_rest(0.7), cfg)
     assert react(ALARM, s, cfg) == s
     assert react(ALARM, ReactionState.at_rest(0.99), cfg).recent_fraction == 0.99

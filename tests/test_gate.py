@@ -100,6 +100,30 @@ def test_lr_scale_multiplies_the_configured_rate():
     assert learner.optimizer.param_groups[0]["lr"] == 0.01
 
 
+def test_fused_optimizer_takes_the_same_steps_as_plain_adamw():
+    import torch
+
+    from livetrain.training.learner import make_optimizer
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(3, 2)
+    b = torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    start = a.weight.detach().clone()
+    opt_a = make_optimizer(a, lr=0.01, weight_decay=0.1)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=0.01, weight_decay=0.1)
+    assert opt_a.defaults["fused"]
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    for _ in range(5):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+    assert not torch.allclose(a.weight, start)
+
+
 def test_mcnemar_z_separates_signal_from_label_noise():
     from livetrain.training.gate import mcnemar_z
 

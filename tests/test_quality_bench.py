@@ -46,8 +46,8 @@ def test_parquet_replay_prints_a_line_per_learner_and_a_summary(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
     lines = {d["name"]: d for d in map(json.loads, out.stdout.splitlines())}
     name = tmp_path.name
-    assert set(lines) == {f"quality/{name}/{k}" for k in (*quality.LEARNERS, "summary")}
-    for k in quality.LEARNERS:
+    assert set(lines) == {f"quality/{name}/{k}" for k in (*quality.DEFAULT_LEARNERS, "summary")}
+    for k in quality.DEFAULT_LEARNERS:
         line = lines[f"quality/{name}/{k}"]
         assert 0.0 <= line["value"] <= 1.0 and line["rows_per_s"] > 0 and line["torch_threads"] == 1
         assert [d["at"] for d in line["drifts"]] == [1200]

@@ -190,6 +190,44 @@ def test_equal_candidate_is_not_promoted_while_holding_after_alarm():
     assert r.served.version == 1
 
 
+def test_significant_win_after_a_real_drift_ends_the_hold():
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
+    good, flipped = weights_threshold(1.0), weights_threshold(-1.0)
+    r.propose(*cand_w(good, -1))
+    for seq in range(20):
+        r.observe(*xor_block(seq))
+    for seq in range(20, 26):  # a real, learnable change: the label rule flips for good
+        r.observe(*xor_block(seq, flip=True))
+    assert r.holding
+    r.propose(*cand_w(flipped, 25))  # learnt the new rule: far better, z >> 3
+    (d,) = r.observe(*xor_block(26, flip=True))
+    assert d.action == "promote" and "the hold ends" in d.reason and not r.holding
+    # the ordinary gate again: a candidate within the tolerance is promoted
+    r.propose(*cand_w(flipped, 26))
+    (d,) = r.observe(*xor_block(27, flip=True))
+    assert d.action == "promote" and r.served.version == 3
+
+
+def test_a_modest_win_while_holding_promotes_once_but_keeps_the_hold():
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
+    r.propose(*cand_w(weights_threshold(1.0), -1))
+    for seq in range(20):
+        r.observe(*xor_block(seq))
+    for seq in range(20, 26):
+        r.observe(*xor_block(seq, flip=True))
+    assert r.holding
+    def mostly_flipped(seq: int):
+        meta, x, y = xor_block(seq)
+        return meta, x, np.where(np.arange(len(y)) % 5 < 3, 1 - y, y)  # the flipped rule: right on 60%
+
+    r.propose(*cand_w(weights_threshold(-1.0), 25))
+    (d,) = r.observe(*mostly_flipped(26))  # z = 100 / sqrt(500) = 4.5: promoted, below alarm_release_z
+    assert d.action == "promote" and "hold ends" not in d.reason and r.holding
+    r.propose(*cand_w(weights_threshold(-1.0), 26))
+    (d,) = r.observe(*mostly_flipped(27))  # no gain over the new served version: still held
+    assert d.action == "reject" and "holding needs" in d.reason and r.holding
+
+
 def test_served_version_is_rolled_back_when_previous_beats_it_on_live_rows():
     r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000, rollback_margin=0.05, tolerance=1.0), 2)
     r.propose(*cand_w(weights_threshold(1.0), -1))

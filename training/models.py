@@ -36,15 +36,39 @@ ENTRY_POINT_GROUP = "livetrain.models"
 Builder = Callable[..., nn.Module]
 
 
-class MLP(nn.Module):
-    """Tabular classifier: input standardisation (BatchNorm) then ReLU layers."""
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
 
-    def __init__(self, num_features: int, num_classes: int, hidden: list[int], dropout: float = 0.0) -> None:
+
+DEFAULT_ACTIVATION = "leaky_relu"
+"""What ``model_spec`` gives an MLP unless ``model.options.activation`` says
+otherwise. Not ReLU: a small ReLU net trained on a burst of random labels
+(at a drift alarm the mix is all recent data) can end with every unit dead
+and never learn again; a leaky one keeps a gradient."""
+
+
+class MLP(nn.Module):
+    """Tabular classifier: input standardisation (BatchNorm) then hidden layers."""
+
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        hidden: list[int],
+        dropout: float = 0.0,
+        activation: str = "relu",
+    ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"model.options.activation: {activation!r} is not one of {', '.join(ACTIVATIONS)}")
         layers: list[nn.Module] = [nn.BatchNorm1d(num_features)]
         width = num_features
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h
@@ -84,8 +108,10 @@ class SmallCNN(nn.Module):
         return self.net(x.reshape(-1, *self.image_shape))
 
 
-def _mlp(num_features: int, num_classes: int, hidden: list[int] = (256, 256), dropout: float = 0.0) -> nn.Module:
-    return MLP(num_features, num_classes, list(hidden), dropout)
+def _mlp(
+    num_features: int, num_classes: int, hidden: list[int] = (256, 256), dropout: float = 0.0, activation: str = "relu"
+) -> nn.Module:
+    return MLP(num_features, num_classes, list(hidden), dropout, activation)
 
 
 def _cnn(num_features: int, num_classes: int, **options: Any) -> nn.Module:
@@ -117,6 +143,8 @@ def model_spec(cfg: ModelConfig, num_features: int, num_classes: int) -> ModelSp
     kwargs: dict[str, Any] = dict(num_features=num_features, num_classes=num_classes, **cfg.options)
     if cfg.name == "mlp":
         kwargs.setdefault("hidden", list(cfg.hidden))
+        # written into the spec, so checkpoints from before the option (ReLU) rebuild as they were
+        kwargs.setdefault("activation", DEFAULT_ACTIVATION)
         if cfg.dropout:
             kwargs.setdefault("dropout", cfg.dropout)
     elif cfg.name == "cnn" and cfg.dropout:

@@ -79,6 +79,8 @@ class Registry:
         self.drift = DriftMonitor(drift or DriftConfig())
         self.reaction = ReactionState.at_rest(recent_fraction)
         self._rows_since_error_alarm: int | None = None
+        self._served_at_alarm: Version | None = None
+        """The version served when the last error alarm fired (the hold's reference)."""
         self.previous: Version | None = None
         """The version served before the current one, shadow-scored for rollback."""
         self.live: Prequential | None = None
@@ -129,6 +131,7 @@ class Registry:
             self.reaction = react(alarm, self.reaction, self.drift.cfg)
             if alarm.detector.startswith("error"):
                 self._rows_since_error_alarm = 0
+                self._served_at_alarm = self.served
 
     @property
     def holding(self) -> bool:
@@ -233,15 +236,7 @@ class Registry:
         sm = classification_metrics(y, ps, self.num_classes) if ps is not None else None
         verdict = decide(cm, sm, self.cfg)
         if verdict.promote and sm is not None and self.holding:
-            gain = cm[self.cfg.metric] - sm[self.cfg.metric]
-            z = mcnemar_z(y, pc, ps)
-            if gain < self.cfg.alarm_min_gain or z < self.cfg.alarm_min_z:
-                verdict = Verdict(
-                    False,
-                    f"drift alarm {self._rows_since_error_alarm} rows ago: {self.cfg.metric} gain "
-                    f"{gain:+.4f} (McNemar z {z:.2f}); holding needs >= {self.cfg.alarm_min_gain} "
-                    f"and z >= {self.cfg.alarm_min_z}",
-                )
+            verdict = self._release_hold(verdict, x, y, pc) or self._hold(verdict, y, pc, ps, cm, sm)
         self.pending = None
         served_version = self.served.version if self.served else None
         if verdict.promote:
@@ -250,6 +245,35 @@ class Registry:
             self._serve(cand, previous=self.served)
             self.history.append(cand)
         return [self._record(cand, "promote" if verdict.promote else "reject", verdict.reason, cm, sm, len(y), served_version)]
+
+    def _release_hold(self, verdict: Verdict, x: np.ndarray, y: np.ndarray, pc: np.ndarray) -> Verdict | None:
+        """End the hold when the candidate beats the version served at the alarm
+        with McNemar z >= ``gate.alarm_release_z``: the newest rows are learnable,
+        so the change is real, and the ordinary verdict stands. On random labels z
+        against any model is ~N(0, 1), so a poisoned burst never ends the hold."""
+        anchor = self._served_at_alarm
+        if anchor is None:
+            return None
+        z = mcnemar_z(y, pc, anchor.predict(x))
+        if z < self.cfg.alarm_release_z:
+            return None
+        self._rows_since_error_alarm = self._served_at_alarm = None
+        return Verdict(True, f"{verdict.reason}; beats v{anchor.version} (served at the drift alarm) with "
+                             f"McNemar z {z:.2f} >= {self.cfg.alarm_release_z}: the hold ends")
+
+    def _hold(self, verdict: Verdict, y: np.ndarray, pc: np.ndarray, ps: np.ndarray,
+              cm: dict[str, float], sm: dict[str, float]) -> Verdict:
+        """While holding, a candidate must beat the served model, and significantly."""
+        gain = cm[self.cfg.metric] - sm[self.cfg.metric]
+        z = mcnemar_z(y, pc, ps)
+        if gain >= self.cfg.alarm_min_gain and z >= self.cfg.alarm_min_z:
+            return verdict
+        return Verdict(
+            False,
+            f"drift alarm {self._rows_since_error_alarm} rows ago: {self.cfg.metric} gain "
+            f"{gain:+.4f} (McNemar z {z:.2f}); holding needs >= {self.cfg.alarm_min_gain} "
+            f"and z >= {self.cfg.alarm_min_z}",
+        )
 
     def _record(
         self,

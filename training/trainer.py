@@ -41,7 +41,7 @@ from livetrain.training.checkpoint import (
     unwrap,
     weights_from_bytes,
 )
-from livetrain.training.learner import Cadence, Learner, amp_dtype_for, concat_blocks
+from livetrain.training.learner import Cadence, Learner, amp_dtype_for, concat_blocks, make_optimizer
 from livetrain.training.models import build_model
 
 STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE = range(5)
@@ -67,7 +67,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
 
     model = build_model(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = make_optimizer(model, tc.lr, tc.weight_decay)
     progress = Progress()
     ckpt, data = ray.train.get_checkpoint(), None
     if ckpt is not None:
