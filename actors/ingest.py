@@ -37,7 +37,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from livetrain.actors.blocks import PartSpan, ShardCommit, block_nbytes, block_of, label_index, part_rows
 from livetrain.actors.manifest import Manifest, ShardRecord
 from livetrain.actors.quarantine import write_quarantine
-from livetrain.actors.schema import SchemaError, iter_parts
+from livetrain.actors.schema import SchemaError, iter_parts, warm_up
 from livetrain.actors.sources import DirectorySource
 from livetrain.config import Config, SchemaConfig
 from livetrain.messages import BlockMeta
@@ -75,6 +75,7 @@ class IngestActor:
         self._state = Path(state_dir)
         self._rows_per_part = rows_per_part
         self._me = f"{socket.gethostname()}:{os.getpid()}"
+        warm_up()
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE_PARTS)
     def read_shard(self, path: str, name: str):
@@ -136,6 +137,8 @@ class IngestLoop:
     """Landing dir -> manifest -> ingest actors -> registry (test) -> buffer (train)."""
 
     def __init__(self, cfg: Config, manifest: Manifest, buffer: Any, registry: Any | None) -> None:
+        if cfg.schema.infer:
+            raise ValueError("IngestLoop needs a concrete schema: resolve schema.infer first (actors/schema_pin.py)")
         self.cfg = cfg
         self.manifest = manifest
         self.buffer = buffer

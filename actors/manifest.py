@@ -19,12 +19,17 @@ crash between claim and acceptance means the shard is read again, never lost
 and never counted twice. ``seq`` is assigned at discovery and only grows
 (``AUTOINCREMENT``: never reused), so it orders data by arrival.
 
+The ``meta`` table also pins the state dir's schema (``pin_schema``): the one
+the first run declared or inferred; ``actors/schema_pin.py`` holds every later
+run to it.
+
 Pure: sqlite3 and hashlib only, no Ray.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -34,6 +39,8 @@ from pathlib import Path
 
 MANIFEST_FILE = "manifest.sqlite"
 STATUSES = ("discovered", "claimed", "ingested", "quarantined", "duplicate")
+SCHEMA_KEY, SCHEMA_SOURCE_KEY = "schema", "schema_source"
+"""``meta`` keys of the pinned schema (JSON of its fields) and of where it came from."""
 HASH = "sha256"
 """Content hash of a shard file. sha256 runs ~1.5 GB/s here (SHA-NI), about
 twice blake2b; ~16 ms for a 24 MB shard of 200k rows x 20 features."""
@@ -356,6 +363,24 @@ class Manifest:
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value),
             )
+
+    # --- the pinned schema --------------------------------------------------------
+
+    def pinned_schema(self) -> tuple[dict, str] | None:
+        """The schema this state dir is bound to (its fields as a dict) and where it came from."""
+        body, source = self.get_meta(SCHEMA_KEY), self.get_meta(SCHEMA_SOURCE_KEY)
+        return None if body is None else (json.loads(body), source or "")
+
+    def pin_schema(self, fields: dict, source: str) -> tuple[dict, str]:
+        """Pin ``fields`` unless a schema is pinned already; return the pinned one (first writer wins)."""
+        with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (SCHEMA_KEY,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta (key, value) VALUES (?, ?), (?, ?)",
+                           (SCHEMA_KEY, json.dumps(fields, sort_keys=True), SCHEMA_SOURCE_KEY, source))
+        pinned = self.pinned_schema()
+        assert pinned is not None
+        return pinned
 
     # --- lifecycle ---------------------------------------------------------------
 
