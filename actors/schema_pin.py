@@ -6,7 +6,7 @@ with ``schema.infer: true``, the one the first shard that fits defines
 ``infer`` it is simply taken (label, classes and id column must agree); a
 declared schema must equal it, else the run is refused with the difference
 (the model's input width, the checkpoints and the buffer's rebuild all depend
-on it).
+on it). Until a shard is ingested a declared schema may still replace the pin.
 
 Inference happens before anything that depends on the schema starts (model,
 trainer, Serve, buffer): ``resolve_schema`` waits for the first shard that
@@ -75,6 +75,10 @@ def resolve_schema(
     fields, source = pinned
     schema = SchemaConfig(**fields)
     diff = differences(declared, schema)
+    if diff and not declared.infer and manifest.counts()["ingested"] == 0:
+        log.warning("livetrain: no shard was ingested under the pinned schema: pinning the config's (%s)", "; ".join(diff))
+        manifest.pin_schema(schema_fields(declared), FROM_CONFIG, replace=True)
+        return declared
     if diff:
         origin = "the config of its first run" if source == FROM_CONFIG else f"inferred from shard {source}"
         raise ConfigError(

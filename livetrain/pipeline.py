@@ -16,9 +16,10 @@
     ModelRegistry.observe(meta, [ref])   test: served model scores each block,
         |                                drift detectors watch errors + features
         v
-    ReplayBufferActor.add_shard(commit, refs)   then train: window + reservoir;
-        |   marks the shard ingested in the same call (exactly once); may make
-        |   ingest wait (buffer.backpressure: coverage) ; snapshot for restarts
+    ReplayBufferActor.add_shards(commits, refs)   then train: window + reservoir;
+        |   the shards finished since the last call, in one call that also marks
+        |   them ingested (exactly once); may make ingest wait
+        |   (buffer.backpressure: coverage) ; snapshot for restarts
         |  Sample(refs)                     [TorchTrainer job, fit() in a driver thread]
         v
     train_loop_per_worker x2 (DDP/gloo): fetch blocks zero-copy, K steps,
@@ -49,8 +50,10 @@
     ``storage.sync_interval_s``; a fresh state dir is restored from it at start.
 
 What each loop waits on: the IngestLoop on ``ray.wait`` over in-flight shards
-(at most ``source.poll_interval_s``) and, with ``buffer.backpressure:
-coverage``, on the buffer's sample-to-insert limiter; trainers on ``ReplayBufferActor.sample``
+and its one outstanding ``add_shards`` call (at most ``source.poll_interval_s``;
+it never blocks on the buffer) and, with ``buffer.backpressure: coverage``, on
+the buffer's sample-to-insert limiter, which stops new claims at
+``ingest.max_in_flight``; trainers on ``ReplayBufferActor.sample``
 (a condition, until ``train.min_buffer_rows``); replicas on
 ``wait_for_version`` (a condition in the registry) and requests on
 ``@serve.batch`` (``serve.batch_wait_timeout_s``); the synthetic writer on

@@ -120,9 +120,16 @@ def test_a_declared_schema_is_pinned_from_the_config(tmp_path):
         assert m.pinned_schema()[1] == FROM_CONFIG
 
 
+def _ingest_one(m: Manifest, landing: Path) -> None:
+    (shard,) = m.discover([_scalars(landing / "s.parquet")])
+    m.claim("me", 1)
+    m.mark_ingested(shard.name, 20, 0)
+
+
 def test_a_config_that_differs_from_the_pin_is_refused_naming_the_difference(tmp_path):
     with Manifest(tmp_path) as m:
         resolve_schema(SchemaConfig(features=["x0", "x1"], id_column="id"), m, tmp_path)
+        _ingest_one(m, tmp_path)
         with pytest.raises(ConfigError) as e:
             resolve_schema(SchemaConfig(features=["x0", "x1", "x2"], id_column="id"), m, tmp_path)
         assert "schema.features: pinned ['x0', 'x1'], config ['x0', 'x1', 'x2']" in str(e.value)
@@ -131,6 +138,16 @@ def test_a_config_that_differs_from_the_pin_is_refused_naming_the_difference(tmp
             resolve_schema(SchemaConfig(infer=True, id_column="id", classes=[0, 1, 2]), m, tmp_path)
         # infer with the same label, classes and id: takes the pin
         assert resolve_schema(SchemaConfig(infer=True, id_column="id"), m, tmp_path).features == ["x0", "x1"]
+
+
+def test_a_declared_schema_may_replace_the_pin_until_a_shard_is_ingested(tmp_path):
+    with Manifest(tmp_path) as m:
+        resolve_schema(SchemaConfig(features=["x0", "x1"]), m, tmp_path)
+        fixed = SchemaConfig(features=["x0", "x1", "x2"])
+        assert resolve_schema(fixed, m, tmp_path) == fixed
+        _ingest_one(m, tmp_path)
+        with pytest.raises(ConfigError, match="schema.features"):
+            resolve_schema(SchemaConfig(features=["x0"]), m, tmp_path)
 
 
 def test_the_first_pin_wins_when_two_processes_race(tmp_path):
