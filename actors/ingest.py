@@ -17,6 +17,15 @@ read again from the start by a fresh actor. A crash of the whole process
 leaves the shard ``claimed``; ``Manifest.requeue_claimed`` at start-up puts it
 back. Arrival order: shards are finished in claim (``seq``) order, whatever
 actor read them.
+
+Memory: a shard enters the buffer whole or not at all, so the driver holds
+every block ref of a shard until its commit. The actor streams blocks at most
+``BACKPRESSURE_PARTS`` ahead of the loop, but a shard larger than the object
+store is held through Ray's object spilling (disk), not in memory. Committing
+a shard in parts would need a committed-row watermark per shard in the
+manifest, set by the buffer in the same call as each part's blocks, re-reads
+that resume from it, and a quarantine file that still covers the whole
+shard; not done: very large shards are best split upstream.
 """
 
 from __future__ import annotations
