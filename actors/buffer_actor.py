@@ -5,9 +5,11 @@ list, so Ray passes them through unresolved; the rows never enter this
 process. Trainers get a ``Sample`` of refs and fetch the blocks themselves.
 Threaded, so a trainer waiting for data does not block inserts.
 
-Exactly once: ``add_shard`` inserts a shard's blocks and marks the shard
-ingested in the manifest before it answers; a retried call for a shard it
-already holds is a no-op. The actor restarts when it dies
+Exactly once: ``add_shards`` marks a batch of shards ingested in the
+manifest (one transaction) and inserts their blocks, under one lock, before
+it answers; a retried call for a shard already ingested is a no-op for that
+shard. (Should this actor die between the two, its restart rebuilds from the
+manifest, which already names those shards.) The actor restarts when it dies
 (``max_restarts``), and its calls are retried (``max_task_retries``): a new
 instance rebuilds itself in ``__init__`` from its last snapshot, the
 manifest and the shard files (``actors/blocks.py``), and owns the blocks it
@@ -88,27 +90,51 @@ class ReplayBufferActor:
 
     # --- from the ingest loop ---------------------------------------------------
 
-    def add_shard(self, commit: ShardCommit, refs: list[ray.ObjectRef], wait_s: float = 0.5) -> AddResult:
-        """Insert one shard's blocks and mark it ingested, unless the limiter makes
-        ingestion wait (up to ``wait_s``; then ``accepted=False``: call again)."""
+    def add_shards(self, commits: list[ShardCommit], refs: list[list[ray.ObjectRef]], wait_s: float = 0.5) -> list[AddResult]:
+        """Insert several shards' blocks (``refs[i]`` for ``commits[i]``) in order, and mark
+        them ingested in one manifest transaction before the blocks go in.
+
+        The limiter may make the first shard wait (up to ``wait_s``); a later one it
+        refuses ends the batch. Every shard from the first refused one on is answered
+        ``accepted=False``: call again with those. A shard already ingested (a retried
+        call after a restart) is answered ``already_held`` and not added twice.
+        """
         deadline = time.monotonic() + wait_s
         with self._grown:
-            if self._already_ingested(commit.shard):
-                return AddResult(True, self._buf.stats().rows, already_held=True)
-            while not self._limiter.admits(self._buf.unseen_rows, commit.good_rows):
+            held = {c.shard for c in commits if self._already_ingested(c.shard)}
+            todo = [c for c in commits if c.shard not in held]
+            first_ok = bool(todo)
+            while todo and not self._limiter.admits(self._buf.unseen_rows, todo[0].good_rows):
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed:
-                    return AddResult(False, self._buf.stats().rows)
+                    first_ok = False
+                    break
                 self._grown.wait(left)
-            for span, ref in zip(commit.spans, refs):
-                meta = BlockMeta(commit.shard, commit.seq, span.rows, span.nbytes, commit.written_at, time.time())
-                self._buf.add(BlockHandle(ref, commit.shard, span.row_start, span.row_end), meta)
-            if self._manifest is not None:
-                self._manifest.mark_ingested(commit.shard, commit.good_rows, commit.bad_rows)
-            self._newest_seq = max(self._newest_seq, commit.seq)
-            self._grown.notify_all()
-            self._maybe_snapshot()
-            return AddResult(True, self._buf.stats().rows)
+            admitted = todo[:1] if first_ok else []
+            unseen = self._buf.unseen_rows + sum(c.good_rows for c in admitted)
+            for c in todo[1:] if first_ok else []:  # evictions only lower the unseen count: a safe bound
+                if not self._limiter.admits(unseen, c.good_rows):
+                    break
+                admitted.append(c)
+                unseen += c.good_rows
+            if self._manifest is not None and admitted:
+                self._manifest.mark_ingested_many((c.shard, c.good_rows, c.bad_rows) for c in admitted)
+            by_shard = {c.shard: r for c, r in zip(commits, refs)}
+            for c in admitted:
+                for span, ref in zip(c.spans, by_shard[c.shard]):
+                    meta = BlockMeta(c.shard, c.seq, span.rows, span.nbytes, c.written_at, time.time())
+                    self._buf.add(BlockHandle(ref, c.shard, span.row_start, span.row_end), meta)
+                self._newest_seq = max(self._newest_seq, c.seq)
+            if admitted:
+                self._grown.notify_all()
+                self._maybe_snapshot()
+            rows, accepted = self._buf.stats().rows, {c.shard for c in admitted}
+            return [AddResult(c.shard in accepted or c.shard in held, rows, already_held=c.shard in held)
+                    for c in commits]
+
+    def add_shard(self, commit: ShardCommit, refs: list[ray.ObjectRef], wait_s: float = 0.5) -> AddResult:
+        """``add_shards`` for one shard."""
+        return self.add_shards([commit], [refs], wait_s)[0]
 
     # --- from trainers ----------------------------------------------------------
 

@@ -10,12 +10,22 @@ list, unresolved.
 
 Exactly once: a shard is claimed in the manifest; the buffer accepts all of
 its blocks at once and marks it ingested in the same call
-(``ReplayBufferActor.add_shard``). An actor that dies mid-shard voids the
+(``ReplayBufferActor.add_shards``, which takes every shard finished since its
+last call: one round trip and one manifest transaction for several shards). An actor that dies mid-shard voids the
 blocks it already yielded (they are dropped, never added) and the shard is
 read again from the start by a fresh actor. A crash of the whole process
 leaves the shard ``claimed``; ``Manifest.requeue_claimed`` at start-up puts it
 back. Arrival order: shards are finished in claim (``seq``) order, whatever
 actor read them.
+
+Memory: a shard enters the buffer whole or not at all, so the driver holds
+every block ref of a shard until its commit. The actor streams blocks at most
+``BACKPRESSURE_PARTS`` ahead of the loop, but a shard larger than the object
+store is held through Ray's object spilling (disk), not in memory. Committing
+a shard in parts would need a committed-row watermark per shard in the
+manifest, set by the buffer in the same call as each part's blocks, re-reads
+that resume from it, and a quarantine file that still covers the whole
+shard; not done: very large shards are best split upstream.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from livetrain.actors.blocks import PartSpan, ShardCommit, block_nbytes, block_of, label_index, part_rows
 from livetrain.actors.manifest import Manifest, ShardRecord
 from livetrain.actors.quarantine import write_quarantine
-from livetrain.actors.schema import SchemaError, iter_parts
+from livetrain.actors.schema import SchemaError, iter_parts, warm_up
 from livetrain.actors.sources import DirectorySource
 from livetrain.config import Config, SchemaConfig
 from livetrain.messages import BlockMeta
@@ -75,6 +85,7 @@ class IngestActor:
         self._state = Path(state_dir)
         self._rows_per_part = rows_per_part
         self._me = f"{socket.gethostname()}:{os.getpid()}"
+        warm_up()
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE_PARTS)
     def read_shard(self, path: str, name: str):
@@ -132,10 +143,42 @@ class _InFlight:
     finished: bool = False
 
 
+@dataclass
+class _Ready:
+    """A shard read whole, waiting for the buffer: its verdict and its blocks (refs)."""
+
+    record: ShardRecord
+    result: IngestResult
+    blocks: list[Any]
+    observed: bool = False
+    """The registry has scored its blocks (not again when the limiter refuses it once)."""
+
+
+@dataclass
+class _Commit:
+    """The one batch of ready shards on its way to the buffer: observed, then committed."""
+
+    shards: list[_Ready]
+    observing: list[Any]
+    """Registry ``observe`` calls that must finish first (test before train)."""
+    call: Any = None
+    """The ``add_shards`` call, once sent."""
+
+
 class IngestLoop:
-    """Landing dir -> manifest -> ingest actors -> registry (test) -> buffer (train)."""
+    """Landing dir -> manifest -> ingest actors -> registry (test) -> buffer (train).
+
+    ``step`` never blocks on the buffer: ready shards (finished in claim
+    order) go to the buffer together in one ``add_shards`` call while the
+    actors read on; one such batch is outstanding at a time, which keeps the
+    buffer's arrival order. Shards claimed, being read, ready or committing
+    together stay within ``ingest.max_in_flight``, so a buffer that makes
+    ingestion wait (``coverage``) stops new claims.
+    """
 
     def __init__(self, cfg: Config, manifest: Manifest, buffer: Any, registry: Any | None) -> None:
+        if cfg.schema.infer:
+            raise ValueError("IngestLoop needs a concrete schema: resolve schema.infer first (actors/schema_pin.py)")
         self.cfg = cfg
         self.manifest = manifest
         self.buffer = buffer
@@ -149,6 +192,10 @@ class IngestLoop:
         self._next_actor = 0
         self._attempts: dict[str, int] = {}
         self._in_flight: OrderedDict[str, _InFlight] = OrderedDict()
+        self._ready: list[_Ready] = []
+        self._commit: _Commit | None = None
+        self._landed: list[Path] = []
+        """Polled, not yet registered in the manifest (hashed a few per step)."""
         self._stop = threading.Event()
         self.manifest.requeue_claimed()
 
@@ -169,19 +216,22 @@ class IngestLoop:
             self.step(wait_s=self.cfg.source.poll_interval_s)
 
     def step(self, wait_s: float = 0.0) -> None:
-        """Discover, claim, dispatch, take ready blocks, and finish shards in claim order."""
+        """Discover, claim, dispatch, take ready blocks, finish shards in claim order, commit."""
         self._discover()
-        free = self.cfg.ingest.max_in_flight - len(self._in_flight)
+        busy = len(self._in_flight) + len(self._ready) + (len(self._commit.shards) if self._commit else 0)
+        free = self.cfg.ingest.max_in_flight - busy
         if free > 0:
             for rec in self.manifest.claim(self.owner, free):
                 self._dispatch(rec)
-        if not self._in_flight:
+        waits = [f.gen for f in self._in_flight.values() if not f.finished]
+        if self._commit is not None:
+            waits += [self._commit.call] if self._commit.call is not None else self._commit.observing
+        if not waits and not self._in_flight and not self._ready:
             if wait_s:
                 time.sleep(wait_s)  # the landing directory's polling interval
             return
-        pending = [f.gen for f in self._in_flight.values() if not f.finished]
-        if pending:
-            ray.wait(pending, num_returns=1, timeout=wait_s)
+        if waits:
+            ray.wait(waits, num_returns=1, timeout=wait_s)
         for f in self._in_flight.values():
             self._drain(f)
         while self._in_flight:  # the head first: keeps arrival order in the buffer
@@ -190,6 +240,7 @@ class IngestLoop:
                 break
             del self._in_flight[name]
             self._finish(head)
+        self._advance_commit()
 
     def in_flight(self) -> dict[str, int]:
         """Shard -> blocks taken so far, for shards being read (tests)."""
@@ -199,12 +250,6 @@ class IngestLoop:
 
     def _discover(self) -> None:
         paths = self.source.poll()
-        if not paths:
-            return
-        for rec in self.manifest.discover(paths):
-            if rec.status == "duplicate":
-                self.counters.shards_duplicate += 1
-                log.warning("livetrain: %s has the same bytes as %s: recorded as a duplicate", rec.name, rec.duplicate_of)
         for event in self.manifest.redelivered(paths):
             if event.same_content:
                 self.counters.shards_duplicate += 1
@@ -212,6 +257,14 @@ class IngestLoop:
             else:
                 self.counters.shards_changed_in_place += 1
                 log.warning("livetrain: %s was rewritten with other bytes after discovery: not read again", event.name)
+        known = self.manifest.known_names(p.name for p in paths)
+        self._landed += [p for p in paths if p.name not in known]
+        # hash a few at a time, in landing order: reading starts while the rest are hashed
+        batch, self._landed = self._landed[: self.cfg.ingest.max_in_flight], self._landed[self.cfg.ingest.max_in_flight :]
+        for rec in self.manifest.discover(batch):
+            if rec.status == "duplicate":
+                self.counters.shards_duplicate += 1
+                log.warning("livetrain: %s has the same bytes as %s: recorded as a duplicate", rec.name, rec.duplicate_of)
 
     def _dispatch(self, rec: ShardRecord, actor: int | None = None) -> None:
         i = self._next_actor % len(self._actors) if actor is None else actor
@@ -238,7 +291,6 @@ class IngestLoop:
         except (ray.exceptions.RayError, RuntimeError) as e:  # the ingest actor died mid-shard
             self._retry(f, e)
             return
-        blocks = f.items[:-1]
         c.readers[rec.name] = result.reader
         for reason, n in result.reasons.items():
             c.reasons[reason] = c.reasons.get(reason, 0) + n
@@ -247,30 +299,63 @@ class IngestLoop:
             c.shards_quarantined += 1
             key = result.error.split(":")[0]
             c.reasons[key] = c.reasons.get(key, 0) + 1
-            return
-        if result.good_rows:
-            if not self._commit(rec, result, blocks):
-                return  # stopping while the buffer made us wait: the shard stays claimed
+        elif result.good_rows:
+            self._ready.append(_Ready(rec, result, f.items[:-1]))
         else:
             self.manifest.mark_ingested(rec.name, 0, result.bad_rows)
+            self._count_ingested(result)
+
+    def _advance_commit(self) -> None:
+        """Answer the outstanding batch if the buffer has; start the next one when none is out."""
+        if self._commit is not None:
+            if self._commit.call is None:
+                if self._commit.observing and ray.wait(self._commit.observing, num_returns=len(self._commit.observing), timeout=0)[1]:
+                    return
+                ray.get(self._commit.observing)  # surfaces a failed observe
+                self._send(self._commit)
+                return
+            if ray.wait([self._commit.call], timeout=0)[1]:
+                return
+            answers = ray.get(self._commit.call)
+            left = [r for r, a in zip(self._commit.shards, answers) if not a.accepted]
+            for r, a in zip(self._commit.shards, answers):
+                if a.accepted:
+                    self._count_ingested(r.result)
+            self._commit = None
+            self._ready = left + self._ready  # refused by the limiter: first in the next batch
+        if self._commit is None and self._ready and not self._stop.is_set():
+            self._commit = _Commit(self._ready, self._observe(self._ready))
+            self._ready = []
+            if not self._commit.observing:
+                self._send(self._commit)
+
+    def _observe(self, shards: list[_Ready]) -> list[Any]:
+        if self.registry is None:
+            return []
+        now = time.time()  # test before train: the served model scores the rows first
+        calls = []
+        for r in (r for r in shards if not r.observed):
+            r.observed = True
+            calls += [
+                self.registry.observe.remote(BlockMeta(r.record.name, r.record.seq, s.rows, s.nbytes, r.record.written_at, now), [ref])
+                for s, ref in zip(r.result.spans, r.blocks)
+            ]
+        return calls
+
+    def _send(self, commit: _Commit) -> None:
+        commit.observing = []
+        commits = [
+            ShardCommit(r.record.name, r.record.seq, r.record.written_at, r.result.good_rows, r.result.bad_rows,
+                        r.result.spans)
+            for r in commit.shards
+        ]
+        commit.call = self.buffer.add_shards.remote(commits, [r.blocks for r in commit.shards])
+
+    def _count_ingested(self, result: IngestResult) -> None:
+        c = self.counters
         c.rows_quarantined += result.bad_rows
         c.rows_ingested += result.good_rows
         c.shards_ingested += 1
-
-    def _commit(self, rec: ShardRecord, result: IngestResult, blocks: list[Any]) -> bool:
-        commit = ShardCommit(rec.name, rec.seq, rec.written_at, result.good_rows, result.bad_rows, result.spans)
-        if self.registry is not None:  # test before train: the served model scores the rows first
-            now = time.time()
-            ray.get([
-                self.registry.observe.remote(BlockMeta(rec.name, rec.seq, s.rows, s.nbytes, rec.written_at, now), [ref])
-                for s, ref in zip(result.spans, blocks)
-            ])
-        while True:
-            answer = ray.get(self.buffer.add_shard.remote(commit, blocks))
-            if answer.accepted:
-                return True
-            if self._stop.is_set():
-                return False
 
     def _retry(self, f: _InFlight, error: BaseException) -> None:
         name = f.record.name
@@ -291,9 +376,21 @@ class IngestLoop:
         self._dispatch(f.record, actor=f.actor)
         self._in_flight.move_to_end(name, last=False)
 
-    def shutdown(self) -> None:
-        for name in self._in_flight:
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Give back every shard the buffer did not take; a batch on its way is waited for first."""
+        pending = [r.record.name for r in self._ready] + list(self._in_flight)
+        if self._commit is not None:
+            if self._commit.call is None:
+                pending += [r.record.name for r in self._commit.shards]
+            else:
+                try:
+                    answers = ray.get(self._commit.call, timeout=timeout_s)
+                    pending += [r.record.name for r, a in zip(self._commit.shards, answers) if not a.accepted]
+                except ray.exceptions.RayError:  # unknown outcome: leave them claimed (requeued at start-up)
+                    log.warning("livetrain: the buffer did not answer the last commit; its shards stay claimed")
+        for name in pending:
             self.manifest.release(name)
         self._in_flight.clear()
+        self._ready, self._commit = [], None
         for a in self._actors:
             ray.kill(a)

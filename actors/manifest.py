@@ -19,12 +19,17 @@ crash between claim and acceptance means the shard is read again, never lost
 and never counted twice. ``seq`` is assigned at discovery and only grows
 (``AUTOINCREMENT``: never reused), so it orders data by arrival.
 
+The ``meta`` table also pins the state dir's schema (``pin_schema``): the one
+the first run declared or inferred; ``actors/schema_pin.py`` holds every later
+run to it.
+
 Pure: sqlite3 and hashlib only, no Ray.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -34,6 +39,8 @@ from pathlib import Path
 
 MANIFEST_FILE = "manifest.sqlite"
 STATUSES = ("discovered", "claimed", "ingested", "quarantined", "duplicate")
+SCHEMA_KEY, SCHEMA_SOURCE_KEY = "schema", "schema_source"
+"""``meta`` keys of the pinned schema (JSON of its fields) and of where it came from."""
 HASH = "sha256"
 """Content hash of a shard file. sha256 runs ~1.5 GB/s here (SHA-NI), about
 twice blake2b; ~16 ms for a 24 MB shard of 200k rows x 20 features."""
@@ -309,6 +316,12 @@ class Manifest:
         """The buffer accepted the shard's good rows. Idempotent; only from ``claimed``."""
         self._transition(name, ("claimed",), "ingested", good_rows=good_rows, bad_rows=bad_rows)
 
+    def mark_ingested_many(self, shards: Iterable[tuple[str, int, int]]) -> None:
+        """``mark_ingested`` for each ``(name, good_rows, bad_rows)``, all in one transaction (or none)."""
+        with self._write() as db:
+            for name, good_rows, bad_rows in shards:
+                _transition_in(db, name, ("claimed",), "ingested", good_rows=good_rows, bad_rows=bad_rows)
+
     def mark_quarantined(self, name: str, reason: str) -> None:
         """The shard was rejected whole. Idempotent; from ``claimed`` or ``discovered``."""
         self._transition(name, ("claimed", "discovered"), "quarantined", reason=reason, good_rows=0)
@@ -357,6 +370,25 @@ class Manifest:
                 (key, value),
             )
 
+    # --- the pinned schema --------------------------------------------------------
+
+    def pinned_schema(self) -> tuple[dict, str] | None:
+        """The schema this state dir is bound to (its fields as a dict) and where it came from."""
+        body, source = self.get_meta(SCHEMA_KEY), self.get_meta(SCHEMA_SOURCE_KEY)
+        return None if body is None else (json.loads(body), source or "")
+
+    def pin_schema(self, fields: dict, source: str, replace: bool = False) -> tuple[dict, str]:
+        """Pin ``fields`` unless a schema is pinned already (or ``replace``); return the pinned one
+        (first writer wins)."""
+        with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (SCHEMA_KEY,)).fetchone()
+            if row is None or replace:
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?), (?, ?)",
+                           (SCHEMA_KEY, json.dumps(fields, sort_keys=True), SCHEMA_SOURCE_KEY, source))
+        pinned = self.pinned_schema()
+        assert pinned is not None
+        return pinned
+
     # --- lifecycle ---------------------------------------------------------------
 
     def backup(self, target: sqlite3.Connection) -> None:
@@ -400,22 +432,8 @@ class Manifest:
                 db.execute(statement)
 
     def _transition(self, name: str, allowed_from: tuple[str, ...], to: str, **values: object) -> None:
-        now = time.time()
         with self._write() as db:
-            row = db.execute("SELECT status FROM shards WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                raise ManifestError(f"unknown shard {name!r}")
-            if row[0] == to:
-                return
-            if row[0] not in allowed_from:
-                raise ManifestError(
-                    f"shard {name!r} is {row[0]}; cannot become {to} (only from {'/'.join(allowed_from)})"
-                )
-            sets = "".join(f"{k} = ?, " for k in values)
-            db.execute(
-                f"UPDATE shards SET status = ?, {sets}updated_at = ? WHERE name = ?",
-                (to, *values.values(), now, name),
-            )
+            _transition_in(db, name, allowed_from, to, **values)
 
     def _get(self, name: str) -> ShardRecord:
         record = self.get(name)
@@ -429,6 +447,22 @@ class Manifest:
 
     def _write(self) -> _WriteTx:
         return _WriteTx(self._db, self._lock)
+
+
+def _transition_in(db: sqlite3.Connection, name: str, allowed_from: tuple[str, ...], to: str, **values: object) -> None:
+    """One shard's status change inside the caller's write transaction."""
+    row = db.execute("SELECT status FROM shards WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise ManifestError(f"unknown shard {name!r}")
+    if row[0] == to:
+        return
+    if row[0] not in allowed_from:
+        raise ManifestError(f"shard {name!r} is {row[0]}; cannot become {to} (only from {'/'.join(allowed_from)})")
+    sets = "".join(f"{k} = ?, " for k in values)
+    db.execute(
+        f"UPDATE shards SET status = ?, {sets}updated_at = ? WHERE name = ?",
+        (to, *values.values(), time.time(), name),
+    )
 
 
 class _WriteTx:

@@ -23,6 +23,10 @@ introduced nulls, a pandas round trip). A feature list may be a
 ``fixed_size_list`` of the declared width or a variable ``list`` whose every
 non-null entry has that width; any other width fails the whole shard.
 
+With ``schema.infer`` the features come from the first shard that fits
+(``infer_schema``: numeric columns or one list column beside the label and id);
+``actors/schema_pin.py`` pins the result in the manifest.
+
 Work is vectorised over record batches (``ParquetFile.iter_batches``), so
 memory beyond the output is one batch; the output block is preallocated from
 the footer's row count and filled in place.
@@ -30,6 +34,7 @@ the footer's row count and filled in place.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +137,74 @@ def check_schema(arrow_schema: pa.Schema, schema: SchemaConfig) -> None:
         raise SchemaError(
             f"column {schema.label!r}: label has type {label_type}, expected an integer type{note}"
         )
+
+
+def infer_schema(path: str | Path, declared: SchemaConfig) -> SchemaConfig:
+    """The schema ``path`` defines under ``declared`` (``infer: true``); ``SchemaError`` if it does not fit.
+
+    Rules: the file is readable Parquet with rows; ``declared.label`` (and
+    ``id_column`` if declared) are integer columns; every other column is a
+    feature: all numeric scalars (features in file order), or exactly one list
+    of numbers whose width is fixed by its type or, for a variable list, by its
+    first record batch. The first record batch must then validate with at
+    least one good row, so an all-bad shard never defines the schema.
+    """
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SchemaError(f"not a readable parquet file: {_first_line(e)}") from None
+    try:
+        if pf.metadata.num_rows == 0:
+            raise SchemaError("zero rows")
+        arrow = pf.schema_arrow
+        taken = [declared.label, *([declared.id_column] if declared.id_column else [])]
+        missing = [c for c in taken if c not in arrow.names]
+        if missing:
+            raise SchemaError(f"missing columns: {missing}")
+        rest = [f for f in arrow if f.name not in taken]
+        if not rest:
+            raise SchemaError("no feature columns besides the label and id")
+        if len(rest) == 1 and _is_list(rest[0].type):
+            width = _list_width(pf, rest[0])
+            found = {"feature_list_column": rest[0].name, "num_features": width}
+        else:
+            odd = [f"{f.name!r} ({f.type})" for f in rest if not _is_number(f.type)]
+            if odd:
+                raise SchemaError(f"columns neither numeric features nor one list column: {', '.join(odd)}")
+            found = {"features": [f.name for f in rest]}
+        inferred = dataclasses.replace(declared, infer=False, **found)
+        check_schema(arrow, inferred)
+    except (pa.ArrowException, OSError) as e:
+        raise SchemaError(f"unreadable parquet data: {_first_line(e)}") from None
+    finally:
+        pf.close()
+    parts = iter_parts(path, inferred, 4096)
+    try:
+        first = next(parts)
+    finally:
+        parts.close()
+    if first.good_rows == 0:
+        raise SchemaError(f"no good row in its first {first.row_end} rows: {first.reasons}")
+    return inferred
+
+
+def _is_number(tp: pa.DataType) -> bool:
+    return pa.types.is_floating(tp) or pa.types.is_integer(tp)
+
+
+def _is_list(tp: pa.DataType) -> bool:
+    return pa.types.is_fixed_size_list(tp) or pa.types.is_list(tp) or pa.types.is_large_list(tp)
+
+
+def _list_width(pf: pq.ParquetFile, fld: pa.Field) -> int:
+    if pa.types.is_fixed_size_list(fld.type):
+        return fld.type.list_size
+    batch = next(pf.iter_batches(batch_size=4096, columns=[fld.name]))
+    lengths = pc.drop_null(pc.list_value_length(batch.column(0))).to_numpy(zero_copy_only=False)
+    widths = sorted({int(w) for w in np.unique(lengths)})
+    if len(widths) != 1 or widths[0] < 1:
+        raise SchemaError(f"column {fld.name!r}: list widths {widths} in the first rows; need one width >= 1")
+    return widths[0]
 
 
 def _columns(schema: SchemaConfig) -> list[str]:
@@ -312,6 +385,12 @@ def _rejected(d: int, error: str) -> ValidatedShard:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
+
+
+def warm_up() -> None:
+    """Pay pyarrow's lazy imports now: its first array conversion imports pandas
+    when installed (~0.7 s here), which would otherwise land on the first shard."""
+    pa.array(np.zeros(1)).to_numpy(zero_copy_only=False)
 
 
 # --- streaming by parts ----------------------------------------------------------

@@ -32,7 +32,7 @@ class SchemaConfig:
 
     features: list[str] | None = None
     """Names of the float feature columns, in model input order. Exactly one of
-    ``features`` and ``feature_list_column`` must be set."""
+    ``features`` and ``feature_list_column`` must be set (neither with ``infer``)."""
     feature_list_column: str | None = None
     """Name of one fixed-size-list<float> column holding all features."""
     num_features: int | None = None
@@ -40,14 +40,30 @@ class SchemaConfig:
     label: str = "label"
     """Name of the integer label column."""
     classes: list[int] = field(default_factory=lambda: [0, 1])
-    """The declared label values; a row with any other label is quarantined."""
+    """The declared label values; a row with any other label is quarantined.
+    Declared even with ``infer``: one shard need not hold every class."""
     id_column: str | None = None
     """Optional integer row-id column, passed through untouched: kept in each block
     as ``id`` and in quarantine files, so every row can be accounted for."""
+    infer: bool = False
+    """Learn the features from the first shard that fits, before training starts:
+    every column but ``label`` and ``id_column``, either all numeric (in file
+    order) or one list column of one width. The result is pinned in the
+    manifest; later runs on the state dir use it, and a config that declares
+    another schema there is refused with the difference."""
 
     def __post_init__(self) -> None:
-        if (self.features is None) == (self.feature_list_column is None):
-            raise ConfigError("schema: set exactly one of schema.features and schema.feature_list_column")
+        if self.infer:
+            if (self.features, self.feature_list_column, self.num_features) != (None, None, None):
+                raise ConfigError(
+                    "schema.infer: leave schema.features, schema.feature_list_column and "
+                    "schema.num_features unset; they are inferred from the first shard"
+                )
+        elif (self.features is None) == (self.feature_list_column is None):
+            raise ConfigError(
+                "schema: set exactly one of schema.features and schema.feature_list_column"
+                " (or schema.infer: true)"
+            )
         if self.features is not None:
             if not self.features:
                 raise ConfigError("schema.features: must name at least one column")
@@ -57,11 +73,11 @@ class SchemaConfig:
                     f"{len(self.features)} names in schema.features"
                 )
             self.num_features = len(self.features)
-        elif not self.num_features or self.num_features < 1:
+        elif self.feature_list_column is not None and (not self.num_features or self.num_features < 1):
             raise ConfigError("schema.num_features: required (>= 1) with schema.feature_list_column")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"schema.classes: need at least two distinct labels, got {self.classes}")
-        features = self.features if self.features is not None else [self.feature_list_column]
+        features = self.features or ([self.feature_list_column] if self.feature_list_column else [])
         if self.id_column is not None and self.id_column in [*features, self.label]:
             raise ConfigError(f"schema.id_column: {self.id_column!r} is already a feature or the label")
 

@@ -1,5 +1,9 @@
 """Wires livetrain together. The data flow, as this module builds it:
 
+    schema: declared, or (schema.infer) defined by the first shard that fits,
+        pinned in the Manifest; resolved before anything that depends on it
+        starts (model width, buffer, Serve): start() waits for that shard
+
     landing dir (*.parquet; written by the user, or by SyntheticStream)
         |  DirectorySource.poll            [IngestLoop thread, driver process]
         v
@@ -12,9 +16,10 @@
     ModelRegistry.observe(meta, [ref])   test: served model scores each block,
         |                                drift detectors watch errors + features
         v
-    ReplayBufferActor.add_shard(commit, refs)   then train: window + reservoir;
-        |   marks the shard ingested in the same call (exactly once); may make
-        |   ingest wait (buffer.backpressure: coverage) ; snapshot for restarts
+    ReplayBufferActor.add_shards(commits, refs)   then train: window + reservoir;
+        |   the shards finished since the last call, in one call that also marks
+        |   them ingested (exactly once); may make ingest wait
+        |   (buffer.backpressure: coverage) ; snapshot for restarts
         |  Sample(refs)                     [TorchTrainer job, fit() in a driver thread]
         v
     train_loop_per_worker x2 (DDP/gloo): fetch blocks zero-copy, K steps,
@@ -32,7 +37,8 @@
         (closes the freshness of every shard that version trained on)
 
     Pipeline.run polls ingest counters, buffer and registry stats every
-    ``_TICK_S`` -> LiveView (stderr) and Tracker (W&B + metrics.jsonl), and
+    ``_TICK_S`` -> LiveView (stderr) and Tracker (W&B + metrics.jsonl; quarantine
+    reasons flattened as ``quarantine/<reason>``), and
     publishes the snapshot to the Control actor (named, beside the driver),
     which answers with any stop request: ``livetrain status`` reads the
     snapshot there, ``livetrain stop`` sets the request (seen within a tick;
@@ -44,8 +50,10 @@
     ``storage.sync_interval_s``; a fresh state dir is restored from it at start.
 
 What each loop waits on: the IngestLoop on ``ray.wait`` over in-flight shards
-(at most ``source.poll_interval_s``) and, with ``buffer.backpressure:
-coverage``, on the buffer's sample-to-insert limiter; trainers on ``ReplayBufferActor.sample``
+and its one outstanding ``add_shards`` call (at most ``source.poll_interval_s``;
+it never blocks on the buffer) and, with ``buffer.backpressure: coverage``, on
+the buffer's sample-to-insert limiter, which stops new claims at
+``ingest.max_in_flight``; trainers on ``ReplayBufferActor.sample``
 (a condition, until ``train.min_buffer_rows``); replicas on
 ``wait_for_version`` (a condition in the registry) and requests on
 ``@serve.batch`` (``serve.batch_wait_timeout_s``); the synthetic writer on
@@ -55,10 +63,12 @@ its next sample; they checkpoint once more and return.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -73,9 +83,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from livetrain.actors.buffer_actor import BUFFER_NAME, ReplayBufferActor
 from livetrain.actors.ingest import IngestLoop
 from livetrain.actors.manifest import MANIFEST_FILE, Manifest
+from livetrain.actors.schema_pin import resolve_schema
 from livetrain.actors.synthetic import SyntheticStream
 from livetrain.actors.synthetic import feature_names as synthetic_feature_names
-from livetrain.config import Config, ConfigError
+from livetrain.config import Config, ConfigError, SchemaConfig
 from livetrain.control import AlreadyRunning, job_submission_id, start_control
 from livetrain.live_view import LiveView
 from livetrain.messages import Decision
@@ -128,7 +139,7 @@ class Pipeline:
 
     def start(self) -> None:
         cfg, ns = self.cfg, self.cfg.ray.namespace
-        _check_synthetic_schema(cfg)
+        declared = _declared_schema(cfg)  # a synthetic stream that cannot match fails here, before Ray
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if not ray.is_initialized():
             if self.cluster_address is None:  # Serve's ingress is fixed when Ray's processes start
@@ -154,8 +165,13 @@ class Pipeline:
             restored = self.store.restore(self.state_dir)
             if restored:
                 print(f"livetrain: restored {len(restored)} state files from {cfg.storage.uri}", file=sys.stderr)
-        self.tracker = Tracker(cfg.tracking, self.state_dir, cfg.to_dict())
         self.manifest = Manifest(self.state_dir)
+        # everything below depends on the schema (model width, blocks): pin it first (after
+        # a restore, which brings the manifest back); with schema.infer this waits for a shard
+        schema = resolve_schema(declared, self.manifest, cfg.landing_dir, self._stop, cfg.source.poll_interval_s,
+                                cfg.duration_s)
+        self.cfg = cfg = dataclasses.replace(cfg, schema=schema)
+        self.tracker = Tracker(cfg.tracking, self.state_dir, cfg.to_dict())
         self._push_state(force=True)
         features = _feature_names(cfg)
         self.spec = model_spec(cfg.model, len(features), len(cfg.schema.classes))
@@ -398,18 +414,31 @@ class Pipeline:
 
 
 def _numbers(d: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The numeric figures of a snapshot, with ``quarantine_reasons`` flattened as
+    ``quarantine/<reason>`` (``nan feature`` -> ``quarantine/nan_feature``): rows for
+    a per-row reason, shards for a whole-shard one (``quarantine/missing_columns``)."""
+    out = {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for reason, n in (d.get("quarantine_reasons") or {}).items():
+        key = f"quarantine/{_slug(reason)}"
+        out[key] = out.get(key, 0) + n
+    return out
 
 
-def _check_synthetic_schema(cfg: Config) -> None:
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "other"
+
+
+def _declared_schema(cfg: Config) -> SchemaConfig:
+    """The config's schema; with the synthetic source, ``infer`` means the stream's own."""
     if cfg.source.kind != "synthetic":
-        return
+        return cfg.schema
     want = synthetic_feature_names(cfg.synthetic)
-    if cfg.schema.features != want or list(cfg.schema.classes) != [0, 1]:
-        raise ConfigError(
-            f"schema: the synthetic {cfg.synthetic.generator} stream writes features {want} "
-            f"and labels [0, 1]; set schema.features and schema.classes to match"
-        )
+    if list(cfg.schema.classes) == [0, 1] and (cfg.schema.infer or cfg.schema.features == want):
+        return dataclasses.replace(cfg.schema, infer=False, features=want)
+    raise ConfigError(
+        f"schema: the synthetic {cfg.synthetic.generator} stream writes features {want} "
+        f"and labels [0, 1]; set schema.features and schema.classes to match (or schema.infer: true)"
+    )
 
 
 def _feature_names(cfg: Config) -> list[str]:
