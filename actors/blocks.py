@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from livetrain.config import SchemaConfig
+from livetrain.storage import shard_stat
 
 SNAPSHOT_FILE = "buffer_snapshot.json"
 SNAPSHOT_VERSION = 1
@@ -124,10 +125,9 @@ class RebuildShard:
     def file_unchanged(self) -> bool:
         """The file on disk is the one that was ingested (size and mtime as recorded)."""
         try:
-            st = os.stat(self.path)
+            return shard_stat(self.path) == (self.size, self.mtime_ns)
         except OSError:
             return False
-        return (st.st_size, st.st_mtime_ns) == (self.size, self.mtime_ns)
 
 
 def plan_rebuild(snapshot: Snapshot | None, ingested: list, capacity_rows: int) -> list[RebuildShard]:

@@ -43,9 +43,10 @@ from livetrain.actors.blocks import (
 from livetrain.actors.manifest import Manifest
 from livetrain.actors.rate_limiter import make_limiter
 from livetrain.actors.replay_buffer import Entry, ReplayBuffer
-from livetrain.config import BufferConfig, SchemaConfig
+from livetrain.config import BufferConfig, SchemaConfig, StorageConfig
 from livetrain.messages import BlockMeta, Sample
 from livetrain.storage import Store
+from livetrain.storage import configure as configure_storage
 
 BUFFER_NAME = "livetrain_buffer"
 
@@ -69,7 +70,10 @@ class ReplayBufferActor:
         schema: SchemaConfig | None = None,
         block_rows: int = 65_536,
         store: Store | None = None,
+        storage: StorageConfig | None = None,
     ) -> None:
+        if storage is not None:
+            configure_storage(storage)  # a rebuild re-reads shards, maybe from s3://
         self._cfg = cfg
         self._store = store
         self._pushing = threading.Lock()

@@ -49,8 +49,10 @@ from livetrain.actors.manifest import Manifest, ShardRecord
 from livetrain.actors.quarantine import write_quarantine
 from livetrain.actors.schema import SchemaError, iter_parts, warm_up
 from livetrain.actors.sources import DirectorySource
-from livetrain.config import Config, SchemaConfig
+from livetrain.config import Config, SchemaConfig, StorageConfig
 from livetrain.messages import BlockMeta
+from livetrain.storage import configure as configure_storage
+from livetrain.storage import shard_name, shard_path
 
 __all__ = ["IngestActor", "IngestLoop", "IngestResult", "IngestCounters", "label_index"]
 
@@ -80,7 +82,10 @@ class IngestResult:
 
 @ray.remote(num_cpus=0.25, max_restarts=-1)
 class IngestActor:
-    def __init__(self, schema: SchemaConfig, state_dir: str, rows_per_part: int) -> None:
+    def __init__(self, schema: SchemaConfig, state_dir: str, rows_per_part: int,
+                 storage: StorageConfig | None = None) -> None:
+        if storage is not None:
+            configure_storage(storage)  # shards on s3://: this process opens them with the cluster's endpoint
         self._schema = schema
         self._state = Path(state_dir)
         self._rows_per_part = rows_per_part
@@ -108,12 +113,12 @@ class IngestActor:
                     spans.append(PartSpan(part.row_start, part.row_end, part.good_rows, block_nbytes(block)))
                     yield block
         except SchemaError as e:
-            write_quarantine(self._state, name, None, str(e), Path(path))
+            write_quarantine(self._state, name, None, str(e), shard_path(path))
             yield IngestResult(name, 0, 0, [], {}, str(e), self._me)
             return
         table = pa.concat_tables(bad) if bad else None
         if table is not None:
-            write_quarantine(self._state, name, table, None, Path(path))
+            write_quarantine(self._state, name, table, None, shard_path(path))
         good = sum(s.rows for s in spans)
         yield IngestResult(name, good, 0 if table is None else table.num_rows, spans, reasons, None, self._me)
 
@@ -204,7 +209,9 @@ class IngestLoop:
         # beside the driver: the landing dir and the quarantine are on its disk
         # unless they live on shared storage
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        return IngestActor.options(scheduling_strategy=here).remote(self.cfg.schema, state, self._rows_per_part)
+        return IngestActor.options(scheduling_strategy=here).remote(
+            self.cfg.schema, state, self._rows_per_part, self.cfg.storage
+        )
 
     @property
     def actors(self) -> list[Any]:
@@ -257,8 +264,8 @@ class IngestLoop:
             else:
                 self.counters.shards_changed_in_place += 1
                 log.warning("livetrain: %s was rewritten with other bytes after discovery: not read again", event.name)
-        known = self.manifest.known_names(p.name for p in paths)
-        self._landed += [p for p in paths if p.name not in known]
+        known = self.manifest.known_names(shard_name(p) for p in paths)
+        self._landed += [p for p in paths if shard_name(p) not in known]
         # hash a few at a time, in landing order: reading starts while the rest are hashed
         batch, self._landed = self._landed[: self.cfg.ingest.max_in_flight], self._landed[self.cfg.ingest.max_in_flight :]
         for rec in self.manifest.discover(batch):

@@ -37,6 +37,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from livetrain.storage import read_shard_chunks, shard_name, shard_path, shard_stat
+
 MANIFEST_FILE = "manifest.sqlite"
 STATUSES = ("discovered", "claimed", "ingested", "quarantined", "duplicate")
 SCHEMA_KEY, SCHEMA_SOURCE_KEY = "schema", "schema_source"
@@ -132,11 +134,8 @@ class ShardRecord:
 def file_hash(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     """Hex digest of the file's bytes (``hashlib.file_digest`` is 3.11+; we support 3.10)."""
     digest = hashlib.new(HASH)
-    buf = bytearray(chunk_bytes)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
+    for chunk in read_shard_chunks(path, chunk_bytes):  # a local file or a URI (s3://...)
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -168,14 +167,15 @@ class Manifest:
         recorded as ``duplicate`` (``duplicate_of`` names the first) and is
         never claimed.
         """
-        paths = [Path(p) for p in paths]
-        known = self.known_names([p.name for p in paths])
-        fresh: dict[str, tuple[Path, int, int, str]] = {}
+        paths = [shard_path(p) for p in paths]
+        known = self.known_names([shard_name(p) for p in paths])
+        fresh: dict[str, tuple[str | Path, int, int, str]] = {}
         for p in paths:
-            if p.name in known or p.name in fresh:
+            name = shard_name(p)
+            if name in known or name in fresh:
                 continue
-            st = p.stat()
-            fresh[p.name] = (p, st.st_size, st.st_mtime_ns, file_hash(p))
+            size, mtime_ns = shard_stat(p)
+            fresh[name] = (p, size, mtime_ns, file_hash(p))
         if not fresh:
             return []
         now = time.time()
@@ -218,22 +218,25 @@ class Manifest:
         ``reingest``.
         """
         out = []
-        for p in map(Path, paths):
-            rec = self.get(p.name)
-            if rec is None or not p.exists():
+        for p in map(shard_path, paths):
+            rec = self.get(shard_name(p))
+            if rec is None:
                 continue
-            st = p.stat()
-            if (st.st_size, st.st_mtime_ns) == (rec.size, rec.mtime_ns):
+            try:
+                size, mtime_ns = shard_stat(p)
+            except FileNotFoundError:
+                continue
+            if (size, mtime_ns) == (rec.size, rec.mtime_ns):
                 continue
             digest = file_hash(p)
             with self._write() as db:
                 cur = db.execute(
                     "INSERT INTO redeliveries (name, size, mtime_ns, content_hash, same_content, at)"
                     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (p.name, st.st_size, st.st_mtime_ns, digest, int(digest == rec.content_hash), time.time()),
+                    (rec.name, size, mtime_ns, digest, int(digest == rec.content_hash), time.time()),
                 )
             if cur.rowcount:
-                out.append(Redelivery(p.name, digest == rec.content_hash, rec.status))
+                out.append(Redelivery(rec.name, digest == rec.content_hash, rec.status))
         return out
 
     def redeliveries(self) -> list[Redelivery]:

@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from livetrain.storage import read_shard_chunks, shard_path
+
 QUARANTINE_DIR = "quarantine"
 BAD_ROWS_SUFFIX = ".bad.parquet"
 REASON_SUFFIX = ".reason.txt"
@@ -68,7 +70,7 @@ def write_quarantine(
     qdir = quarantine_dir(state_dir)
     qdir.mkdir(parents=True, exist_ok=True)
     if error is not None:
-        return _quarantine_whole(qdir, shard_name, error, Path(source_path))
+        return _quarantine_whole(qdir, shard_name, error, shard_path(source_path))
     if bad is None or bad.num_rows == 0:
         return None
     rows = bad.append_column(SOURCE_COLUMN, pa.array([shard_name] * bad.num_rows, pa.string()))
@@ -97,13 +99,14 @@ def list_quarantine(state_dir: str | Path) -> list[QuarantineEntry]:
 # --- helpers ---------------------------------------------------------------------
 
 
-def _quarantine_whole(qdir: Path, shard_name: str, error: str, source: Path) -> Path:
+def _quarantine_whole(qdir: Path, shard_name: str, error: str, source: Path | str) -> Path:
     copy = qdir / shard_name
     reason_file = qdir / f"{shard_name}{REASON_SUFFIX}"
     copied = True
     try:
-        with _atomic(copy) as tmp:
-            shutil.copyfile(source, tmp)
+        with _atomic(copy) as tmp, open(tmp, "wb") as out:
+            for chunk in read_shard_chunks(source):  # local or s3://
+                out.write(chunk)
     except FileNotFoundError:  # the source vanished; the reason alone still tells the story
         copied = False
     # The reason is written last: its presence means the entry is complete.
@@ -174,6 +177,11 @@ def reingest(state_dir: str | Path, landing_dir: str | Path, entry: QuarantineEn
     Either way the entry then moves to ``quarantine/reingested/``. Idempotent:
     running it again after a crash neither loses nor repeats rows.
     """
+    if "://" in str(landing_dir):
+        raise ValueError(
+            f"re-ingest writes the fixed shard into the landing directory; {landing_dir} is remote: "
+            "upload the fixed file there under a new name instead"
+        )
     qdir, landing = quarantine_dir(state_dir), Path(landing_dir)
     done = qdir / REINGESTED_DIR
     done.mkdir(parents=True, exist_ok=True)

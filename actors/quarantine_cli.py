@@ -26,5 +26,9 @@ def quarantine_command(cfg: Config, name: str | None, everything: bool) -> int:
         return 0 if everything else 1
     with Manifest(cfg.state_dir) as manifest:
         for e in chosen:
-            print(reingest(cfg.state_dir, cfg.landing_dir, e, manifest))
+            try:
+                print(reingest(cfg.state_dir, cfg.landing_dir, e, manifest))
+            except ValueError as err:  # ManifestError too: a clear line, not a traceback
+                print(f"livetrain: {e.shard}: {err}", file=sys.stderr)
+                return 1
     return 0

@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from livetrain.config import SchemaConfig
+from livetrain.storage import open_shard
 
 NULL_FEATURE = "null feature"
 NAN_FEATURE = "nan feature"
@@ -93,7 +94,7 @@ def read_and_validate(path: str | Path, schema: SchemaConfig) -> ValidatedShard:
     """Read ``path`` and validate it against ``schema``; never raises for bad data."""
     d = int(schema.num_features)
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(open_shard(path))
     except (pa.ArrowException, OSError) as e:
         return _rejected(d, f"not a readable parquet file: {_first_line(e)}")
     try:
@@ -150,7 +151,7 @@ def infer_schema(path: str | Path, declared: SchemaConfig) -> SchemaConfig:
     least one good row, so an all-bad shard never defines the schema.
     """
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(open_shard(path))
     except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"not a readable parquet file: {_first_line(e)}") from None
     try:
@@ -426,7 +427,7 @@ def iter_parts(path: str | Path, schema: SchemaConfig, part_rows: int):
     on the file and ``part_rows``: reading again yields the same parts.
     """
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(open_shard(path))
     except (pa.ArrowException, OSError) as e:
         raise SchemaError(f"not a readable parquet file: {_first_line(e)}") from None
     try:

@@ -27,6 +27,7 @@ from livetrain.actors.manifest import Manifest
 from livetrain.actors.schema import SchemaError, infer_schema
 from livetrain.actors.sources import DirectorySource
 from livetrain.config import ConfigError, SchemaConfig
+from livetrain.storage import shard_name
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,9 @@ def _first_fitting(
     while True:
         for path in source.poll():  # oldest first; a rewritten file comes back
             try:
-                return infer_schema(path, declared), path.name
+                return infer_schema(path, declared), shard_name(path)
             except SchemaError as e:
-                log.warning("livetrain: %s does not define the schema: %s", path.name, e)
+                log.warning("livetrain: %s does not define the schema: %s", shard_name(path), e)
         if deadline is not None and time.monotonic() >= deadline:
             raise ConfigError(f"schema.infer: no shard in {landing} fit within {timeout_s:g} s")
         if stop is not None and stop.wait(poll_s):

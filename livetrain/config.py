@@ -140,7 +140,9 @@ class SourceConfig:
     """``directory`` (watch ``path`` for new ``*.parquet`` files) or
     ``synthetic`` (livetrain writes a drifting stream into ``path``)."""
     path: str | None = None
-    """Landing directory; default ``<state_dir>/landing``."""
+    """Landing directory: a local path or a URI (``s3://bucket/landing``,
+    opened with ``storage.endpoint``/``storage.region``); default
+    ``<state_dir>/landing``."""
     poll_interval_s: float = 0.2
     """How often the landing directory is listed."""
 
@@ -576,8 +578,15 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
-    def landing_dir(self) -> Path:
+    def landing_dir(self) -> Path | str:
+        """The landing directory: a local Path, or a URI string (``s3://bucket/landing``)."""
+        if self.source.path and "://" in self.source.path:
+            return self.source.path
         return Path(self.source.path) if self.source.path else Path(self.state_dir) / "landing"
+
+    def __post_init__(self) -> None:
+        if self.source.kind == "synthetic" and self.source.path and "://" in self.source.path:
+            raise ConfigError(f"source.path: the synthetic stream writes to a local directory, got {self.source.path!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -93,6 +93,7 @@ from livetrain.messages import Decision
 from livetrain.serving.app import APP_NAME, start_serving
 from livetrain.serving.deployment import ray_env as serving_ray_env
 from livetrain.storage import Store
+from livetrain.storage import configure as configure_storage
 from livetrain.tracking import RUN_ID_FILE, Tracker
 from livetrain.training.models import model_spec
 from livetrain.training.registry_actor import REGISTRY_NAME, SERVED_DIR, ModelRegistry
@@ -122,6 +123,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._owns_ray = False
         self._train_error: BaseException | None = None
+        self._thread_error: tuple[str, BaseException] | None = None
         self._decisions_seen = 0
         self._alarms_seen = 0
         self._probe = {"ok": 0, "failed": 0}
@@ -159,6 +161,7 @@ class Pipeline:
             self.control = start_control(ns, self._identity(), here)
         except AlreadyRunning as e:
             raise ConfigError(f"ray.namespace: {e}") from e
+        configure_storage(cfg.storage)  # source shards on s3:// are opened with its endpoint
         self.store = Store.from_config(cfg.storage)
         if self.store is not None:  # a fresh state dir continues from shared storage
             self.store.check()
@@ -176,7 +179,7 @@ class Pipeline:
         features = _feature_names(cfg)
         self.spec = model_spec(cfg.model, len(features), len(cfg.schema.classes))
         self.buffer = ReplayBufferActor.options(name=BUFFER_NAME, namespace=ns, scheduling_strategy=here).remote(
-            cfg.buffer, str(self.state_dir), cfg.schema, cfg.ingest.block_rows, self.store  # rebuilt from the state dir
+            cfg.buffer, str(self.state_dir), cfg.schema, cfg.ingest.block_rows, self.store, cfg.storage  # rebuilt from the state dir
         )
         self.registry = ModelRegistry.options(name=REGISTRY_NAME, namespace=ns, scheduling_strategy=here).remote(
             cfg.gate, len(cfg.schema.classes), str(self.state_dir), cfg.drift, cfg.buffer.recent_fraction,
@@ -203,6 +206,9 @@ class Pipeline:
                     break
                 if self._train_error is not None:
                     raise RuntimeError("the training job failed") from self._train_error
+                if self._thread_error is not None:  # the ingest loop or the synthetic writer died
+                    name, err = self._thread_error
+                    raise RuntimeError(f"livetrain's {name} thread failed: {type(err).__name__}: {err}") from err
                 snap = self.snapshot()
                 view.update(snap)
                 self.tracker.log({**_numbers(snap), **self._live_metrics()})
@@ -277,7 +283,15 @@ class Pipeline:
     # --- the parts' threads ----------------------------------------------------
 
     def _spawn(self, name: str, fn, *args) -> None:
-        t = threading.Thread(target=fn, args=args, name=name, daemon=True)
+        def guarded() -> None:
+            try:
+                fn(*args)
+            except BaseException as e:  # surfaced by run(): a dead ingest loop must not look like a quiet stream
+                if not self._stop.is_set() and self._thread_error is None:
+                    self._thread_error = (name, e)
+                raise
+
+        t = threading.Thread(target=guarded, name=name, daemon=True)
         t.start()
         self._threads.append(t)
 

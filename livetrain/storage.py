@@ -199,6 +199,16 @@ def is_uri(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+def shard_path(path: str | os.PathLike) -> str | Path:
+    """A URI stays a string (``Path`` would fold ``s3://`` into ``s3:/``); a local path becomes a Path."""
+    return str(path) if is_uri(path) else Path(path)
+
+
+def shard_name(path: str | os.PathLike) -> str:
+    """The file name: a shard's identity in the manifest."""
+    return str(path).rstrip("/").rsplit("/", 1)[-1] if is_uri(path) else Path(path).name
+
+
 def _shard_fs(path: str) -> tuple[pafs.FileSystem, str]:
     return filesystem(path, _shard_storage.endpoint, _shard_storage.region)
 
