@@ -171,10 +171,15 @@ class ReplayBuffer(Generic[H]):
     # --- sampling ------------------------------------------------------------
 
     def sample(self, n_blocks: int, fresh_after: int = -1) -> list[Entry[H]]:
-        """Up to ``n_blocks`` entries: unseen-by-caller blocks first, then the mix."""
+        """Up to ``n_blocks`` entries: unseen-by-caller blocks first, then the mix.
+
+        Unseen blocks are taken oldest first from the whole buffer (window and
+        reservoir): a backlog is trained in arrival order, so the newest rows
+        stay unseen by the first candidate and the gate can judge it on them.
+        """
         if n_blocks < 1 or self.empty:
             return []
-        fresh = [e for e in self._window if e.meta.seq > fresh_after][:n_blocks]
+        fresh = sorted((e for e in self.entries() if e.meta.seq > fresh_after), key=lambda e: e.meta.seq)[:n_blocks]
         n_mix = n_blocks - len(fresh)
         if not self._reservoir:
             n_recent = n_mix

@@ -157,3 +157,16 @@ def test_drift_reaction_shortens_window_and_raises_recent_share():
     assert sum(e.meta.seq in window for e in picked) / len(picked) > 0.9
     with pytest.raises(ValueError):
         buf.set_mix(1.5)
+
+
+def test_a_backlog_is_trained_oldest_first_so_the_newest_rows_stay_unseen():
+    """10 blocks land before the trainer's first round; the window holds only
+    the newest 3. Unseen blocks come oldest first from window and reservoir:
+    the first candidate leaves the newest rows for the gate to judge it on."""
+    buf = ReplayBuffer(cfg())  # capacity 1000 rows: all 10 blocks held, 7 of them in the reservoir
+    fill(buf, 10)
+    first = buf.sample(4, fresh_after=-1)
+    assert [e.meta.seq for e in first] == [0, 1, 2, 3]
+    second = buf.sample(4, fresh_after=3)
+    assert [e.meta.seq for e in second] == [4, 5, 6, 7]
+    assert [e.meta.seq for e in buf.sample(4, fresh_after=7)][:2] == [8, 9]  # then the mix fills the round

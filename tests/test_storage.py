@@ -158,18 +158,18 @@ def test_directory_source_lists_an_s3_prefix_and_reports_rewrites(s3: str, tmp_p
 
     storage.configure(StorageConfig(endpoint=s3))
     fs, _ = storage.filesystem("s3://livetrain-test", s3)
-    pq.write_table(pa.table({"x": [1]}), "livetrain-test/landing/a.parquet", filesystem=fs)
-    pq.write_table(pa.table({"x": [2]}), "livetrain-test/landing/b.parquet", filesystem=fs)
-    with fs.open_output_stream("livetrain-test/landing/notes.txt") as f:
+    pq.write_table(pa.table({"x": [1]}), "livetrain-test/dsrc/a.parquet", filesystem=fs)
+    pq.write_table(pa.table({"x": [2]}), "livetrain-test/dsrc/b.parquet", filesystem=fs)
+    with fs.open_output_stream("livetrain-test/dsrc/notes.txt") as f:
         f.write(b"not a shard")
-    src = DirectorySource("s3://livetrain-test/landing/")
+    src = DirectorySource("s3://livetrain-test/dsrc/")
     got = src.poll()
-    assert sorted(got) == ["s3://livetrain-test/landing/a.parquet", "s3://livetrain-test/landing/b.parquet"]
+    assert sorted(got) == ["s3://livetrain-test/dsrc/a.parquet", "s3://livetrain-test/dsrc/b.parquet"]
     assert src.poll() == []  # nothing new
-    pq.write_table(pa.table({"x": [3, 4]}), "livetrain-test/landing/a.parquet", filesystem=fs)  # rewritten
-    assert src.poll() == ["s3://livetrain-test/landing/a.parquet"]
+    pq.write_table(pa.table({"x": [3, 4]}), "livetrain-test/dsrc/a.parquet", filesystem=fs)  # rewritten
+    assert src.poll() == ["s3://livetrain-test/dsrc/a.parquet"]
     assert pq.ParquetFile(storage.open_shard(got[0])).read().column("x").to_pylist() == [3, 4]
     size, _ = storage.shard_stat(got[0])
     assert size == sum(len(c) for c in storage.read_shard_chunks(got[0]))
     with pytest.raises(FileNotFoundError):
-        storage.shard_stat("s3://livetrain-test/landing/gone.parquet")
+        storage.shard_stat("s3://livetrain-test/dsrc/gone.parquet")
