@@ -4,7 +4,7 @@
         pinned in the Manifest; resolved before anything that depends on it
         starts (model width, buffer, Serve): start() waits for that shard
 
-    landing dir (*.parquet; written by the user, or by SyntheticStream)
+    landing dir (*.parquet, local or s3://; written by the user, or by SyntheticStream)
         |  DirectorySource.poll            [IngestLoop thread, driver process]
         v
     Manifest (SQLite) -- discover (content hash: duplicates recorded) -> claim
@@ -20,7 +20,8 @@
         |   the shards finished since the last call, in one call that also marks
         |   them ingested (exactly once); may make ingest wait
         |   (buffer.backpressure: coverage) ; snapshot for restarts
-        |  Sample(refs)                     [TorchTrainer job, fit() in a driver thread]
+        |  Sample(refs): unseen blocks oldest first, then the window/reservoir mix
+        |                                   [TorchTrainer job, fit() in a driver thread]
         v
     train_loop_per_worker x2 (DDP/gloo): fetch blocks zero-copy, K steps,
         rank 0 -> ModelRegistry.propose(Candidate(weights ref))   (time cadence)
@@ -38,7 +39,8 @@
 
     Pipeline.run polls ingest counters, buffer and registry stats every
     ``_TICK_S`` -> LiveView (stderr) and Tracker (W&B + metrics.jsonl; quarantine
-    reasons flattened as ``quarantine/<reason>``), and
+    reasons flattened as ``quarantine/<reason>``; each promoted or rolled-back
+    version a W&B model artifact with aliases ``served`` and ``vN``), and
     publishes the snapshot to the Control actor (named, beside the driver),
     which answers with any stop request: ``livetrain status`` reads the
     snapshot there, ``livetrain stop`` sets the request (seen within a tick;
