@@ -179,7 +179,11 @@ class ReplayBuffer(Generic[H]):
         """
         if n_blocks < 1 or self.empty:
             return []
-        fresh = sorted((e for e in self.entries() if e.meta.seq > fresh_after), key=lambda e: e.meta.seq)[:n_blocks]
+        if self._window and self._window[0].meta.seq <= fresh_after:
+            pool = self._window  # the steady state: reservoir blocks are older than the window, all seen
+        else:
+            pool = sorted(self.entries(), key=lambda e: e.meta.seq)
+        fresh = [e for e in pool if e.meta.seq > fresh_after][:n_blocks]
         n_mix = n_blocks - len(fresh)
         if not self._reservoir:
             n_recent = n_mix
