@@ -8,6 +8,11 @@ ingest actor: an ingest actor may die without taking blocks with it. The
 refs then travel to the registry (test) and the buffer (train) inside a
 list, unresolved.
 
+Discovery: each polled file is hashed on one thread of the loop's process
+(the manifest's content hash releases the GIL), a few shards ahead, and
+registered in the manifest in landing order once hashed, so a backlog's
+hashing never holds up claims and reads.
+
 Exactly once: a shard is claimed in the manifest; the buffer accepts all of
 its blocks at once and marks it ingested in the same call
 (``ReplayBufferActor.add_shards``, which takes every shard finished since its
@@ -35,20 +40,29 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-from livetrain.actors.blocks import PartSpan, ShardCommit, block_nbytes, block_of, label_index, part_rows
+from livetrain.actors.blocks import (
+    PartSpan,
+    ShardCommit,
+    block_nbytes,
+    block_of,
+    label_index,
+    part_rows,
+)
 from livetrain.actors.manifest import Manifest, ShardRecord
 from livetrain.actors.quarantine import write_quarantine
 from livetrain.actors.schema import SchemaError, iter_parts, warm_up
 from livetrain.actors.sources import DirectorySource
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 from livetrain.config import Config, SchemaConfig, StorageConfig
 from livetrain.messages import BlockMeta
 from livetrain.storage import configure as configure_storage
@@ -59,6 +73,8 @@ __all__ = ["IngestActor", "IngestLoop", "IngestResult", "IngestCounters", "label
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 """Reads of one shard that may fail (actor died, unexpected error) before it is quarantined whole."""
+HASH_POLL_S = 0.005
+"""How long a step waits on the actors while a landed shard is being hashed."""
 BACKPRESSURE_PARTS = 4
 """Blocks an ingest actor may yield ahead of the loop taking them: bounds its object-store use."""
 
@@ -199,8 +215,11 @@ class IngestLoop:
         self._in_flight: OrderedDict[str, _InFlight] = OrderedDict()
         self._ready: list[_Ready] = []
         self._commit: _Commit | None = None
-        self._landed: list[Path] = []
-        """Polled, not yet registered in the manifest (hashed a few per step)."""
+        self._landed: deque[Path | str] = deque()
+        """Polled, not yet hashed."""
+        self._hashing: OrderedDict[Path | str, Future] = OrderedDict()
+        """Being hashed on a thread, in landing order; registered in the manifest as a finished prefix."""
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livetrain-hash")
         self._stop = threading.Event()
         self.manifest.requeue_claimed()
 
@@ -234,11 +253,13 @@ class IngestLoop:
         if self._commit is not None:
             waits += [self._commit.call] if self._commit.call is not None else self._commit.observing
         if not waits and not self._in_flight and not self._ready:
-            if wait_s:
+            if self._hashing:  # a shard is being hashed: register it as soon as it is done
+                futures_wait([next(iter(self._hashing.values()))], timeout=wait_s)
+            elif wait_s:
                 time.sleep(wait_s)  # the landing directory's polling interval
             return
-        if waits:
-            ray.wait(waits, num_returns=1, timeout=wait_s)
+        if waits:  # not the whole interval while a shard is hashed: it is claimed next step
+            ray.wait(waits, num_returns=1, timeout=min(wait_s, HASH_POLL_S) if self._hashing else wait_s)
         for f in self._in_flight.values():
             self._drain(f)
         while self._in_flight:  # the head first: keeps arrival order in the buffer
@@ -248,6 +269,10 @@ class IngestLoop:
             del self._in_flight[name]
             self._finish(head)
         self._advance_commit()
+
+    def unregistered(self) -> int:
+        """Shards polled but not in the manifest yet (waiting to be hashed, or being hashed)."""
+        return len(self._landed) + len(self._hashing)
 
     def in_flight(self) -> dict[str, int]:
         """Shard -> blocks taken so far, for shards being read (tests)."""
@@ -265,10 +290,22 @@ class IngestLoop:
                 self.counters.shards_changed_in_place += 1
                 log.warning("livetrain: %s was rewritten with other bytes after discovery: not read again", event.name)
         known = self.manifest.known_names(shard_name(p) for p in paths)
-        self._landed += [p for p in paths if shard_name(p) not in known]
-        # hash a few at a time, in landing order: reading starts while the rest are hashed
-        batch, self._landed = self._landed[: self.cfg.ingest.max_in_flight], self._landed[self.cfg.ingest.max_in_flight :]
-        for rec in self.manifest.discover(batch):
+        self._landed.extend(p for p in paths if shard_name(p) not in known)
+        # hash ahead on a thread (the hash releases the GIL), a few shards at a time in
+        # landing order, so the loop keeps dispatching while a backlog is hashed
+        while self._landed and len(self._hashing) < 2 * self.cfg.ingest.max_in_flight:
+            p = self._landed.popleft()
+            self._hashing[p] = self._hasher.submit(self.manifest.content_hash, p)
+        hashed: dict[Path | str, str] = {}
+        while self._hashing and next(iter(self._hashing.values())).done():
+            p, future = self._hashing.popitem(last=False)
+            try:
+                hashed[p] = future.result()
+            except FileNotFoundError:  # gone before it was hashed: never registered, nothing to read
+                log.warning("livetrain: %s disappeared before it was registered", shard_name(p))
+        if not hashed:
+            return
+        for rec in self.manifest.discover(list(hashed), {shard_name(p): d for p, d in hashed.items()}):
             if rec.status == "duplicate":
                 self.counters.shards_duplicate += 1
                 log.warning("livetrain: %s has the same bytes as %s: recorded as a duplicate", rec.name, rec.duplicate_of)
@@ -395,6 +432,7 @@ class IngestLoop:
                     pending += [r.record.name for r, a in zip(self._commit.shards, answers) if not a.accepted]
                 except ray.exceptions.RayError:  # unknown outcome: leave them claimed (requeued at start-up)
                     log.warning("livetrain: the buffer did not answer the last commit; its shards stay claimed")
+        self._hasher.shutdown(wait=True, cancel_futures=True)  # nothing registered from here on
         for name in pending:
             self.manifest.release(name)
         self._in_flight.clear()

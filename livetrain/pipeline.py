@@ -7,7 +7,9 @@
     landing dir (*.parquet, local or s3://; written by the user, or by SyntheticStream)
         |  DirectorySource.poll            [IngestLoop thread, driver process]
         v
-    Manifest (SQLite) -- discover (content hash: duplicates recorded) -> claim
+        |  BLAKE3 content hash on a hashing thread, in landing order
+        v
+    Manifest (SQLite) -- discover (same bytes: recorded as a duplicate) -> claim
         |
         v
     IngestActor xN (beside the driver): read by row group -> validate ->

@@ -75,7 +75,7 @@ def make_loop(state: Path, *overrides: str):
 def run_until_done(loop, timeout_s: float = 60) -> None:
     def done():
         loop.step(0.2)
-        return loop.manifest.pending_count() == 0 and not loop.in_flight()
+        return loop.manifest.pending_count() == 0 and not loop.in_flight() and not loop.unregistered()
 
     wait_until(done, timeout_s, "every shard ingested or quarantined", interval_s=0)
 

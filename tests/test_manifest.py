@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import blake3
 import pytest
-
-from livetrain.actors.manifest import Manifest, ManifestError, file_hash
+from livetrain.actors.manifest import HASH_KEY, Manifest, ManifestError, file_hash
 
 
 def _shards(landing: Path, n: int, start: int = 0) -> list[Path]:
@@ -50,7 +52,8 @@ def test_discovery_assigns_increasing_seq_in_the_order_given(manifest, tmp_path)
     assert all(r.status == "discovered" for r in records)
     first = records[0]
     assert first.size == order[0].stat().st_size and first.mtime_ns == order[0].stat().st_mtime_ns
-    assert first.content_hash == file_hash(order[0])
+    assert first.content_hash == file_hash(order[0]) == blake3.blake3(order[0].read_bytes()).hexdigest()
+    assert manifest.hash_algorithm == "blake3" and manifest.get_meta(HASH_KEY) == "blake3"
     assert manifest.path == tmp_path / "state" / "manifest.sqlite"
 
 
@@ -89,6 +92,38 @@ def test_a_file_with_the_bytes_of_a_known_shard_is_a_duplicate_and_never_claimed
     (dup,) = manifest.discover([copy])
     assert dup.status == "duplicate" and dup.duplicate_of == original.name
     assert [r.name for r in manifest.claim("w", 10)] == [original.name]
+
+
+def test_digests_computed_by_the_caller_are_recorded_as_given(manifest, tmp_path):
+    a, b = _shards(tmp_path / "landing", 2)
+    records = manifest.discover([a, b], {a.name: manifest.content_hash(a)})
+    assert [r.content_hash for r in records] == [file_hash(a), file_hash(b)]
+
+
+def test_a_state_dir_from_before_blake3_keeps_sha256_and_still_finds_duplicates(tmp_path):
+    state = tmp_path / "state"
+    a, b = _shards(tmp_path / "landing", 2)
+    with Manifest(state) as m:  # an old state dir: sha256 digests and no pinned algorithm
+        m.discover([a])
+        db = sqlite3.connect(m.path)
+        with db:
+            db.execute("UPDATE shards SET content_hash = ?", (hashlib.sha256(a.read_bytes()).hexdigest(),))
+            db.execute("DELETE FROM meta WHERE key = ?", (HASH_KEY,))
+        db.close()
+    copy = tmp_path / "landing" / "copy-of-a.parquet"
+    copy.write_bytes(a.read_bytes())
+    with Manifest(state) as m:
+        assert m.hash_algorithm == "sha256"
+        new = {r.name: r for r in m.discover([b, copy])}
+        assert new["copy-of-a.parquet"].status == "duplicate" and new["copy-of-a.parquet"].duplicate_of == a.name
+        assert new[b.name].content_hash == hashlib.sha256(b.read_bytes()).hexdigest()
+
+
+def test_an_unknown_hash_algorithm_is_refused_by_name(tmp_path):
+    with Manifest(tmp_path / "state") as m:
+        m.set_meta(HASH_KEY, "md5")
+    with pytest.raises(ManifestError, match="md5"):
+        Manifest(tmp_path / "state")
 
 
 def test_seq_is_never_reused(manifest, tmp_path):
