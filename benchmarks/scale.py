@@ -31,7 +31,6 @@ import gc
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -105,15 +104,9 @@ class LocalCluster:
         self.close()
 
     def close(self) -> None:
-        from test_cli import processes_mentioning
+        from test_cli import kill_processes_mentioning
 
-        for line in processes_mentioning({str(self.temp), self.address}):
-            pid = int(line.split(":", 1)[0])
-            if pid != os.getpid():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_processes_mentioning({str(self.temp), self.address})
         shutil.rmtree(self.temp, ignore_errors=True)
 
 

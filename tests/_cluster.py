@@ -10,7 +10,6 @@ stop``, which would take every other Ray on the machine with it).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _util import free_port
-from test_cli import processes_mentioning
+from test_cli import kill_processes_mentioning
 
 
 @dataclass
@@ -70,10 +69,4 @@ def local_cluster(
             _ray("start", f"--address={address}", f"--dashboard-agent-listen-port={free_port()}", *common, *args, env=env)
         yield cluster
     finally:
-        for line in processes_mentioning(cluster.kill_words):
-            pid = int(line.split(":", 1)[0])
-            if pid != os.getpid():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_processes_mentioning(cluster.kill_words)

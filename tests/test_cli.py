@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -41,6 +42,17 @@ def processes_mentioning(words: set[str]) -> list[str]:
         if any(w in cmd for w in words):
             found.append(f"{proc.name}: {cmd[:120]}")
     return found
+
+
+def kill_processes_mentioning(words: set[str]) -> None:
+    """SIGKILL every process (but this one) whose command line names one of ``words``."""
+    for line in processes_mentioning(words):
+        pid = int(line.split(":", 1)[0])
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def livetrain(*args: str, timeout: float = 300, env: dict | None = None) -> tuple[dict, subprocess.CompletedProcess]:
