@@ -3,14 +3,17 @@
 A shard's good rows arrive as one or more *parts* (record batches of at most
 ``ingest.block_rows`` rows); each part is one buffer block. The buffer accepts
 a shard's parts together (``ShardCommit``) and marks the shard ingested in the
-manifest in the same call, so a shard is in the buffer whole or not at all.
+manifest in the same call, so a shard is in the buffer whole or not at all;
+except a shard larger than ``ingest.commit_rows``, which goes in by parts
+(``ShardCommit.final`` False), each moving its row watermark in the manifest.
 
 ``buffer_snapshot.json`` in the state dir says which parts the buffer held
 (window and reservoir) and the newest shard it had committed. A restarted
 buffer re-reads exactly those parts from the shard files, plus every shard the
 manifest marked ingested after the snapshot (newest first, until capacity),
-so it never holds a part twice and never holds a part of a shard that is not
-``ingested``.
+and the parts below the watermark of each shard still going in by parts,
+so it never holds a part twice and never holds a part the manifest does not
+name as committed.
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ class ShardCommit:
     good_rows: int
     bad_rows: int
     spans: list[PartSpan] = field(default_factory=list)
+    final: bool = True
+    """False: a part of a large shard (``ingest.commit_rows``): its blocks go in and the
+    shard's row watermark moves to the last span's end; it stays claimed."""
+
+    @property
+    def block_rows(self) -> int:
+        """Good rows in this commit's blocks (all of the shard's unless parts went before)."""
+        return sum(s.rows for s in self.spans)
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,8 @@ class RebuildShard:
     size: int
     mtime_ns: int
     starts: dict[int, HeldPart] | None
+    upto: int | None = None
+    """A shard committed in parts, not yet whole: only parts ending at or before this file row."""
 
     def file_unchanged(self) -> bool:
         """The file on disk is the one that was ingested (size and mtime as recorded)."""
@@ -130,8 +143,10 @@ class RebuildShard:
             return False
 
 
-def plan_rebuild(snapshot: Snapshot | None, ingested: list, capacity_rows: int) -> list[RebuildShard]:
-    """Shards to re-read, oldest first. ``ingested``: the manifest's ingested ``ShardRecord``s.
+def plan_rebuild(snapshot: Snapshot | None, ingested: list, capacity_rows: int,
+                 partly: list | None = None) -> list[RebuildShard]:
+    """Shards to re-read, oldest first. ``ingested``: the manifest's ingested ``ShardRecord``s;
+    ``partly``: shards still being committed in parts (each re-read up to its watermark).
 
     Snapshot parts are kept only if their shard is still ingested with the same
     file (size and mtime unchanged); shards committed after the snapshot are
@@ -153,6 +168,9 @@ def plan_rebuild(snapshot: Snapshot | None, ingested: list, capacity_rows: int) 
             break
         plan[rec.name] = RebuildShard(rec.name, rec.path, rec.seq, rec.written_at, rec.size, rec.mtime_ns, None)
         budget -= rec.good_rows or 0
+    for rec in partly or []:
+        plan[rec.name] = RebuildShard(rec.name, rec.path, rec.seq, rec.written_at, rec.size, rec.mtime_ns, None,
+                                      rec.rows_committed)
     return sorted(plan.values(), key=lambda s: s.seq)
 
 
@@ -179,6 +197,8 @@ def read_back(shard: RebuildShard, schema: SchemaConfig, part_rows: int) -> Iter
     from livetrain.actors.schema import iter_parts
 
     for part in iter_parts(shard.path, schema, part_rows):
+        if shard.upto is not None and part.row_end > shard.upto:
+            break
         if shard.starts is not None and part.row_start not in shard.starts:
             continue
         if part.good_rows == 0:

@@ -7,7 +7,8 @@ Threaded, so a trainer waiting for data does not block inserts.
 
 Exactly once: ``add_shards`` marks a batch of shards ingested in the
 manifest (one transaction) and inserts their blocks, under one lock, before
-it answers; a retried call for a shard already ingested is a no-op for that
+it answers; a part of a large shard moves the shard's row watermark instead
+(a retried part skips the blocks below the watermark: the rebuild re-read them); a retried call for a shard already ingested is a no-op for that
 shard. (Should this actor die between the two, its restart rebuilds from the
 manifest, which already names those shards.) The actor restarts when it dies
 (``max_restarts``), and its calls are retried (``max_task_retries``): a new
@@ -108,24 +109,31 @@ class ReplayBufferActor:
             held = {c.shard for c in commits if self._already_ingested(c.shard)}
             todo = [c for c in commits if c.shard not in held]
             first_ok = bool(todo)
-            while todo and not self._limiter.admits(self._buf.unseen_rows, todo[0].good_rows):
+            while todo and not self._limiter.admits(self._buf.unseen_rows, todo[0].block_rows):
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed:
                     first_ok = False
                     break
                 self._grown.wait(left)
             admitted = todo[:1] if first_ok else []
-            unseen = self._buf.unseen_rows + sum(c.good_rows for c in admitted)
+            unseen = self._buf.unseen_rows + sum(c.block_rows for c in admitted)
             for c in todo[1:] if first_ok else []:  # evictions only lower the unseen count: a safe bound
-                if not self._limiter.admits(unseen, c.good_rows):
+                if not self._limiter.admits(unseen, c.block_rows):
                     break
                 admitted.append(c)
-                unseen += c.good_rows
+                unseen += c.block_rows
+            # a part retried after a restart: its blocks below the watermark are in already (rebuilt)
+            marks = {c.shard: self._watermark(c.shard) for c in admitted if c.spans}
             if self._manifest is not None and admitted:
-                self._manifest.mark_ingested_many((c.shard, c.good_rows, c.bad_rows) for c in admitted)
+                self._manifest.mark_ingested_many(
+                    [(c.shard, c.good_rows, c.bad_rows) for c in admitted if c.final],
+                    [(c.shard, c.spans[-1].row_end) for c in admitted if not c.final and c.spans],
+                )
             by_shard = {c.shard: r for c, r in zip(commits, refs)}
             for c in admitted:
                 for span, ref in zip(c.spans, by_shard[c.shard]):
+                    if span.row_end <= marks[c.shard]:
+                        continue
                     meta = BlockMeta(c.shard, c.seq, span.rows, span.nbytes, c.written_at, time.time())
                     self._buf.add(BlockHandle(ref, c.shard, span.row_start, span.row_end), meta)
                 self._newest_seq = max(self._newest_seq, c.seq)
@@ -223,9 +231,9 @@ class ReplayBufferActor:
 
     def _rebuild(self, schema: SchemaConfig, rows_per_part: int) -> None:
         snap = read_snapshot(self._state_dir)
-        ingested = self._manifest.ingested()
-        self._newest_seq = max([r.seq for r in ingested], default=-1)
-        for shard in plan_rebuild(snap, ingested, self._cfg.capacity_rows):
+        ingested, partly = self._manifest.ingested(), self._manifest.partly_committed()
+        self._newest_seq = max([r.seq for r in ingested + partly], default=-1)
+        for shard in plan_rebuild(snap, ingested, self._cfg.capacity_rows, partly):
             if not shard.file_unchanged():
                 self.rebuilt["rows_lost"] += sum(p.rows for p in (shard.starts or {}).values())
                 continue
@@ -243,6 +251,11 @@ class ReplayBufferActor:
                 self.rebuilt["rows"] += span.rows
             self.rebuilt["shards"] += 1
         self._maybe_snapshot(force=True)
+
+    def _watermark(self, shard: str) -> int:
+        """File rows of ``shard`` already committed in parts (0: none)."""
+        rec = self._manifest.get(shard) if self._manifest is not None else None
+        return 0 if rec is None or rec.status == "ingested" else rec.rows_committed
 
     def _already_ingested(self, shard: str) -> bool:
         """A retried ``add_shard`` (the first call committed, then this actor died)."""

@@ -16,25 +16,32 @@ hashing never holds up claims and reads.
 Exactly once: a shard is claimed in the manifest; the buffer accepts all of
 its blocks at once and marks it ingested in the same call
 (``ReplayBufferActor.add_shards``, which takes every shard finished since its
-last call: one round trip and one manifest transaction for several shards). An actor that dies mid-shard voids the
-blocks it already yielded (they are dropped, never added) and the shard is
-read again from the start by a fresh actor. A crash of the whole process
-leaves the shard ``claimed``; ``Manifest.requeue_claimed`` at start-up puts it
-back. Arrival order: shards are finished in claim (``seq``) order, whatever
-actor read them.
+last call: one round trip and one manifest transaction for several shards).
+An actor that dies mid-shard voids the blocks it yielded after the last
+committed part (they are dropped, never added) and the shard is read again
+by a fresh actor from its row watermark. A crash of the whole process leaves
+the shard ``claimed``; ``Manifest.requeue_claimed`` at start-up puts it back,
+watermark kept. Arrival order: shards are finished in claim (``seq``) order,
+whatever actor read them.
 
-Memory: a shard enters the buffer whole or not at all, so the driver holds
-every block ref of a shard until its commit. The actor streams blocks at most
-``BACKPRESSURE_PARTS`` ahead of the loop, but a shard larger than the object
-store is held through Ray's object spilling (disk), not in memory. Committing
-a shard in parts would need a committed-row watermark per shard in the
-manifest, set by the buffer in the same call as each part's blocks, re-reads
-that resume from it, and a quarantine file that still covers the whole
-shard; not done: very large shards are best split upstream.
+Memory: the actor streams blocks at most ``BACKPRESSURE_PARTS`` ahead of
+the loop. A shard with more than ``ingest.commit_rows`` rows is committed in
+parts while it is read: the actor yields a ``Progress`` after every k blocks
+(k fixed per read, so the loop knows which items they are without fetching
+any block); when nothing older waits for the buffer, the head shard's parts
+read so far go to the buffer, which moves the shard's row watermark in the
+manifest in the same call, and the loop lets go of their refs. So the
+driver holds about ``commit_rows`` rows of a shard at a time, not the whole
+shard. A re-read validates the whole file again (its quarantine file covers
+the whole shard) but yields only the blocks past the watermark, and the
+buffer skips any block below it (a retried call after its restart). A shard
+that turns unreadable after parts went in is quarantined whole, its reason
+naming the rows already ingested.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -80,14 +87,23 @@ BACKPRESSURE_PARTS = 4
 
 
 @dataclass(frozen=True)
+class Progress:
+    """An item of ``read_shard``'s stream after every ``progress_blocks`` blocks: their spans.
+    The loop may commit those blocks as a part (a large shard) before the shard ends."""
+
+    spans: list[PartSpan]
+
+
+@dataclass(frozen=True)
 class IngestResult:
     """The last item of ``read_shard``'s stream: the verdict on one shard."""
 
     shard: str
     good_rows: int
+    """The whole file's, also when the read resumed after committed parts."""
     bad_rows: int
     spans: list[PartSpan]
-    """One per block yielded before this result, in order."""
+    """One per block yielded after the last ``Progress`` (or from the start), in order."""
     reasons: dict[str, int] = field(default_factory=dict)
     """Per-row quarantine reason -> rows."""
     error: str | None = None
@@ -109,25 +125,36 @@ class IngestActor:
         warm_up()
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE_PARTS)
-    def read_shard(self, path: str, name: str):
-        """Yield one block per record batch of good rows, then an ``IngestResult``.
+    def read_shard(self, path: str, name: str, resume_from: int = 0, progress_blocks: int = 0):
+        """Yield one block per record batch of good rows from file row ``resume_from`` on
+        (the rows before it were committed in parts), a ``Progress`` after every
+        ``progress_blocks`` blocks (0: never), then an ``IngestResult``.
 
-        Bad rows are written to quarantine at the end (one file per shard, replaced
-        on a retry); a shard that cannot be used at all is quarantined whole.
+        Validation covers the whole file whatever ``resume_from``: bad rows are
+        written to quarantine at the end (one file per shard, replaced on a
+        retry); a shard that cannot be used at all is quarantined whole.
         """
         spans: list[PartSpan] = []
         bad: list[pa.Table] = []
         reasons: dict[str, int] = {}
+        good = 0
         try:
             for part in iter_parts(path, self._schema, self._rows_per_part):
                 if part.bad is not None:
                     bad.append(part.bad)
                     for r, n in part.reasons.items():
                         reasons[r] = reasons.get(r, 0) + n
+                good += part.good_rows
+                if part.row_end <= resume_from:
+                    continue  # committed before: in the buffer already
+                part = part.from_row(resume_from)  # only when the part layout changed since
                 if part.good_rows:
                     block = block_of(part, self._schema.classes)
                     spans.append(PartSpan(part.row_start, part.row_end, part.good_rows, block_nbytes(block)))
                     yield block
+                    if progress_blocks and len(spans) == progress_blocks:
+                        yield Progress(spans)
+                        spans = []
         except SchemaError as e:
             write_quarantine(self._state, name, None, str(e), shard_path(path))
             yield IngestResult(name, 0, 0, [], {}, str(e), self._me)
@@ -135,7 +162,6 @@ class IngestActor:
         table = pa.concat_tables(bad) if bad else None
         if table is not None:
             write_quarantine(self._state, name, table, None, shard_path(path))
-        good = sum(s.rows for s in spans)
         yield IngestResult(name, good, 0 if table is None else table.num_rows, spans, reasons, None, self._me)
 
 
@@ -160,7 +186,14 @@ class _InFlight:
     record: ShardRecord
     gen: Any  # ObjectRefGenerator
     actor: int
+    progress_every: int = 0
+    """Blocks between two ``Progress`` items of the stream (0: none)."""
+    committed_upto: int = 0
+    """The shard's row watermark: file rows before it are in the buffer (parts committed)."""
     items: list[Any] = field(default_factory=list)
+    """Block refs since the last ``Progress`` (and, at the end, the verdict)."""
+    parts: list[tuple[Any, list[Any]]] = field(default_factory=list)
+    """(``Progress`` ref, its block refs) not committed yet."""
     finished: bool = False
 
 
@@ -173,6 +206,8 @@ class _Ready:
     blocks: list[Any]
     observed: bool = False
     """The registry has scored its blocks (not again when the limiter refuses it once)."""
+    part: bool = False
+    """A part of a shard still being read (``ingest.commit_rows``), not the whole of it."""
 
 
 @dataclass
@@ -264,10 +299,11 @@ class IngestLoop:
             self._drain(f)
         while self._in_flight:  # the head first: keeps arrival order in the buffer
             name, head = next(iter(self._in_flight.items()))
-            if not head.finished:
+            if not head.finished or self._part_pending(name):
                 break
             del self._in_flight[name]
             self._finish(head)
+        self._take_parts()
         self._advance_commit()
 
     def unregistered(self) -> int:
@@ -310,19 +346,50 @@ class IngestLoop:
                 self.counters.shards_duplicate += 1
                 log.warning("livetrain: %s has the same bytes as %s: recorded as a duplicate", rec.name, rec.duplicate_of)
 
-    def _dispatch(self, rec: ShardRecord, actor: int | None = None) -> None:
+    def _dispatch(self, rec: ShardRecord, actor: int | None = None, resume_from: int | None = None) -> None:
         i = self._next_actor % len(self._actors) if actor is None else actor
         self._next_actor += actor is None
-        gen = self._actors[i].read_shard.remote(str(rec.path), rec.name)
-        self._in_flight[rec.name] = _InFlight(rec, gen, i)
+        upto = rec.rows_committed if resume_from is None else resume_from
+        every = -(-self.cfg.ingest.commit_rows // self._rows_per_part) if self.cfg.ingest.commit_rows else 0
+        gen = self._actors[i].read_shard.remote(str(rec.path), rec.name, upto, every)
+        self._in_flight[rec.name] = _InFlight(rec, gen, i, every, upto)
 
     def _drain(self, f: _InFlight) -> None:
         while not f.finished and f.gen.next_ready():
             try:
-                f.items.append(next(f.gen))
+                item = next(f.gen)
             except StopIteration:  # next_ready() can be True at the end of the stream
                 f.finished = True
+                break
+            if f.progress_every and len(f.items) == f.progress_every:
+                f.parts.append((item, f.items))  # by position: a Progress follows every k blocks
+                f.items = []
+            else:
+                f.items.append(item)
         f.finished = f.finished or f.gen.is_finished()
+
+    def _part_pending(self, name: str) -> bool:
+        """A part of ``name`` waits for the buffer (its shard is not finished before it is answered)."""
+        waiting = self._ready + (self._commit.shards if self._commit is not None else [])
+        return any(r.part and r.record.name == name for r in waiting)
+
+    def _take_parts(self) -> None:
+        """The head shard's parts read so far become one commit, once nothing older waits:
+        a large shard enters the buffer while it is read, and its refs are let go."""
+        if not self._in_flight or self._ready or self._commit is not None:
+            return
+        f = next(iter(self._in_flight.values()))
+        if not f.parts:
+            return
+        try:
+            progress = ray.get([p for p, _ in f.parts])
+        except ray.exceptions.RayError:  # the actor died: _finish retries from the watermark
+            return
+        spans = [s for p in progress for s in p.spans]
+        blocks = [b for _, bs in f.parts for b in bs]
+        f.parts = []
+        result = IngestResult(f.record.name, sum(s.rows for s in spans), 0, spans)
+        self._ready.append(_Ready(f.record, result, blocks, part=True))
 
     def _finish(self, f: _InFlight) -> None:
         rec, c = f.record, self.counters
@@ -332,19 +399,25 @@ class IngestLoop:
             result = ray.get(f.items[-1])
             if not isinstance(result, IngestResult):
                 raise RuntimeError("the stream ended without a verdict")
+            progress = ray.get([p for p, _ in f.parts])  # parts read but not committed yet go in whole
         except (ray.exceptions.RayError, RuntimeError) as e:  # the ingest actor died mid-shard
             self._retry(f, e)
             return
+        blocks = [b for _, bs in f.parts for b in bs] + f.items[:-1]
+        result = dataclasses.replace(result, spans=[s for p in progress for s in p.spans] + result.spans)
         c.readers[rec.name] = result.reader
         for reason, n in result.reasons.items():
             c.reasons[reason] = c.reasons.get(reason, 0) + n
         if result.error is not None:
-            self.manifest.mark_quarantined(rec.name, result.error)
+            reason = result.error
+            if f.committed_upto:
+                reason += f" (its rows before file row {f.committed_upto} were ingested in parts before)"
+            self.manifest.mark_quarantined(rec.name, reason)
             c.shards_quarantined += 1
             key = result.error.split(":")[0]
             c.reasons[key] = c.reasons.get(key, 0) + 1
         elif result.good_rows:
-            self._ready.append(_Ready(rec, result, f.items[:-1]))
+            self._ready.append(_Ready(rec, result, blocks))
         else:
             self.manifest.mark_ingested(rec.name, 0, result.bad_rows)
             self._count_ingested(result)
@@ -363,7 +436,10 @@ class IngestLoop:
             answers = ray.get(self._commit.call)
             left = [r for r, a in zip(self._commit.shards, answers) if not a.accepted]
             for r, a in zip(self._commit.shards, answers):
-                if a.accepted:
+                if a.accepted and r.part:
+                    if (f := self._in_flight.get(r.record.name)) is not None:
+                        f.committed_upto = max(f.committed_upto, r.result.spans[-1].row_end)
+                elif a.accepted:
                     self._count_ingested(r.result)
             self._commit = None
             self._ready = left + self._ready  # refused by the limiter: first in the next batch
@@ -390,7 +466,7 @@ class IngestLoop:
         commit.observing = []
         commits = [
             ShardCommit(r.record.name, r.record.seq, r.record.written_at, r.result.good_rows, r.result.bad_rows,
-                        r.result.spans)
+                        r.result.spans, final=not r.part)
             for r in commit.shards
         ]
         commit.call = self.buffer.add_shards.remote(commits, [r.blocks for r in commit.shards])
@@ -416,13 +492,14 @@ class IngestLoop:
             self.manifest.mark_quarantined(name, reason)
             self.counters.shards_quarantined += 1
             return
-        # read it again at once, still claimed, and keep it at the head: arrival order holds
-        self._dispatch(f.record, actor=f.actor)
+        # read it again at once, still claimed, from its watermark (parts committed stay), and
+        # keep it at the head: arrival order holds
+        self._dispatch(f.record, actor=f.actor, resume_from=f.committed_upto)
         self._in_flight.move_to_end(name, last=False)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Give back every shard the buffer did not take; a batch on its way is waited for first."""
-        pending = [r.record.name for r in self._ready] + list(self._in_flight)
+        pending = [r.record.name for r in self._ready] + list(self._in_flight)  # release is idempotent
         if self._commit is not None:
             if self._commit.call is None:
                 pending += [r.record.name for r in self._commit.shards]

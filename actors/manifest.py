@@ -13,6 +13,12 @@ A shard's life::
         │                    └──mark_quarantined──▶ quarantined
         └─(same bytes as a shard already known)──▶ duplicate
 
+A shard larger than ``ingest.commit_rows`` is committed in parts while it
+is read: each part moves its ``rows_committed`` watermark (file rows before
+it are in the buffer), in the same transaction as the buffer takes the
+part, and stays ``claimed``; a re-read after a crash resumes at the
+watermark; the last part marks it ``ingested``.
+
 Exactly once: a shard is ``ingested`` only after the buffer accepted its rows,
 and at start-up every ``claimed`` shard goes back to ``discovered``, so a
 crash between claim and acceptance means the shard is read again, never lost
@@ -72,7 +78,8 @@ CREATE TABLE IF NOT EXISTS shards (
     reason        TEXT,
     duplicate_of  TEXT,
     discovered_at REAL NOT NULL,
-    updated_at    REAL NOT NULL
+    updated_at    REAL NOT NULL,
+    rows_committed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS shards_by_status ON shards (status, seq);
 CREATE INDEX IF NOT EXISTS shards_by_hash ON shards (content_hash);
@@ -89,7 +96,7 @@ CREATE TABLE IF NOT EXISTS redeliveries (
 """
 _COLUMNS = (
     "name, path, size, mtime_ns, content_hash, seq, status, claimed_by, claimed_at, "
-    "good_rows, bad_rows, reason, duplicate_of, discovered_at, updated_at"
+    "good_rows, bad_rows, reason, duplicate_of, discovered_at, updated_at, rows_committed"
 )
 
 
@@ -133,6 +140,9 @@ class ShardRecord:
     """The earlier shard with the same content (``duplicate`` only)."""
     discovered_at: float
     updated_at: float
+    rows_committed: int = 0
+    """File rows ``[0, rows_committed)`` of a shard committed in parts are in the
+    buffer already (a large shard still being read); a re-read resumes there."""
 
     @property
     def written_at(self) -> float:
@@ -343,9 +353,18 @@ class Manifest:
         """The buffer accepted the shard's good rows. Idempotent; only from ``claimed``."""
         self._transition(name, ("claimed",), "ingested", good_rows=good_rows, bad_rows=bad_rows)
 
-    def mark_ingested_many(self, shards: Iterable[tuple[str, int, int]]) -> None:
-        """``mark_ingested`` for each ``(name, good_rows, bad_rows)``, all in one transaction (or none)."""
+    def mark_ingested_many(self, shards: Iterable[tuple[str, int, int]],
+                           parts: Iterable[tuple[str, int]] = ()) -> None:
+        """``mark_ingested`` for each ``(name, good_rows, bad_rows)``, and the watermark of each
+        ``(name, rows_committed)`` part of a claimed shard, all in one transaction (or none)."""
         with self._write() as db:
+            for name, upto in parts:
+                row = db.execute("SELECT status, rows_committed FROM shards WHERE name = ?", (name,)).fetchone()
+                if row is None or row[0] != "claimed":
+                    raise ManifestError(f"shard {name!r} is {row[0] if row else 'unknown'}; only a claimed shard commits parts")
+                if upto > row[1]:  # a retried part leaves the watermark where it is
+                    db.execute("UPDATE shards SET rows_committed = ?, updated_at = ? WHERE name = ?",
+                               (upto, time.time(), name))
             for name, good_rows, bad_rows in shards:
                 _transition_in(db, name, ("claimed",), "ingested", good_rows=good_rows, bad_rows=bad_rows)
 
@@ -363,6 +382,12 @@ class Manifest:
         """Ingested shards (to rebuild the buffer after a restart), oldest first."""
         order = " ORDER BY seq" if order_by_seq else ""
         rows = self._read(f"SELECT {_COLUMNS} FROM shards WHERE status = 'ingested'{order}")
+        return [ShardRecord(*r) for r in rows]
+
+    def partly_committed(self) -> list[ShardRecord]:
+        """Shards not ingested yet whose first rows are in the buffer (committed in parts), oldest first."""
+        rows = self._read(f"SELECT {_COLUMNS} FROM shards WHERE status IN ('discovered', 'claimed')"
+                          " AND rows_committed > 0 ORDER BY seq")
         return [ShardRecord(*r) for r in rows]
 
     def records(self, status: str | None = None) -> list[ShardRecord]:
@@ -457,6 +482,9 @@ class Manifest:
         with self._write() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(shards)")}
+            if "rows_committed" not in columns:  # a manifest from before parts were committed
+                db.execute("ALTER TABLE shards ADD COLUMN rows_committed INTEGER NOT NULL DEFAULT 0")
 
     def _pin_hash(self) -> str:
         """The state dir's hash algorithm; first use pins BLAKE3, or sha256 when shards

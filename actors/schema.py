@@ -412,10 +412,22 @@ class Part:
     """int64 row ids when ``schema.id_column`` is set."""
     bad: pa.Table | None
     reasons: dict[str, int]
+    kept: np.ndarray | None = None
+    """Batch-relative indices of the good rows; None when every row was good."""
 
     @property
     def good_rows(self) -> int:
         return len(self.y)
+
+    def from_row(self, row: int) -> Part:
+        """The good rows at file row ``row`` or later (bad rows stay with the whole part)."""
+        if row <= self.row_start:
+            return self
+        where = np.arange(self.row_end - self.row_start) if self.kept is None else self.kept
+        keep = np.flatnonzero(where >= row - self.row_start)
+        return Part(row, self.row_end, self.x.take(keep, axis=0), self.y.take(keep),
+                    None if self.ids is None else self.ids.take(keep), self.bad, self.reasons,
+                    where[keep] - (row - self.row_start))
 
 
 def iter_parts(path: str | Path, schema: SchemaConfig, part_rows: int):
@@ -477,4 +489,5 @@ def _validate_batch(batch: pa.RecordBatch, schema: SchemaConfig, classes: np.nda
         None if ids is None else ids.take(good),
         _bad_table(batch, bad, code),
         {r: int(c) for r, c in zip(REASONS, counts) if c},
+        good,
     )

@@ -164,8 +164,15 @@ class IngestConfig:
     block_rows: int = 65_536
     """Most rows per buffer block: a larger shard streams in by record batches as
     several blocks (also capped so one block fits the buffer's byte bound)."""
+    commit_rows: int = 1_000_000
+    """A shard with more rows enters the buffer in parts of about this many rows
+    while it is read, instead of whole at its end: the loop lets go of each
+    part's blocks, and the manifest keeps the shard's row watermark, so a
+    crash re-reads it from there. 0: every shard whole."""
 
     def __post_init__(self) -> None:
+        if self.commit_rows < 0:
+            raise ConfigError("ingest.commit_rows: must be >= 0 (0: every shard whole)")
         if self.num_actors < 1:
             raise ConfigError("ingest.num_actors: must be >= 1")
         if self.max_in_flight < 1:

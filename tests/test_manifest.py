@@ -126,6 +126,37 @@ def test_an_unknown_hash_algorithm_is_refused_by_name(tmp_path):
         Manifest(tmp_path / "state")
 
 
+def test_a_claimed_shard_keeps_its_row_watermark_through_requeue_and_ingest(manifest, tmp_path):
+    (a,) = _shards(tmp_path / "landing", 1)
+    manifest.discover([a])
+    with pytest.raises(ManifestError, match="only a claimed shard"):
+        manifest.mark_ingested_many([], [(a.name, 100)])
+    manifest.claim("w", 1)
+    manifest.mark_ingested_many([], [(a.name, 100)])
+    manifest.mark_ingested_many([], [(a.name, 60)])  # a retried, older part: the watermark stays
+    assert manifest.get(a.name).rows_committed == 100
+    assert [r.name for r in manifest.partly_committed()] == [a.name]
+    manifest.requeue_claimed()
+    (again,) = manifest.claim("w2", 1)
+    assert again.rows_committed == 100
+    manifest.mark_ingested_many([(a.name, 150, 3)], [(a.name, 200)])
+    rec = manifest.get(a.name)
+    assert rec.status == "ingested" and rec.good_rows == 150 and manifest.partly_committed() == []
+
+
+def test_a_manifest_from_before_the_watermark_gets_the_column(tmp_path):
+    state = tmp_path / "state"
+    (a,) = _shards(tmp_path / "landing", 1)
+    with Manifest(state) as m:
+        m.discover([a])
+    db = sqlite3.connect(state / "manifest.sqlite")
+    with db:
+        db.execute("ALTER TABLE shards DROP COLUMN rows_committed")
+    db.close()
+    with Manifest(state) as m:
+        assert m.get(a.name).rows_committed == 0 and m.claim("w", 1)[0].name == a.name
+
+
 def test_seq_is_never_reused(manifest, tmp_path):
     paths = _shards(tmp_path / "landing", 3)
     last = manifest.discover(paths)[-1].seq

@@ -319,3 +319,23 @@ def test_labels_outside_the_classes_are_caught_for_every_integer_type(tmp_path, 
     shard = read_and_validate(path, SCHEMA)
     assert shard.reasons == {UNKNOWN_LABEL: 1}
     np.testing.assert_array_equal(shard.y, [0, 2])
+
+
+# --- resuming a part at a row (a large shard's watermark) ----------------------------
+
+
+@pytest.mark.parametrize("nan_rows", [[], [2, 5, 6]], ids=["all good", "some bad"])
+def test_a_part_resumed_at_a_row_keeps_exactly_the_good_rows_from_that_row(tmp_path, nan_rows):
+    from livetrain.actors.schema import iter_parts
+
+    x = _features(10)
+    x[nan_rows, 1] = np.nan
+    path = _column_shard(tmp_path / "s.parquet", 10, **{name: x[:, j] for j, name in enumerate(FEATURES)})
+    (part,) = iter_parts(path, SCHEMA, 10)
+    for row in (0, 4, 5, 9, 10):
+        rest = part.from_row(row)
+        expected = [i for i in range(row, 10) if i not in nan_rows]
+        assert rest.x[:, 0].tolist() == expected and rest.y.tolist() == [i % 3 for i in expected]
+        assert (rest.row_start, rest.row_end) == (max(row, 0), 10)
+        again = rest.from_row(row + 1)  # positions stay right on a second cut
+        assert again.x[:, 0].tolist() == [i for i in expected if i >= row + 1]

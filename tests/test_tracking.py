@@ -6,6 +6,7 @@ W&B runs here are ``disabled`` or ``offline`` only: nothing reaches the network.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from rich.console import Console

@@ -1,0 +1,107 @@
+"""Large shards committed in parts (``ingest.commit_rows``), by row id, with real
+Ray: the buffer takes a shard's first rows while the rest is still read, and
+every fault resumes at the manifest's row watermark without losing or
+repeating a row (ingest actor killed, buffer actor killed, the loop's process
+gone)."""
+
+from __future__ import annotations
+
+import pytest
+
+from _ingest_util import assert_exactly_once, buffer_ids, close, make_loop, quarantined_ids, run_until_done, write_id_shard
+from _util import wait_until
+
+pytestmark = [pytest.mark.ray]
+
+ROWS = 6000
+PARTS = ("ingest.block_rows=100", "ingest.commit_rows=500", "ingest.max_in_flight=2")
+"""Blocks of 100 rows, a part every 5 blocks: a 6,000-row shard goes in as ~12 parts."""
+
+
+def _big_shard(cfg) -> set[int]:
+    write_id_shard(cfg.landing_dir / "big-000.parquet", 0, ROWS, bad_every=97)
+    write_id_shard(cfg.landing_dir / "big-001.parquet", 100_000, 700, bad_every=50)  # after it, small
+    return set(range(ROWS)) | set(range(100_000, 100_700))
+
+
+def _until_parts_committed(loop) -> int:
+    """Step the loop until the big shard has parts in the buffer; its watermark."""
+    def committed():
+        loop.step(0.2)
+        rec = loop.manifest.get("big-000.parquet")
+        return rec is not None and rec.rows_committed
+    upto = wait_until(committed, 30, "a first part of the big shard committed")
+    rec = loop.manifest.get("big-000.parquet")
+    assert rec.status == "claimed" and 0 < upto < ROWS, "not mid-shard: the shard went in whole"
+    return upto
+
+
+def test_a_large_shard_enters_the_buffer_in_parts_while_it_is_read(ray_session, tmp_path):
+    cfg, loop, buffer = make_loop(tmp_path, *PARTS)
+    all_ids = _big_shard(cfg)
+    upto = _until_parts_committed(loop)
+    early = buffer_ids(buffer)
+    assert early and max(early) < upto, "the buffer holds rows past the watermark, or none"
+    assert loop.manifest.get("big-001.parquet").status != "ingested", "arrival order: the later shard went first"
+    run_until_done(loop)
+    in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
+    assert_exactly_once(all_ids, in_buffer, quarantined)
+    big = loop.manifest.get("big-000.parquet")
+    assert big.status == "ingested" and big.good_rows + big.bad_rows == ROWS
+    assert loop.counters.rows_ingested == len(in_buffer) and loop.counters.rows_quarantined == len(quarantined)
+    assert loop.counters.shards_ingested == 2
+    close(loop, buffer)
+
+
+def test_ingest_actor_killed_after_parts_resumes_at_the_watermark(ray_session, tmp_path):
+    import ray
+
+    cfg, loop, buffer = make_loop(tmp_path, *PARTS)
+    all_ids = _big_shard(cfg)
+    upto = _until_parts_committed(loop)
+    ray.kill(loop.actors[0])
+    run_until_done(loop)
+    in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
+    assert loop.counters.shards_retried >= 1
+    assert_exactly_once(all_ids, in_buffer, quarantined)  # a re-read from row 0 would repeat rows
+    assert loop.counters.rows_ingested == len(in_buffer) and loop.counters.rows_quarantined == len(quarantined)
+    print(f"killed at watermark {upto}; rows: {len(all_ids)} = {len(in_buffer)} buffered + {len(quarantined)} quarantined")
+    close(loop, buffer)
+
+
+def test_a_crashed_loop_is_resumed_from_the_watermark_by_the_next_one(ray_session, tmp_path):
+    import ray
+
+    from livetrain.actors.ingest import IngestLoop
+    from livetrain.actors.manifest import Manifest
+
+    cfg, loop, buffer = make_loop(tmp_path, *PARTS)
+    all_ids = _big_shard(cfg)
+    upto = _until_parts_committed(loop)
+    for actor in loop.actors:  # the process is gone: its actors with it, nothing given back
+        ray.kill(actor)
+    loop.manifest.close()
+    manifest = Manifest(tmp_path)
+    again = IngestLoop(cfg, manifest, buffer, None)  # requeues what the dead loop had claimed
+    rec = manifest.get("big-000.parquet")
+    assert rec.status == "discovered" and rec.rows_committed >= upto
+    run_until_done(again)
+    in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
+    assert_exactly_once(all_ids, in_buffer, quarantined)
+    assert manifest.get("big-000.parquet").status == "ingested"
+    close(again, buffer)
+
+
+def test_buffer_killed_after_parts_rebuilds_them_and_the_shard_goes_on(ray_session, tmp_path):
+    import ray
+
+    cfg, loop, buffer = make_loop(tmp_path, *PARTS)
+    all_ids = _big_shard(cfg)
+    upto = _until_parts_committed(loop)
+    ray.kill(buffer, no_restart=False)  # restarts and rebuilds: the parts below the watermark too
+    wait_until(lambda: ray.get(buffer.stats.remote())["rebuilt_rows"] > 0, 60, "the buffer rebuilt")
+    run_until_done(loop)
+    in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
+    assert_exactly_once(all_ids, in_buffer, quarantined)
+    print(f"buffer killed at watermark {upto}; rows: {len(in_buffer)} buffered + {len(quarantined)} quarantined")
+    close(loop, buffer)
