@@ -284,7 +284,7 @@ class IngestLoop:
         if free > 0:
             for rec in self.manifest.claim(self.owner, free):
                 self._dispatch(rec)
-        waits = [f.gen for f in self._in_flight.values() if not f.finished]
+        waits = [f.gen for f in self._in_flight.values() if not f.finished and not f.parts]
         if self._commit is not None:
             waits += [self._commit.call] if self._commit.call is not None else self._commit.observing
         if not waits and not self._in_flight and not self._ready:
@@ -309,6 +309,12 @@ class IngestLoop:
     def unregistered(self) -> int:
         """Shards polled but not in the manifest yet (waiting to be hashed, or being hashed)."""
         return len(self._landed) + len(self._hashing)
+
+    def held_refs(self) -> int:
+        """Block refs the loop holds now, read or waiting for the buffer (tests: memory bound)."""
+        waiting = self._ready + (self._commit.shards if self._commit is not None else [])
+        return (sum(len(f.items) + sum(len(bs) for _, bs in f.parts) for f in self._in_flight.values())
+                + sum(len(r.blocks) for r in waiting))
 
     def in_flight(self) -> dict[str, int]:
         """Shard -> blocks taken so far, for shards being read (tests)."""
@@ -355,7 +361,9 @@ class IngestLoop:
         self._in_flight[rec.name] = _InFlight(rec, gen, i, every, upto)
 
     def _drain(self, f: _InFlight) -> None:
-        while not f.finished and f.gen.next_ready():
+        # a part waiting for the buffer stops the draining: the actor then stops
+        # BACKPRESSURE_PARTS blocks ahead, and the shard's blocks in the store stay ~2 parts
+        while not f.finished and not f.parts and f.gen.next_ready():
             try:
                 item = next(f.gen)
             except StopIteration:  # next_ready() can be True at the end of the stream

@@ -173,9 +173,10 @@ class ReplayBuffer(Generic[H]):
     def sample(self, n_blocks: int, fresh_after: int = -1) -> list[Entry[H]]:
         """Up to ``n_blocks`` entries: unseen-by-caller blocks first, then the mix.
 
-        Unseen blocks are taken oldest first from the whole buffer (window and
-        reservoir): a backlog is trained in arrival order, so the newest rows
-        stay unseen by the first candidate and the gate can judge it on them.
+        Unseen blocks (newer than ``fresh_after``, or of that shard and never
+        drawn by anyone) are taken oldest first from the whole buffer (window and reservoir): a
+        backlog is trained in arrival order, so the newest rows stay unseen by
+        the first candidate and the gate can judge it on them.
         """
         if n_blocks < 1 or self.empty:
             return []
@@ -183,7 +184,11 @@ class ReplayBuffer(Generic[H]):
             pool = self._window  # the steady state: reservoir blocks are older than the window, all seen
         else:
             pool = sorted(self.entries(), key=lambda e: e.meta.seq)
-        fresh = [e for e in pool if e.meta.seq > fresh_after][:n_blocks]
+        # a shard's blocks share its seq: those of the caller's newest shard that no one has
+        # drawn yet are fresh too (a draw took only some of them, or a large shard's
+        # later parts arrived since)
+        fresh = [e for e in pool
+                 if e.meta.seq > fresh_after or (e.meta.seq == fresh_after and e.sampled == 0)][:n_blocks]
         n_mix = n_blocks - len(fresh)
         if not self._reservoir:
             n_recent = n_mix

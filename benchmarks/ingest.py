@@ -1,6 +1,7 @@
 """Ingest and sampling throughput (one JSON line per figure).
 
     python benchmarks/ingest.py [--shards 48] [--rows 100000] [--features 20] [--repeat 3]
+                                [--large-rows 4000000] [--commit-rows 500000]
 
 1. Rows/s and MB/s (Parquet bytes on disk) from shard files into the replay
    buffer through the real path (manifest, ingest actors, validation, buffer
@@ -9,6 +10,10 @@
 2. Rows/s one training worker draws from the buffer (sample refs, fetch the
    blocks zero-copy, concatenate as the trainer does) against slicing the same
    rows out of a local numpy array.
+3. One large shard (``--large-rows``, default 4M rows, ~330 MB of blocks) into
+   a 100k-row buffer: the object store's peak while it goes in by parts
+   (``ingest.commit_rows``) against the same shard committed whole, and rows/s
+   for both.
 
 Each figure is the median of ``--repeat`` runs (the machine is shared and
 noisy); ``runs`` lists them all.
@@ -75,7 +80,8 @@ def pyarrow_baseline(paths: list[Path], d: int) -> float:
     return time.perf_counter() - t0
 
 
-def ingest_seconds(paths: list[Path], d: int, actors: int, root: Path, run: int = 0):
+def ingest_seconds(paths: list[Path], d: int, actors: int, root: Path, run: int | str = 0,
+                   capacity_rows: int | None = None, overrides: tuple[str, ...] = ()):
     import ray
 
     from livetrain.actors.buffer_actor import ReplayBufferActor
@@ -88,11 +94,12 @@ def ingest_seconds(paths: list[Path], d: int, actors: int, root: Path, run: int 
     landing.mkdir(parents=True)
     for p in paths:
         (landing / p.name).hardlink_to(p)
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    rows = capacity_rows or sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
     cfg = load_config(None, [
         f"state_dir={state}", f"schema.features=[{', '.join(f'f{j}' for j in range(d))}]",
         f"ingest.num_actors={actors}", f"ingest.max_in_flight={2 * actors}",
         f"buffer.capacity_rows={rows}", f"buffer.window_rows={rows}", f"buffer.capacity_bytes={rows * (4 * d + 16)}",
+        *overrides,
     ])
     buffer = ReplayBufferActor.remote(cfg.buffer, str(state), cfg.schema, cfg.ingest.block_rows)
     ray.get(buffer.stats.remote())
@@ -106,6 +113,43 @@ def ingest_seconds(paths: list[Path], d: int, actors: int, root: Path, run: int 
     loop.shutdown()
     manifest.close()
     return seconds, buffer
+
+
+def large_shard(root: Path, d: int, rows: int, commit_rows: int) -> dict[str, float]:
+    """One shard of ``rows`` rows into a 100k-row buffer, committed in parts of
+    ``commit_rows`` (0: whole): seconds, and the object store's peak while it goes in."""
+    import threading
+
+    import ray
+
+    from soak import plasma_mib
+
+    big = root / "large" / "big.parquet"
+    if not big.exists():
+        big.parent.mkdir()
+        rng = np.random.default_rng(0)
+        with pq.ParquetWriter(big, pa.schema([*(pa.field(f"f{j}", pa.float32()) for j in range(d)),
+                                              pa.field("label", pa.int64())])) as w:
+            for lo in range(0, rows, 500_000):  # written in slices: the writer's memory stays small too
+                x = rng.random((min(500_000, rows - lo), d), dtype=np.float32)
+                w.write_table(pa.table({**{f"f{j}": x[:, j] for j in range(d)}, "label": (x[:, 0] > 0.5).astype(np.int64)}))
+    peak, done = [0.0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], plasma_mib())
+            done.wait(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        seconds, buffer = ingest_seconds([big], d, 1, root, f"large-{commit_rows}", capacity_rows=100_000,
+                                         overrides=(f"ingest.commit_rows={commit_rows}",))
+    finally:
+        done.set()
+        watcher.join()
+    ray.kill(buffer)
+    return {"seconds": seconds, "peak_mib": peak[0], "mb": big.stat().st_size / 1e6}
 
 
 def sampling(buffer, d: int, seconds: float, blocks: int = 8):
@@ -140,6 +184,9 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=20)
     ap.add_argument("--sample-seconds", type=float, default=5.0)
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure; the median is reported")
+    ap.add_argument("--large-rows", type=int, default=4_000_000,
+                    help="rows of the one large shard (0: skip that figure)")
+    ap.add_argument("--commit-rows", type=int, default=500_000, help="ingest.commit_rows for the large shard")
     args = ap.parse_args()
     import ray
 
@@ -169,6 +216,15 @@ def main() -> None:
                  baseline_mb_per_s=mb / base_s, runs=[round(rows / t) for t in runs[actors]])
         buffered, local = sampling(buffer, args.features, args.sample_seconds)
         emit("sample_rows_per_s", buffered, "rows/s", baseline=local)
+        ray.kill(buffer)
+        if args.large_rows:
+            whole = large_shard(root, args.features, args.large_rows, 0)
+            parts = large_shard(root, args.features, args.large_rows, args.commit_rows)
+            emit("large_shard_peak_store_mib", parts["peak_mib"], "MiB", baseline=whole["peak_mib"],
+                 baseline_is="the same shard committed whole (ingest.commit_rows=0)", rows=args.large_rows,
+                 shard_mb=round(parts["mb"], 1), commit_rows=args.commit_rows, buffer_capacity_rows=100_000)
+            emit("large_shard_rows_per_s", args.large_rows / parts["seconds"], "rows/s",
+                 baseline=args.large_rows / whole["seconds"], baseline_is="committed whole")
         ray.shutdown()
     finally:
         shutil.rmtree(root, ignore_errors=True)

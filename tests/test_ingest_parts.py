@@ -43,7 +43,17 @@ def test_a_large_shard_enters_the_buffer_in_parts_while_it_is_read(ray_session, 
     early = buffer_ids(buffer)
     assert early and max(early) < upto, "the buffer holds rows past the watermark, or none"
     assert loop.manifest.get("big-001.parquet").status != "ingested", "arrival order: the later shard went first"
-    run_until_done(loop)
+    most = 0
+
+    def done():
+        nonlocal most
+        loop.step(0.2)
+        most = max(most, loop.held_refs())
+        return loop.manifest.pending_count() == 0 and not loop.in_flight() and not loop.unregistered()
+
+    wait_until(done, 60, "every shard ingested or quarantined", interval_s=0)
+    # a part read, a part on its way to the buffer, the blocks since: never the 60 blocks of the shard
+    assert most <= 3 * 5 + 1, f"the loop held {most} block refs at once"
     in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
     assert_exactly_once(all_ids, in_buffer, quarantined)
     big = loop.manifest.get("big-000.parquet")
@@ -104,4 +114,30 @@ def test_buffer_killed_after_parts_rebuilds_them_and_the_shard_goes_on(ray_sessi
     in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
     assert_exactly_once(all_ids, in_buffer, quarantined)
     print(f"buffer killed at watermark {upto}; rows: {len(in_buffer)} buffered + {len(quarantined)} quarantined")
+    close(loop, buffer)
+
+
+def test_a_part_the_buffer_makes_wait_stops_the_read_of_the_rest(ray_session, tmp_path):
+    """Coverage backpressure refuses the second part until trainers draw: meanwhile the
+    loop holds about two parts of blocks, not the rest of the shard, then it goes on."""
+    import ray
+
+    cfg, loop, buffer = make_loop(tmp_path, *PARTS, "buffer.backpressure=coverage", "buffer.max_unseen_rows=600")
+    all_ids = _big_shard(cfg)
+    _until_parts_committed(loop)
+    wait_until(lambda: (loop.step(0.05), ray.get(buffer.stats.remote())["ingest_waits"] > 0)[1], 30, "a part refused")
+    most = max((loop.step(0.05), loop.held_refs())[1] for _ in range(20))  # a second of refusals
+    assert most <= 3 * 5 + 1, f"the loop held {most} block refs while the buffer made it wait"
+
+    fresh_after = -1
+
+    def drawn_and_done():
+        nonlocal fresh_after
+        sample = ray.get(buffer.sample.remote(4, fresh_after, 1, 0.0))  # a trainer draws: unseen rows fall
+        fresh_after = max([m.seq for m in sample.metas], default=fresh_after)
+        loop.step(0.05)
+        return loop.manifest.pending_count() == 0 and not loop.in_flight() and not loop.unregistered()
+
+    wait_until(drawn_and_done, 60, "the rest ingested once trainers draw", interval_s=0)
+    assert_exactly_once(all_ids, buffer_ids(buffer), quarantined_ids(tmp_path))
     close(loop, buffer)

@@ -109,10 +109,25 @@ def test_reservoir_is_a_uniform_sample_of_evicted_blocks():
 def test_fresh_blocks_are_sampled_first_and_oldest_first():
     buf = ReplayBuffer(cfg())
     fill(buf, 5)
+    assert [e.meta.seq for e in buf.sample(3, fresh_after=-1)] == [0, 1, 2]
     picked = buf.sample(2, fresh_after=2)
     assert [e.meta.seq for e in picked] == [3, 4]
     picked = buf.sample(1, fresh_after=1)
     assert [e.meta.seq for e in picked] == [2]
+
+
+def test_undrawn_blocks_of_the_callers_newest_shard_stay_fresh():
+    """A shard's blocks share its seq: a draw that took some of them, or parts of a
+    large shard that arrived after, must not fall out of the unseen-first order."""
+    buf = ReplayBuffer(cfg(window_rows=10_000, capacity_rows=10_000))
+    for part in range(4):
+        buf.add(f"s7-{part}", BlockMeta("s7", 7, 10, 10, 0.0, 0.0))
+    first = buf.sample(2, fresh_after=-1)
+    assert [e.handle for e in first] == ["s7-0", "s7-1"]
+    buf.add("s7-4", BlockMeta("s7", 7, 10, 10, 0.0, 0.0))  # a later part of the same shard
+    rest = buf.sample(3, fresh_after=7)
+    assert [e.handle for e in rest] == ["s7-2", "s7-3", "s7-4"]
+    assert buf.unseen_rows == 0
 
 
 def test_sampling_mix_follows_recent_fraction():
