@@ -8,7 +8,8 @@ Threaded, so a trainer waiting for data does not block inserts.
 Exactly once: ``add_shards`` marks a batch of shards ingested in the
 manifest (one transaction) and inserts their blocks, under one lock, before
 it answers; a part of a large shard moves the shard's row watermark instead
-(a retried part skips the blocks below the watermark: the rebuild re-read them); a retried call for a shard already ingested is a no-op for that
+(a retried part skips the blocks below the watermark: the rebuild re-read
+them); a retried call for a shard already ingested is a no-op for that
 shard. (Should this actor die between the two, its restart rebuilds from the
 manifest, which already names those shards.) The actor restarts when it dies
 (``max_restarts``), and its calls are retried (``max_task_retries``): a new

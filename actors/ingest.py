@@ -56,20 +56,13 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from livetrain.actors.blocks import (
-    PartSpan,
-    ShardCommit,
-    block_nbytes,
-    block_of,
-    label_index,
-    part_rows,
-)
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from livetrain.actors.blocks import PartSpan, ShardCommit, block_nbytes, block_of, label_index, part_rows
 from livetrain.actors.manifest import Manifest, ShardRecord
 from livetrain.actors.quarantine import write_quarantine
 from livetrain.actors.schema import SchemaError, iter_parts, warm_up
 from livetrain.actors.sources import DirectorySource
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
 from livetrain.config import Config, SchemaConfig, StorageConfig
 from livetrain.messages import BlockMeta
 from livetrain.storage import configure as configure_storage

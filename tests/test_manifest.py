@@ -10,6 +10,7 @@ from pathlib import Path
 
 import blake3
 import pytest
+
 from livetrain.actors.manifest import HASH_KEY, Manifest, ManifestError, file_hash
 
 
