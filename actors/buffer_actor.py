@@ -107,7 +107,11 @@ class ReplayBufferActor:
         """
         deadline = time.monotonic() + wait_s
         with self._grown:
-            held = {c.shard for c in commits if self._already_ingested(c.shard)}
+            # a retried call after a restart: shards already ingested are held; a part's
+            # blocks below the watermark are in already (the rebuild re-read them)
+            known = {c.shard: self._manifest.get(c.shard) for c in commits} if self._manifest is not None else {}
+            held = {s for s, r in known.items() if r is not None and r.status == "ingested"}
+            marks = {s: r.rows_committed for s, r in known.items() if r is not None and s not in held}
             todo = [c for c in commits if c.shard not in held]
             first_ok = bool(todo)
             while todo and not self._limiter.admits(self._buf.unseen_rows, todo[0].block_rows):
@@ -123,8 +127,6 @@ class ReplayBufferActor:
                     break
                 admitted.append(c)
                 unseen += c.block_rows
-            # a part retried after a restart: its blocks below the watermark are in already (rebuilt)
-            marks = {c.shard: self._watermark(c.shard) for c in admitted if c.spans}
             if self._manifest is not None and admitted:
                 self._manifest.mark_ingested_many(
                     [(c.shard, c.good_rows, c.bad_rows) for c in admitted if c.final],
@@ -133,7 +135,7 @@ class ReplayBufferActor:
             by_shard = {c.shard: r for c, r in zip(commits, refs)}
             for c in admitted:
                 for span, ref in zip(c.spans, by_shard[c.shard]):
-                    if span.row_end <= marks[c.shard]:
+                    if span.row_end <= marks.get(c.shard, 0):
                         continue
                     meta = BlockMeta(c.shard, c.seq, span.rows, span.nbytes, c.written_at, time.time())
                     self._buf.add(BlockHandle(ref, c.shard, span.row_start, span.row_end), meta)
@@ -252,18 +254,6 @@ class ReplayBufferActor:
                 self.rebuilt["rows"] += span.rows
             self.rebuilt["shards"] += 1
         self._maybe_snapshot(force=True)
-
-    def _watermark(self, shard: str) -> int:
-        """File rows of ``shard`` already committed in parts (0: none)."""
-        rec = self._manifest.get(shard) if self._manifest is not None else None
-        return 0 if rec is None or rec.status == "ingested" else rec.rows_committed
-
-    def _already_ingested(self, shard: str) -> bool:
-        """A retried ``add_shard`` (the first call committed, then this actor died)."""
-        if self._manifest is None:
-            return False
-        rec = self._manifest.get(shard)
-        return rec is not None and rec.status == "ingested"
 
 
 def _held(e: Entry[BlockHandle], in_reservoir: bool) -> HeldPart:

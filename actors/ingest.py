@@ -397,10 +397,10 @@ class IngestLoop:
         try:
             if not f.items:
                 raise RuntimeError("the stream ended without a verdict")
-            result = ray.get(f.items[-1])
+            # the verdict, and the parts read but not committed yet (they go in with the rest)
+            result, *progress = ray.get([f.items[-1], *(p for p, _ in f.parts)])
             if not isinstance(result, IngestResult):
                 raise RuntimeError("the stream ended without a verdict")
-            progress = ray.get([p for p, _ in f.parts])  # parts read but not committed yet go in whole
         except (ray.exceptions.RayError, RuntimeError) as e:  # the ingest actor died mid-shard
             self._retry(f, e)
             return
