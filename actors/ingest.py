@@ -305,9 +305,8 @@ class IngestLoop:
 
     def held_refs(self) -> int:
         """Block refs the loop holds now, read or waiting for the buffer (tests: memory bound)."""
-        waiting = self._ready + (self._commit.shards if self._commit is not None else [])
         return (sum(len(f.items) + sum(len(bs) for _, bs in f.parts) for f in self._in_flight.values())
-                + sum(len(r.blocks) for r in waiting))
+                + sum(len(r.blocks) for r in self._waiting()))
 
     def in_flight(self) -> dict[str, int]:
         """Shard -> blocks taken so far, for shards being read (tests)."""
@@ -369,10 +368,13 @@ class IngestLoop:
                 f.items.append(item)
         f.finished = f.finished or f.gen.is_finished()
 
+    def _waiting(self) -> list[_Ready]:
+        """Shards and parts read whole, waiting for the buffer or on their way to it."""
+        return self._ready + (self._commit.shards if self._commit is not None else [])
+
     def _part_pending(self, name: str) -> bool:
         """A part of ``name`` waits for the buffer (its shard is not finished before it is answered)."""
-        waiting = self._ready + (self._commit.shards if self._commit is not None else [])
-        return any(r.part and r.record.name == name for r in waiting)
+        return any(r.part and r.record.name == name for r in self._waiting())
 
     def _take_parts(self) -> None:
         """The head shard's parts read so far become one commit, once nothing older waits:

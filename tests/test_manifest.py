@@ -96,9 +96,10 @@ def test_a_file_with_the_bytes_of_a_known_shard_is_a_duplicate_and_never_claimed
 
 
 def test_digests_computed_by_the_caller_are_recorded_as_given(manifest, tmp_path):
+    """The loop hashes on its own thread: discover must take that digest, not hash again."""
     a, b = _shards(tmp_path / "landing", 2)
-    records = manifest.discover([a, b], {a.name: manifest.content_hash(a)})
-    assert [r.content_hash for r in records] == [file_hash(a), file_hash(b)]
+    records = manifest.discover([a, b], {a.name: "given-by-the-caller"})
+    assert [r.content_hash for r in records] == ["given-by-the-caller", file_hash(b)]
 
 
 def test_a_state_dir_from_before_blake3_keeps_sha256_and_still_finds_duplicates(tmp_path):
