@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from _util import wait_until
 from livetrain.config import TrackingConfig
 from livetrain.live_view import LiveView, render
 from livetrain.tracking import RUN_ID_FILE, Tracker, read_metrics, resolve_mode
@@ -178,8 +179,14 @@ def test_served_versions_become_model_artifacts_with_aliases(tmp_path, monkeypat
     tracker.log_model(4, None, "s3://bucket/run/served/v000004/model.pt", {"version": 4})
     tracker.log_model(5, tmp_path / "missing.pt", None, {"version": 5})  # nothing to log: skipped, no error
     tracker.close()
-    log = _wandb_log_bytes(tmp_path, tracker.run_id)
-    assert f"model-{tracker.run_id}".encode() in log
+    name = f"model-{tracker.run_id}".encode()
+    # W&B's writer process may still be flushing the offline log when finish() returns
+    # (seen once: only the file header was there yet)
+    def flushed() -> bytes | None:
+        log = _wandb_log_bytes(tmp_path, tracker.run_id)
+        return log if name in log else None
+
+    log = wait_until(flushed, 30, "the artifact in the offline run log")
     for alias in (b"served", b"v3", b"v4"):
         assert alias in log, alias
     assert b"s3://bucket/run/served/v000004/model.pt" in log  # a reference, not an upload
