@@ -30,6 +30,8 @@ from livetrain.training.models import build_model, model_spec
 
 CASES = {
     "mlp": (ModelConfig(name="mlp", hidden=[1024, 1024]), 64, 10, 4096),
+    # big enough that the matrix products, not the kernel launches, set the pace (where bf16 pays)
+    "mlp-wide": (ModelConfig(name="mlp", hidden=[4096, 4096]), 256, 10, 16384),
     "cnn": (ModelConfig(name="cnn", options={"image_shape": [3, 32, 32], "channels": [32, 64]}), 3 * 32 * 32, 10, 256),
 }
 
@@ -86,7 +88,7 @@ def main() -> None:
         emit(f"gpu_step/{name}/bf16", None if bf16 is None else round(bf16), "samples/s", baseline=round(fp32),
              device=where, batch=batch)
         emit(f"gpu_step/{name}/checkpoint_round_trip_max_abs_diff", checkpoint_round_trip(spec, device), "abs", device=where)
-        if device.type == "cuda":
+        if device.type == "cuda" and name != "mlp-wide":
             for rows in (1, 64, 4096):
                 on_cpu = predict_rate(spec, "cpu", rows, args.seconds / 2)
                 on_gpu = predict_rate(spec, str(device), rows, args.seconds / 2)
