@@ -10,6 +10,7 @@ Learners, each answering every row before it learns from it:
 
       block (B rows) --> served.predict (scored) --> Registry.observe --> ReplayBuffer.add
         --> Learner.train_round on buffer.sample(...) blocks, fixed steps per block
+            (the newest block's held-out rows left out, ``gate.holdout_fraction``)
         --> Registry.propose(weights): the gate decides what is served next
 
   One learner stands in for the DDP group: its batch is ``batch_size x
@@ -232,10 +233,12 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
         while left:
             steps = min(left, tc.steps_per_round)
             entries = [e for _ in range(tc.num_workers) for e in buffer.sample(tc.blocks_per_round, fresh_after)]
-            loss = learner.train_round(*concat_blocks([e.handle for e in entries]), steps).loss
             newest = max(entries, key=lambda e: e.meta.seq).meta
             if newest.seq > fresh_after:
                 fresh_after, written_at = newest.seq, newest.written_at
+            xy = concat_blocks([e.handle for e in entries], [e.meta.seq for e in entries], fresh_after,
+                               cfg.gate.holdout_fraction)
+            loss = learner.train_round(*xy, steps).loss
             left, step = left - steps, step + steps
         cand = Candidate(weights=None, spec=spec, trained_through=fresh_after, data_written_at=written_at,
                          train_step=step, proposed_at=clock[0], train_loss=loss)

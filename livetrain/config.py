@@ -319,6 +319,13 @@ class GateConfig:
     """Unseen rows (newer than the candidate's data) needed to decide."""
     max_eval_rows: int = 5000
     """At most this many of the newest unseen rows are used to decide."""
+    holdout_fraction: float = 0.0
+    """Share of each shard's rows (picked by a hash of the row's features) that
+    training leaves out while that shard is the newest one trained on. A
+    candidate is then judged on the held-out rows of its own newest shard and
+    can be served without waiting for the next shard; they are trained on
+    once a newer shard arrives. 0: judge on newer shards only (the served
+    model then lags one shard more)."""
     window_rows: int = 5000
     """Rows in the sliding window of the served model's prequential metrics."""
     alarm_min_gain: float = 0.02
@@ -352,6 +359,8 @@ class GateConfig:
             raise ConfigError("gate.tolerance: must be >= 0")
         if not 1 <= self.min_eval_rows <= self.max_eval_rows:
             raise ConfigError("gate.min_eval_rows: must be in [1, gate.max_eval_rows]")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError("gate.holdout_fraction: must be in [0, 1)")
 
 
 @dataclass

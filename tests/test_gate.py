@@ -135,3 +135,36 @@ def test_mcnemar_z_separates_signal_from_label_noise():
     better = np.where(rng.random(2000) < 0.5, y, served)  # right on half the rows it disagrees
     assert mcnemar_z(y, better, served) > 3
     assert mcnemar_z(y, served, served) == 0.0
+
+
+def test_holdout_mask_is_a_stable_share_picked_by_content():
+    from livetrain.training.gate import holdout_mask
+
+    x = np.random.default_rng(0).standard_normal((20_000, 5), dtype=np.float32)
+    m = holdout_mask(x, 0.2)
+    assert m.dtype == bool and abs(m.mean() - 0.2) < 0.015
+    assert np.array_equal(holdout_mask(x[5000:7000], 0.2), m[5000:7000])  # per row, not per block
+    assert np.array_equal(holdout_mask(x[::-1], 0.2), m[::-1])
+    copies = np.repeat(x[:50], 3, axis=0)  # copies of a row go the same way
+    assert np.array_equal(holdout_mask(copies, 0.2), np.repeat(m[:50], 3))
+    assert not holdout_mask(x, 0.0).any() and holdout_mask(x[:0], 0.2).shape == (0,)
+    # wide rows (images): a difference in any column moves the row
+    wide = np.zeros((4000, 300), np.float32)
+    wide[:, 299] = np.arange(4000)
+    assert abs(holdout_mask(wide, 0.2).mean() - 0.2) < 0.03
+
+
+def test_training_rows_leave_out_the_newest_shards_held_out_rows():
+    from livetrain.training.gate import holdout_mask
+    from livetrain.training.learner import concat_blocks
+
+    rng = np.random.default_rng(1)
+    blocks = [{"x": rng.standard_normal((300, 3), dtype=np.float32), "y": np.full(300, seq)} for seq in range(3)]
+    x, y = concat_blocks(blocks, [0, 1, 2], hold_from=2, holdout_fraction=0.3)
+    held = holdout_mask(blocks[2]["x"], 0.3)
+    assert (y == 0).sum() == 300 and (y == 1).sum() == 300  # older shards: every row
+    assert (y == 2).sum() == 300 - held.sum() and held.sum() > 50
+    kept = {r.tobytes() for r in x[y == 2]}
+    assert not kept & {r.tobytes() for r in blocks[2]["x"][held]}
+    x0, _ = concat_blocks(blocks, [0, 1, 2], hold_from=2, holdout_fraction=0.0)
+    assert len(x0) == 900

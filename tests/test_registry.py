@@ -251,3 +251,47 @@ def test_drift_alarm_raises_the_recent_share_and_learning_rate():
     for seq in range(20, 26):
         r.observe(*xor_block(seq, flip=True))
     assert r.reaction.recent_fraction > 0.9 and r.reaction.lr_scale > 1.0
+
+
+def varied_block(seq: int, label: int, rows: int = 800):
+    """Rows with distinct features (held-out rows are picked by a hash of them)."""
+    meta = BlockMeta(f"s{seq}", seq, rows, rows * 12, 0.0, 0.0)
+    x = np.random.default_rng(seq).standard_normal((rows, 2), dtype=np.float32)
+    return meta, x, np.full(rows, label, np.int64)
+
+
+def test_held_out_rows_decide_a_candidate_without_waiting_for_the_next_shard():
+    from livetrain.training.gate import holdout_mask
+
+    r = registry(holdout_fraction=0.25)
+    r.propose(*cand(1, through=-1))
+    r.observe(*varied_block(0, 1))
+    assert r.served.version == 1
+    meta, x, y = varied_block(1, 0)  # the concept changes: class 0 now
+    r.observe(meta, x, y)
+    _, decisions = r.propose(*cand(0, through=1))  # trained on seq 1, its held-out rows left out
+    assert [d.action for d in decisions] == ["promote"] and r.served.version == 2
+    assert decisions[0].eval_rows == holdout_mask(x, 0.25).sum() >= 100  # judged on seq 1's held-out rows only
+    assert decisions[0].candidate["accuracy"] == 1.0 and decisions[0].served["accuracy"] == 0.0
+
+    plain = registry()  # without held-out rows the same candidate waits for seq 2
+    plain.propose(*cand(1, through=-1))
+    plain.observe(*varied_block(0, 1))
+    plain.observe(meta, x, y)
+    _, decisions = plain.propose(*cand(0, through=1))
+    assert decisions == [] and plain.pending is not None
+
+
+def test_held_out_rows_count_only_for_the_newest_shard_of_both_versions():
+    r = registry(holdout_fraction=0.25)
+    r.observe(*varied_block(0, 1))
+    r.observe(*varied_block(1, 1))
+    r.propose(*cand(1, through=1))  # first candidate: judged on seq 1's held-out rows
+    assert r.served.version == 1 and r.served.trained_through == 1
+    # an older candidate (through 0) is judged on what the served one has not
+    # trained on either: seq 1's held-out rows, not seq 0's
+    _, decisions = r.propose(*cand(1, through=0))
+    meta, x, _ = varied_block(1, 1)
+    from livetrain.training.gate import holdout_mask
+
+    assert decisions[0].eval_rows == holdout_mask(x, 0.25).sum()

@@ -60,6 +60,32 @@ def decide(candidate: dict[str, float], served: dict[str, float] | None, cfg: Ga
     return Verdict(False, f"{m} {candidate[m]:.4f} vs served {served[m]:.4f} (delta {delta:+.4f} < -{cfg.tolerance})")
 
 
+_MIX = np.random.default_rng(0x5EED).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
+
+
+def holdout_mask(x: np.ndarray, fraction: float) -> np.ndarray:
+    """Which rows of ``x`` are held out for the gate (``gate.holdout_fraction``).
+
+    A hash of each row's feature bytes, so the trainer and the registry pick
+    the same rows from the data alone, and copies of a row are held out
+    together (a duplicate cannot leak a held-out row into training)."""
+    n = len(x)
+    if fraction <= 0 or n == 0:
+        return np.zeros(n, dtype=bool)
+    words = np.ascontiguousarray(x).view(np.uint32).reshape(n, -1)
+    h = np.zeros(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for lo in range(0, words.shape[1], len(_MIX)):  # 64 columns at a time: bounded memory for images
+            chunk = words[:, lo : lo + len(_MIX)].astype(np.uint64)
+            h = (h * np.uint64(0x100000001B3)) ^ (chunk * _MIX[: chunk.shape[1]]).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(33)  # murmur3's finaliser: every input bit moves the top bits
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xC4CEB9FE1A85EC53)
+        h ^= h >> np.uint64(33)
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
+
+
 def mcnemar_z(y: np.ndarray, cand: np.ndarray, served: np.ndarray) -> float:
     """McNemar's statistic on the rows where exactly one model is right:
     (candidate-only right - served-only right) / sqrt(their sum). On labels

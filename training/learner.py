@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from livetrain.training.gate import holdout_mask
+
 
 @dataclass
 class RoundResult:
@@ -109,9 +111,24 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def concat_blocks(blocks: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """One contiguous (x, y) from object-store blocks (one copy, needed anyway)."""
-    return np.concatenate([b["x"] for b in blocks]), np.concatenate([b["y"] for b in blocks])
+def concat_blocks(
+    blocks: list[dict[str, np.ndarray]],
+    seqs: list[int] | None = None,
+    hold_from: int | None = None,
+    holdout_fraction: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One contiguous (x, y) from object-store blocks (one copy, needed anyway).
+
+    With ``holdout_fraction``, the held-out rows (``holdout_mask``) of blocks
+    whose shard seq is ``hold_from`` or newer are left out: the gate judges a
+    candidate trained through ``hold_from`` on them."""
+    xs, ys = [b["x"] for b in blocks], [b["y"] for b in blocks]
+    if holdout_fraction > 0 and hold_from is not None:
+        for i, seq in enumerate(seqs):
+            if seq >= hold_from:
+                keep = ~holdout_mask(xs[i], holdout_fraction)
+                xs[i], ys[i] = xs[i][keep], ys[i][keep]
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 class Cadence:

@@ -6,8 +6,12 @@ Test-then-train: every new block reaches ``observe`` *before* the buffer
 makes it available for training. The served model is scored on it (its
 prequential figures), and the block joins the evaluation window. A pending
 candidate is decided as soon as the window holds ``gate.min_eval_rows`` rows
-that neither it nor the served model has trained on (shard seq greater than
-both ``trained_through``), so the comparison is always on unseen data.
+that neither it nor the served model has trained on, so the comparison is
+always on unseen data: rows of shards newer than both ``trained_through``,
+and, with ``gate.holdout_fraction``, the held-out rows of the newest of the
+two (training leaves them out while that shard is its newest). A candidate
+can then be decided as soon as it is proposed, without waiting for the next
+shard.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ModelSpec
 from livetrain.training.checkpoint import model_from_weights
 from livetrain.training.drift import DriftAlarm, DriftMonitor, ReactionState, decay, react
-from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, mcnemar_z
+from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, holdout_mask, mcnemar_z
 
 
 KEEP_VERSIONS = 32
@@ -64,6 +68,13 @@ class _Block:
     meta: BlockMeta
     x: np.ndarray
     y: np.ndarray
+    _held: np.ndarray | None = None
+
+    def held_out(self, fraction: float) -> np.ndarray:
+        """The rows training leaves out while this block's shard is the newest (cached)."""
+        if self._held is None:
+            self._held = holdout_mask(self.x, fraction)
+        return self._held
 
 
 class Registry:
@@ -224,12 +235,21 @@ class Registry:
         if cand is None:
             return []
         floor = max(cand.trained_through, self.served.trained_through if self.served else -1)
-        unseen = [b for b in self._recent if b.meta.seq > floor]
-        rows = sum(len(b.y) for b in unseen)
+        xs, ys = [], []
+        frac = self.cfg.holdout_fraction
+        for b in self._recent:  # oldest first: the newest rows are kept below
+            if b.meta.seq > floor:
+                xs.append(b.x)
+                ys.append(b.y)
+            elif b.meta.seq == floor and frac > 0:
+                held = b.held_out(frac)
+                xs.append(b.x[held])
+                ys.append(b.y[held])
+        rows = sum(len(y) for y in ys)
         if rows < self.cfg.min_eval_rows:
             return []
-        x = np.concatenate([b.x for b in unseen])[-self.cfg.max_eval_rows :]
-        y = np.concatenate([b.y for b in unseen])[-self.cfg.max_eval_rows :]
+        x = np.concatenate(xs)[-self.cfg.max_eval_rows :]
+        y = np.concatenate(ys)[-self.cfg.max_eval_rows :]
         pc = cand.predict(x)
         ps = self.served.predict(x) if self.served else None
         cm = classification_metrics(y, pc, self.num_classes)

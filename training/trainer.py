@@ -44,7 +44,7 @@ from livetrain.training.checkpoint import (
 from livetrain.training.learner import Cadence, Learner, amp_dtype_for, concat_blocks, make_optimizer
 from livetrain.training.models import build_model
 
-STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE = range(5)
+STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST = range(6)
 
 
 @dataclass
@@ -53,7 +53,10 @@ class Progress:
 
     step: int = 0
     fresh_after: int = -1
-    """Newest shard seq this worker has trained on."""
+    """Newest shard seq this worker has trained on (its unseen-first draws start after it)."""
+    trained_through: int = -1
+    """Newest shard seq any worker has trained on: the shared weights' lineage.
+    Training leaves out that shard's held-out rows (``gate.holdout_fraction``)."""
     data_written_at: float = 0.0
     last_proposed_through: int = -1
 
@@ -75,6 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             data = load_checkpoint(d)
         model.load_state_dict(data.weights)
         progress = Progress(**data.meta["progress"])
+        progress.trained_through = max(progress.trained_through, progress.fresh_after)  # older checkpoints
         print(f"livetrain: rank {rank} resumed from checkpoint at step {progress.step}")
     else:
         print(f"livetrain: rank {rank} starting without a checkpoint")
@@ -106,8 +110,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     while True:
         sample = ray.get(buffer.sample.remote(tc.blocks_per_round, progress.fresh_after, tc.min_buffer_rows, 0.5))
-        flags = torch.zeros(5, device=device)  # NCCL reduces device tensors only
+        # NCCL reduces device tensors only; float64 holds any shard seq exactly
+        flags = torch.zeros(6, dtype=torch.float64, device=device)
         flags[NO_DATA] = float(not sample.refs)
+        flags[NEWEST] = max((m.seq for m in sample.metas), default=-1)
         if rank == 0:
             if knobs_ref is not None and ray.wait([knobs_ref], timeout=0)[0]:
                 knobs, knobs_ref = ray.get(knobs_ref), None
@@ -123,10 +129,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             anchor_version = _refresh_anchor(learner, registry, anchor_version)
         if not flags[NO_DATA] and not flags[STOP]:
             t0 = time.perf_counter()
-            x, y = concat_blocks(ray.get(sample.refs))
+            # every rank leaves out the held-out rows of the newest shard any rank drew
+            through = max(progress.trained_through, int(flags[NEWEST]))
+            x, y = concat_blocks(ray.get(sample.refs), [m.seq for m in sample.metas], through, cfg.gate.holdout_fraction)
             last_result = learner.train_round(x, y, tc.steps_per_round)
             last_result.seconds = time.perf_counter() - t0
             progress.step += tc.steps_per_round
+            progress.trained_through = through
             newest = max(sample.metas, key=lambda m: m.seq)
             if newest.seq > progress.fresh_after:
                 progress.fresh_after = newest.seq
@@ -141,24 +150,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "steps": progress.step,
                     "loss": last_result.loss,
                     "samples_per_s": world * last_result.samples / max(last_result.seconds, 1e-9),
-                    "trained_through": progress.fresh_after,
+                    "trained_through": progress.trained_through,
                     "resumed_from_step": resumed_from_step,
                 }
             )
             proposal_free = pending_proposal is None or ray.wait([pending_proposal], timeout=0)[0]
-            if progress.fresh_after > progress.last_proposed_through and proposal_free:
+            if progress.trained_through > progress.last_proposed_through and proposal_free:
                 pending_proposal = registry.propose.remote(
                     Candidate(
                         weights=ray.put(state_dict_numpy(model)),
                         spec=spec,
-                        trained_through=progress.fresh_after,
+                        trained_through=progress.trained_through,
                         data_written_at=progress.data_written_at,
                         train_step=progress.step,
                         proposed_at=time.time(),
                         train_loss=last_result.loss,
                     )
                 )
-                progress.last_proposed_through = progress.fresh_after
+                progress.last_proposed_through = progress.trained_through
 
         if flags[CHECKPOINT]:
             _report(rank, model, opt, spec, cfg, progress, last_result)
@@ -176,7 +185,7 @@ def _refresh_anchor(learner: Learner, registry: Any, have: int) -> int:
 
 
 def _report(rank, model, opt, spec, cfg, progress, result) -> None:
-    metrics = {"step": progress.step, "trained_through": progress.fresh_after}
+    metrics = {"step": progress.step, "trained_through": progress.trained_through}
     if result is not None:
         metrics["loss"] = result.loss
     if rank != 0:
