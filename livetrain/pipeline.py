@@ -26,11 +26,13 @@
         |  Sample(refs): unseen blocks oldest first, then the window/reservoir mix
         |                                   [TorchTrainer job, fit() in a driver thread]
         v
-    train_loop_per_worker x2 (DDP/gloo): fetch blocks zero-copy, K steps,
+    train_loop_per_worker x2 (DDP/gloo): fetch blocks zero-copy, K steps
+        (the newest shard's held-out rows left out: gate.holdout_fraction),
         rank 0 -> ModelRegistry.propose(Candidate(weights ref))   (time cadence)
         all    -> ray.train.report(checkpoint)                    (time cadence)
         v
-    ModelRegistry: gate on unseen rows (on hold after a drift alarm) -> promote /
+    ModelRegistry: gate on unseen rows: newer shards, and the held-out rows of the
+        newest shard trained on (on hold after a drift alarm) -> promote /
         reject / rollback -> decisions.jsonl, alarms.jsonl, served/vN/model.pt,
         ServedVersion(weights re-put, registry-owned); drift reactions ->
         ReplayBufferActor.set_mix (sampling mix) and, via report_train, the lr
