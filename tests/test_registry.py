@@ -295,3 +295,23 @@ def test_held_out_rows_count_only_for_the_newest_shard_of_both_versions():
     from livetrain.training.gate import holdout_mask
 
     assert decisions[0].eval_rows == holdout_mask(x, 0.25).sum()
+
+
+def test_held_out_rows_of_a_poisoned_shard_do_not_end_the_hold():
+    """With ``gate.holdout_fraction`` a candidate trained on a poisoned shard is
+    judged at once on that shard's held-out rows, which are poisoned too: the
+    hold after the alarm must still keep it out."""
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000,
+                            holdout_fraction=0.25, tolerance=1.0), 2)  # the tolerance alone would promote it
+    good = weights_threshold(1.0)
+    r.propose(*cand_w(good, -1))
+    for seq in range(20):
+        r.observe(*xor_block(seq))
+    rng = np.random.default_rng(1)
+    for seq in range(20, 26):  # random labels: every model scores ~50%
+        meta, x, _ = xor_block(seq)
+        r.observe(meta, x, rng.integers(0, 2, len(x)))
+    assert r.holding
+    _, decisions = r.propose(*cand_w(weights_threshold(-1.0), 25))  # learnt noise: judged now, on seq 25's held-out rows
+    assert [d.action for d in decisions] == ["reject"] and "holding needs" in decisions[0].reason
+    assert 100 <= decisions[0].eval_rows < 250 and r.served.version == 1
