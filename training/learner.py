@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from livetrain.training.gate import holdout_mask
@@ -105,6 +106,17 @@ def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
+
+
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value's maximum over the DDP group (the values themselves when no
+    group is set up): one collective per round for every rank's flags. NCCL
+    reduces device tensors only; float64 holds any shard seq exactly."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -26,7 +26,6 @@ from typing import Any
 import ray
 import ray.train
 import torch
-import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -41,7 +40,7 @@ from livetrain.training.checkpoint import (
     unwrap,
     weights_from_bytes,
 )
-from livetrain.training.learner import Cadence, Learner, amp_dtype_for, concat_blocks, make_optimizer
+from livetrain.training.learner import Cadence, Learner, amp_dtype_for, concat_blocks, make_optimizer, max_over_ranks
 from livetrain.training.models import build_model
 
 STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST = range(6)
@@ -110,8 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     while True:
         sample = ray.get(buffer.sample.remote(tc.blocks_per_round, progress.fresh_after, tc.min_buffer_rows, 0.5))
-        # NCCL reduces device tensors only; float64 holds any shard seq exactly
-        flags = torch.zeros(6, dtype=torch.float64, device=device)
+        flags = [0.0] * 6
         flags[NO_DATA] = float(not sample.refs)
         flags[NEWEST] = max((m.seq for m in sample.metas), default=-1)
         if rank == 0:
@@ -121,8 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             flags[STOP] = float(sample.closed)
             flags[PROPOSE] = float(propose_clock.due())
             flags[CHECKPOINT] = float(ckpt_clock.due() or sample.closed)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = max_over_ranks(flags, device)
 
         learner.set_lr_scale(float(flags[LR_SCALE]) or 1.0)  # rank 0's knob, on every rank
         if tc.anchor_l2:
