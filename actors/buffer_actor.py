@@ -127,13 +127,14 @@ class ReplayBufferActor:
                     break
                 admitted.append(c)
                 unseen += c.block_rows
+            refused: set[str] = set()  # parts of shards quarantined meanwhile: withdrawn, not added
             if self._manifest is not None and admitted:
-                self._manifest.mark_ingested_many(
+                refused = self._manifest.mark_ingested_many(
                     [(c.shard, c.good_rows, c.bad_rows) for c in admitted if c.final],
                     [(c.shard, c.spans[-1].row_end) for c in admitted if not c.final and c.spans],
                 )
             by_shard = {c.shard: r for c, r in zip(commits, refs)}
-            for c in admitted:
+            for c in (c for c in admitted if c.shard not in refused):
                 for span, ref in zip(c.spans, by_shard[c.shard]):
                     if span.row_end <= marks.get(c.shard, 0):
                         continue
@@ -146,6 +147,16 @@ class ReplayBufferActor:
             rows, accepted = self._buf.stats().rows, {c.shard for c in admitted}
             return [AddResult(c.shard in accepted or c.shard in held, rows, already_held=c.shard in held)
                     for c in commits]
+
+    def withdraw_shard(self, shard: str) -> int:
+        """Take out the blocks of a shard quarantined after some of its parts went
+        in, so the buffer agrees with the manifest (and with a rebuild, which
+        re-reads only ingested and claimed shards); the rows taken out."""
+        with self._grown:
+            gone = self._buf.withdraw(shard)
+            if gone:
+                self._maybe_snapshot(force=True)
+            return sum(e.meta.rows for e in gone)
 
     def add_shard(self, commit: ShardCommit, refs: list[ray.ObjectRef], wait_s: float = 0.5) -> AddResult:
         """``add_shards`` for one shard."""

@@ -35,8 +35,10 @@ driver holds about ``commit_rows`` rows of a shard at a time, not the whole
 shard. A re-read validates the whole file again (its quarantine file covers
 the whole shard) but yields only the blocks past the watermark, and the
 buffer skips any block below it (a retried call after its restart). A shard
-that turns unreadable after parts went in is quarantined whole, its reason
-naming the rows already ingested.
+that turns unreadable after parts went in is quarantined whole: the buffer
+takes its parts out again (``withdraw_shard``; a part still on its way is
+refused by the manifest), so a re-ingest after the fix reads it whole
+without repeating a row, and the reason names the rows taken out.
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ class _InFlight:
     """Block refs since the last ``Progress`` (and, at the end, the verdict)."""
     parts: list[tuple[Any, list[Any]]] = field(default_factory=list)
     """(``Progress`` ref, its block refs) not committed yet."""
+    parts_taken: bool = False
+    """Some parts went to the buffer (answered or not)."""
     finished: bool = False
 
 
@@ -390,7 +394,7 @@ class IngestLoop:
             return
         spans = [s for p in progress for s in p.spans]
         blocks = [b for _, bs in f.parts for b in bs]
-        f.parts = []
+        f.parts, f.parts_taken = [], True
         result = IngestResult(f.record.name, sum(s.rows for s in spans), 0, spans)
         self._ready.append(_Ready(f.record, result, blocks, part=True))
 
@@ -413,9 +417,15 @@ class IngestLoop:
             c.reasons[reason] = c.reasons.get(reason, 0) + n
         if result.error is not None:
             reason = result.error
-            if f.committed_upto:
-                reason += f" (its rows before file row {f.committed_upto} were ingested in parts before)"
+            parts_in = max(f.committed_upto, rec.rows_committed)
+            if parts_in or f.parts_taken:
+                reason += (f" (its rows before file row {parts_in} had gone into the buffer in parts"
+                           " and were taken out again)")
             self.manifest.mark_quarantined(rec.name, reason)
+            if parts_in or f.parts_taken:
+                # after the verdict is in the manifest, so a part still on its way is refused;
+                # not waited on: a buffer that restarts meanwhile rebuilds without them anyway
+                self.buffer.withdraw_shard.remote(rec.name)
             c.shards_quarantined += 1
             key = result.error.split(":")[0]
             c.reasons[key] = c.reasons.get(key, 0) + 1

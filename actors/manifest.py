@@ -354,12 +354,18 @@ class Manifest:
         self._transition(name, ("claimed",), "ingested", good_rows=good_rows, bad_rows=bad_rows)
 
     def mark_ingested_many(self, shards: Iterable[tuple[str, int, int]],
-                           parts: Iterable[tuple[str, int]] = ()) -> None:
+                           parts: Iterable[tuple[str, int]] = ()) -> set[str]:
         """``mark_ingested`` for each ``(name, good_rows, bad_rows)``, and the watermark of each
-        ``(name, rows_committed)`` part of a claimed shard, all in one transaction (or none)."""
+        ``(name, rows_committed)`` part of a claimed shard, all in one transaction (or none).
+        Returns the names of parts left out because their shard was quarantined
+        meanwhile (its blocks must not go in)."""
+        refused: set[str] = set()
         with self._write() as db:
             for name, upto in parts:
                 row = db.execute("SELECT status, rows_committed FROM shards WHERE name = ?", (name,)).fetchone()
+                if row is not None and row[0] == "quarantined":
+                    refused.add(name)
+                    continue
                 if row is None or row[0] != "claimed":
                     raise ManifestError(f"shard {name!r} is {row[0] if row else 'unknown'}; only a claimed shard commits parts")
                 if upto > row[1]:  # a retried part leaves the watermark where it is
@@ -367,6 +373,7 @@ class Manifest:
                                (upto, time.time(), name))
             for name, good_rows, bad_rows in shards:
                 _transition_in(db, name, ("claimed",), "ingested", good_rows=good_rows, bad_rows=bad_rows)
+        return refused
 
     def mark_quarantined(self, name: str, reason: str) -> None:
         """The shard was rejected whole. Idempotent; from ``claimed`` or ``discovered``."""

@@ -57,6 +57,8 @@ class BufferStats:
     rows_added: int
     rows_evicted: int
     rows_evicted_unseen: int
+    rows_withdrawn: int
+    """Rows of shards quarantined after some of their parts went in, taken out again."""
     newest_seq: int
     unseen_rows: int
     """Rows held that no caller has been given yet (what ``coverage`` bounds)."""
@@ -87,6 +89,7 @@ class ReplayBuffer(Generic[H]):
         self.rows_added = 0
         self.rows_evicted = 0
         self.rows_evicted_unseen = 0
+        self.rows_withdrawn = 0
         self.unseen_rows = 0
         self.newest_seq = -1
 
@@ -128,6 +131,27 @@ class ReplayBuffer(Generic[H]):
         self.unseen_rows += meta.rows if sampled == 0 else 0
         self.newest_seq = max(self.newest_seq, meta.seq)
         return self._enforce_capacity()
+
+    def withdraw(self, shard: str) -> list[Entry[H]]:
+        """Take every block of ``shard`` out (a shard quarantined after some of its
+        parts went in); returns them. Not counted as evicted."""
+        from_window = [e for e in self._window if e.meta.shard == shard]
+        if from_window:
+            self._window = deque(e for e in self._window if e.meta.shard != shard)
+            self._window_rows -= sum(e.meta.rows for e in from_window)
+            self._window_bytes -= sum(e.meta.nbytes for e in from_window)
+        from_reservoir = [k.entry for k in self._reservoir if k.entry.meta.shard == shard]
+        if from_reservoir:
+            self._reservoir = [k for k in self._reservoir if k.entry.meta.shard != shard]
+            heapq.heapify(self._reservoir)
+            self._reservoir_rows -= sum(e.meta.rows for e in from_reservoir)
+            self._reservoir_bytes -= sum(e.meta.nbytes for e in from_reservoir)
+        gone = from_window + from_reservoir
+        for e in gone:
+            self.rows_withdrawn += e.meta.rows
+            if e.sampled == 0:
+                self.unseen_rows -= e.meta.rows
+        return gone
 
     def mark_seen(self, e: Entry[H]) -> None:
         """Count ``e`` as already drawn (a rebuilt block that was trained on before the restart)."""
@@ -236,6 +260,7 @@ class ReplayBuffer(Generic[H]):
             rows_added=self.rows_added,
             rows_evicted=self.rows_evicted,
             rows_evicted_unseen=self.rows_evicted_unseen,
+            rows_withdrawn=self.rows_withdrawn,
             newest_seq=self.newest_seq,
             unseen_rows=self.unseen_rows,
         )

@@ -21,7 +21,8 @@
     ReplayBufferActor.add_shards(commits, refs)   then train: window + reservoir;
         |   the shards finished since the last call, in one call that also marks
         |   them ingested (exactly once); a shard over ingest.commit_rows goes
-        |   in by parts as it is read (row watermark in the manifest); may make ingest wait
+        |   in by parts as it is read (row watermark in the manifest; withdraw_shard takes
+        |   the parts out again if the rest turns out unreadable); may make ingest wait
         |   (buffer.backpressure: coverage) ; snapshot for restarts
         |  Sample(refs): unseen blocks oldest first, then the window/reservoir mix
         |                                   [TorchTrainer job, fit() in a driver thread]

@@ -141,3 +141,34 @@ def test_a_part_the_buffer_makes_wait_stops_the_read_of_the_rest(ray_session, tm
     wait_until(drawn_and_done, 60, "the rest ingested once trainers draw", interval_s=0)
     assert_exactly_once(all_ids, buffer_ids(buffer), quarantined_ids(tmp_path))
     close(loop, buffer)
+
+
+def test_a_shard_unreadable_after_parts_is_taken_out_and_reingested_once(ray_session, tmp_path):
+    """The file is cut short after its first parts went in: the shard is
+    quarantined whole and its parts leave the buffer; once the user puts the
+    whole file back and re-ingests it, every row is there exactly once."""
+    import ray
+
+    from livetrain.actors.quarantine import list_quarantine, reingest
+
+    cfg, loop, buffer = make_loop(tmp_path, *PARTS)
+    all_ids = _big_shard(cfg)
+    path = cfg.landing_dir / "big-000.parquet"
+    whole = path.read_bytes()
+    upto = _until_parts_committed(loop)
+    assert any(i < ROWS for i in buffer_ids(buffer))
+    path.write_bytes(whole[: len(whole) // 2])  # truncated: no Parquet footer any more
+    ray.kill(loop.actors[0])  # the re-read finds it unreadable
+    run_until_done(loop)
+    big = loop.manifest.get("big-000.parquet")
+    assert big.status == "quarantined" and "taken out again" in big.reason, big.reason
+    wait_until(lambda: not any(i < ROWS for i in buffer_ids(buffer)), 30, "the big shard's parts taken out")
+    assert ray.get(buffer.stats.remote())["rows_withdrawn"] >= upto - upto // 97 - 1
+
+    path.write_bytes(whole)  # the user's fix
+    (entry,) = [e for e in list_quarantine(tmp_path) if e.shard == "big-000.parquet"]
+    reingest(tmp_path, cfg.landing_dir, entry, loop.manifest)
+    run_until_done(loop)
+    assert loop.manifest.get("big-000.parquet").status == "ingested"
+    assert_exactly_once(all_ids, buffer_ids(buffer), quarantined_ids(tmp_path))
+    close(loop, buffer)

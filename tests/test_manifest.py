@@ -323,3 +323,15 @@ def test_counts_and_pending_cover_every_status(manifest, tmp_path):
 
 def test_the_manifest_runs_in_wal_mode(manifest):
     assert manifest._read("PRAGMA journal_mode")[0][0] == "wal"
+
+
+def test_a_part_of_a_shard_quarantined_meanwhile_is_refused_not_committed(manifest, tmp_path):
+    a, b = _shards(tmp_path / "landing", 2)
+    manifest.discover([a, b])
+    manifest.claim("w", 2)
+    manifest.mark_ingested_many([], [(a.name, 100)])
+    manifest.mark_quarantined(a.name, "unreadable after its first part")
+    refused = manifest.mark_ingested_many([(b.name, 10, 0)], [(a.name, 200)])  # a part on its way when the verdict came
+    assert refused == {a.name}
+    assert manifest.get(a.name).status == "quarantined" and manifest.get(b.name).status == "ingested"
+    assert manifest.partly_committed() == []  # a rebuild re-reads none of it

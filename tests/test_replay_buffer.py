@@ -185,3 +185,21 @@ def test_a_backlog_is_trained_oldest_first_so_the_newest_rows_stay_unseen():
     second = buf.sample(4, fresh_after=3)
     assert [e.meta.seq for e in second] == [4, 5, 6, 7]
     assert [e.meta.seq for e in buf.sample(4, fresh_after=7)][:2] == [8, 9]  # then the mix fills the round
+
+
+def test_withdraw_takes_a_shards_blocks_out_of_window_and_reservoir():
+    buf = ReplayBuffer(cfg())
+    fill(buf, 5)  # seqs 0-1 in the reservoir, 2-4 in the window
+    for part in range(3):  # a large shard's parts: blocks of one shard, one seq
+        buf.add(("big", part), meta(7))
+    buf.sample(2, fresh_after=-1)  # two unseen blocks drawn
+    before = buf.stats()
+    gone = buf.withdraw("shard-000007.parquet")
+    after = buf.stats()
+    assert sorted(e.handle for e in gone) == [("big", 0), ("big", 1), ("big", 2)]
+    assert all(e.meta.shard != "shard-000007.parquet" for e in buf.entries())
+    assert after.rows == before.rows - 300 and after.rows_withdrawn == 300 and after.rows_evicted == before.rows_evicted
+    assert after.window_rows + after.reservoir_rows == after.rows
+    assert after.unseen_rows == sum(e.meta.rows for e in buf.entries() if e.sampled == 0)
+    buf.add(8, meta(8))  # and it goes on within its bounds
+    assert buf.stats().rows <= 1000 and buf.withdraw("no-such-shard") == []
