@@ -27,7 +27,9 @@ Learners, each answering every row before it learns from it:
   of it), with their defaults, row by row.
 - ``arf-lag`` and ``logreg-lag`` (diagnostics, not baselines): the same river
   models, but each block is answered by their copy trained through two blocks
-  back, the freshest model livetrain's gate can serve. The distance from
+  back, the freshest model livetrain's gate can serve by default (one block
+  back with ``gate.holdout_fraction`` and blocks of at least
+  ``gate.min_eval_rows / gate.holdout_fraction`` rows). The distance from
   ``logreg`` to ``logreg-lag`` is what the gate's lag alone costs
   (``arf-lag`` runs only when ``--learners`` names it: it is slow).
 
@@ -284,9 +286,9 @@ def river_model(name: str, num_classes: int, seed: int) -> tuple[Any, str]:
 
 def run_river_lagged(model: Any, description: str, rows: list[dict[int, float]], labels: list[int], block_rows: int) -> Run:
     """The same river model, but each block is answered by its copy trained
-    through two blocks back: the freshest model livetrain's gate can serve
-    (a candidate trained through block k is judged on block k + 1, then
-    answers block k + 2). What the gate's lag alone costs a learner."""
+    through two blocks back: the freshest model livetrain's gate can serve by
+    default (a candidate trained through block k is judged on block k + 1,
+    then answers block k + 2). What the gate's lag alone costs a learner."""
     outcome = np.full(len(labels), -1, dtype=np.int8)
     served = newest = None
     t0 = time.perf_counter()
