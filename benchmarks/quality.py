@@ -239,7 +239,7 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
             if newest.seq > fresh_after:
                 fresh_after, written_at = newest.seq, newest.written_at
             xy = concat_blocks([e.handle for e in entries], [e.meta.seq for e in entries], fresh_after,
-                               cfg.gate.holdout_fraction)
+                               cfg.gate.holdout_fraction, cfg.gate.min_eval_rows)
             loss = learner.train_round(*xy, steps).loss
             left, step = left - steps, step + steps
         cand = Candidate(weights=None, spec=spec, trained_through=fresh_after, data_written_at=written_at,

@@ -319,13 +319,14 @@ class GateConfig:
     """Unseen rows (newer than the candidate's data) needed to decide."""
     max_eval_rows: int = 5000
     """At most this many of the newest unseen rows are used to decide."""
-    holdout_fraction: float = 0.0
+    holdout_fraction: float = 0.2
     """Share of each shard's rows (picked by a hash of the row's features) that
     training leaves out while that shard is the newest one trained on. A
     candidate is then judged on the held-out rows of its own newest shard and
     can be served without waiting for the next shard; they are trained on
-    once a newer shard arrives. 0: judge on newer shards only (the served
-    model then lags one shard more)."""
+    once a newer shard arrives. Only blocks whose held-out rows alone could
+    decide (``rows * holdout_fraction >= min_eval_rows``) hold any out:
+    smaller shards are judged by the next one. 0: judge on newer shards only."""
     window_rows: int = 5000
     """Rows in the sliding window of the served model's prequential metrics."""
     alarm_min_gain: float = 0.02

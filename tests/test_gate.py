@@ -168,3 +168,6 @@ def test_training_rows_leave_out_the_newest_shards_held_out_rows():
     assert not kept & {r.tobytes() for r in blocks[2]["x"][held]}
     x0, _ = concat_blocks(blocks, [0, 1, 2], hold_from=2, holdout_fraction=0.0)
     assert len(x0) == 900
+    # a block whose held-out rows could not decide alone (300 x 0.3 < 100) keeps every row
+    x1, _ = concat_blocks(blocks, [0, 1, 2], hold_from=2, holdout_fraction=0.3, holdout_min_rows=100)
+    assert len(x1) == 900

@@ -37,6 +37,8 @@ def cand(cls: int, through: int, written_at: float = 0.0) -> tuple[Candidate, di
 
 
 def registry(**kw) -> Registry:
+    """Judged on newer shards only unless a test names ``holdout_fraction``."""
+    kw = {"holdout_fraction": 0.0, **kw}
     return Registry(GateConfig(min_eval_rows=100, max_eval_rows=1000, window_rows=1000, **kw), 2, clock=lambda: 100.0)
 
 
@@ -153,7 +155,7 @@ def cand_w(w, through: int) -> tuple[Candidate, dict]:
 
 
 def test_poisoned_burst_puts_the_gate_on_hold():
-    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=3000), 2)
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=3000), 2)
     good, bad = weights_threshold(1.0), weights_threshold(-1.0)
     r.propose(*cand_w(good, -1))
     seq = 0
@@ -173,7 +175,7 @@ def test_poisoned_burst_puts_the_gate_on_hold():
 
 
 def test_equal_candidate_is_not_promoted_while_holding_after_alarm():
-    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
     good = weights_threshold(1.0)
     r.propose(*cand_w(good, -1))
     for seq in range(20):
@@ -191,7 +193,7 @@ def test_equal_candidate_is_not_promoted_while_holding_after_alarm():
 
 
 def test_significant_win_after_a_real_drift_ends_the_hold():
-    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
     good, flipped = weights_threshold(1.0), weights_threshold(-1.0)
     r.propose(*cand_w(good, -1))
     for seq in range(20):
@@ -209,7 +211,7 @@ def test_significant_win_after_a_real_drift_ends_the_hold():
 
 
 def test_a_modest_win_while_holding_promotes_once_but_keeps_the_hold():
-    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
     r.propose(*cand_w(weights_threshold(1.0), -1))
     for seq in range(20):
         r.observe(*xor_block(seq))
@@ -229,7 +231,7 @@ def test_a_modest_win_while_holding_promotes_once_but_keeps_the_hold():
 
 
 def test_served_version_is_rolled_back_when_previous_beats_it_on_live_rows():
-    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000, rollback_margin=0.05, tolerance=1.0), 2)
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000, rollback_margin=0.05, tolerance=1.0), 2)
     r.propose(*cand_w(weights_threshold(1.0), -1))
     r.observe(*xor_block(0))
     r.propose(*cand_w(weights_threshold(-1.0), 0))  # tolerance 1.0 lets a bad one through
@@ -243,7 +245,7 @@ def test_served_version_is_rolled_back_when_previous_beats_it_on_live_rows():
 
 
 def test_drift_alarm_raises_the_recent_share_and_learning_rate():
-    r = Registry(GateConfig(min_eval_rows=100, window_rows=1000), 2, recent_fraction=0.7)
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, window_rows=1000), 2, recent_fraction=0.7)
     r.propose(*cand_w(weights_threshold(1.0), -1))
     for seq in range(20):
         r.observe(*xor_block(seq))
@@ -274,7 +276,7 @@ def test_held_out_rows_decide_a_candidate_without_waiting_for_the_next_shard():
     assert decisions[0].eval_rows == holdout_mask(x, 0.25).sum() >= 100  # judged on seq 1's held-out rows only
     assert decisions[0].candidate["accuracy"] == 1.0 and decisions[0].served["accuracy"] == 0.0
 
-    plain = registry()  # without held-out rows the same candidate waits for seq 2
+    plain = registry(holdout_fraction=0.0)  # without held-out rows the same candidate waits for seq 2
     plain.propose(*cand(1, through=-1))
     plain.observe(*varied_block(0, 1))
     plain.observe(meta, x, y)
@@ -315,3 +317,14 @@ def test_held_out_rows_of_a_poisoned_shard_do_not_end_the_hold():
     _, decisions = r.propose(*cand_w(weights_threshold(-1.0), 25))  # learnt noise: judged now, on seq 25's held-out rows
     assert [d.action for d in decisions] == ["reject"] and "holding needs" in decisions[0].reason
     assert 100 <= decisions[0].eval_rows < 250 and r.served.version == 1
+
+
+def test_a_shard_too_small_to_decide_on_alone_holds_nothing_out_and_waits():
+    r = registry(holdout_fraction=0.25)  # min_eval_rows 100: blocks under 400 rows hold none out
+    r.propose(*cand(1, through=-1))
+    r.observe(*varied_block(0, 1))
+    r.observe(*varied_block(1, 0, rows=300))
+    _, decisions = r.propose(*cand(0, through=1))
+    assert decisions == [] and r.pending is not None  # judged by the next shard, on all its rows
+    (d,) = r.observe(*varied_block(2, 0, rows=300))
+    assert d.action == "promote" and d.eval_rows == 300

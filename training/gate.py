@@ -86,6 +86,17 @@ def holdout_mask(x: np.ndarray, fraction: float) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
 
 
+def held_out(x: np.ndarray, fraction: float, min_rows: int) -> np.ndarray:
+    """The rows of one block that training leaves out while its shard is the
+    newest (``holdout_mask``), or none when the block is too small for its
+    held-out rows alone to decide a candidate (``len(x) * fraction <
+    min_rows``, i.e. ``gate.min_eval_rows``): such a shard is judged by the
+    next one, as without held-out rows, and trains on every row."""
+    if len(x) * fraction < min_rows:
+        return np.zeros(len(x), dtype=bool)
+    return holdout_mask(x, fraction)
+
+
 def mcnemar_z(y: np.ndarray, cand: np.ndarray, served: np.ndarray) -> float:
     """McNemar's statistic on the rows where exactly one model is right:
     (candidate-only right - served-only right) / sqrt(their sum). On labels

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from livetrain.training.gate import holdout_mask
+from livetrain.training.gate import held_out
 
 
 @dataclass
@@ -128,17 +128,18 @@ def concat_blocks(
     seqs: list[int] | None = None,
     hold_from: int | None = None,
     holdout_fraction: float = 0.0,
+    holdout_min_rows: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One contiguous (x, y) from object-store blocks (one copy, needed anyway).
 
-    With ``holdout_fraction``, the held-out rows (``holdout_mask``) of blocks
+    With ``holdout_fraction``, the held-out rows (``gate.held_out``) of blocks
     whose shard seq is ``hold_from`` or newer are left out: the gate judges a
     candidate trained through ``hold_from`` on them."""
     xs, ys = [b["x"] for b in blocks], [b["y"] for b in blocks]
     if holdout_fraction > 0 and hold_from is not None:
         for i, seq in enumerate(seqs):
             if seq >= hold_from:
-                keep = ~holdout_mask(xs[i], holdout_fraction)
+                keep = ~held_out(xs[i], holdout_fraction, holdout_min_rows)
                 xs[i], ys[i] = xs[i][keep], ys[i][keep]
     return np.concatenate(xs), np.concatenate(ys)
 

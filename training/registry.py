@@ -9,9 +9,9 @@ candidate is decided as soon as the window holds ``gate.min_eval_rows`` rows
 that neither it nor the served model has trained on, so the comparison is
 always on unseen data: rows of shards newer than both ``trained_through``,
 and, with ``gate.holdout_fraction``, the held-out rows of the newest of the
-two (training leaves them out while that shard is its newest). A candidate
-can then be decided as soon as it is proposed, without waiting for the next
-shard.
+two (training leaves them out while that shard is its newest; blocks too
+small to decide on alone hold none). A candidate can then be decided as
+soon as it is proposed, without waiting for the next shard.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ModelSpec
 from livetrain.training.checkpoint import model_from_weights
 from livetrain.training.drift import DriftAlarm, DriftMonitor, ReactionState, decay, react
-from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, holdout_mask, mcnemar_z
+from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, held_out, mcnemar_z
 
 
 KEEP_VERSIONS = 32
@@ -70,10 +70,10 @@ class _Block:
     y: np.ndarray
     _held: np.ndarray | None = None
 
-    def held_out(self, fraction: float) -> np.ndarray:
+    def held_out(self, fraction: float, min_rows: int) -> np.ndarray:
         """The rows training leaves out while this block's shard is the newest (cached)."""
         if self._held is None:
-            self._held = holdout_mask(self.x, fraction)
+            self._held = held_out(self.x, fraction, min_rows)
         return self._held
 
 
@@ -242,7 +242,7 @@ class Registry:
                 xs.append(b.x)
                 ys.append(b.y)
             elif b.meta.seq == floor and frac > 0:
-                held = b.held_out(frac)
+                held = b.held_out(frac, self.cfg.min_eval_rows)
                 xs.append(b.x[held])
                 ys.append(b.y[held])
         rows = sum(len(y) for y in ys)

@@ -128,7 +128,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             # every rank leaves out the held-out rows of the newest shard any rank drew
             through = max(progress.trained_through, int(flags[NEWEST]))
-            x, y = concat_blocks(ray.get(sample.refs), [m.seq for m in sample.metas], through, cfg.gate.holdout_fraction)
+            x, y = concat_blocks(ray.get(sample.refs), [m.seq for m in sample.metas], through,
+                                 cfg.gate.holdout_fraction, cfg.gate.min_eval_rows)
             last_result = learner.train_round(x, y, tc.steps_per_round)
             last_result.seconds = time.perf_counter() - t0
             progress.step += tc.steps_per_round
