@@ -66,7 +66,7 @@ from livetrain.actors.replay_buffer import ReplayBuffer
 from livetrain.config import Config, load_config
 from livetrain.messages import BlockMeta, Candidate
 from livetrain.training.checkpoint import state_dict_numpy
-from livetrain.training.learner import Learner, concat_blocks, make_optimizer
+from livetrain.training.learner import Holdout, Learner, make_optimizer
 from livetrain.training.models import build_model, model_spec
 from livetrain.training.registry import Registry
 
@@ -208,6 +208,7 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
                         recent_fraction=cfg.buffer.recent_fraction)
     buffer: ReplayBuffer[dict[str, np.ndarray]] = ReplayBuffer(cfg.buffer)
     steps_per_block = max(1, round(block_rows * samples_per_row / learner.batch_size))
+    holdout = Holdout(cfg.gate.holdout_fraction, cfg.gate.min_eval_rows)
     outcome = np.full(len(s.y), -1, dtype=np.int8)
     fresh_after, written_at, step, anchored, scoring = -1, 0.0, 0, None, 0.0
     t0 = time.perf_counter()
@@ -238,8 +239,8 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
             newest = max(entries, key=lambda e: e.meta.seq).meta
             if newest.seq > fresh_after:
                 fresh_after, written_at = newest.seq, newest.written_at
-            xy = concat_blocks([e.handle for e in entries], [e.meta.seq for e in entries], fresh_after,
-                               cfg.gate.holdout_fraction, cfg.gate.min_eval_rows)
+            seqs = [e.meta.seq for e in entries]  # one block per seq here: the seq is its key
+            xy = holdout.training_rows([e.handle for e in entries], seqs, seqs, fresh_after)
             loss = learner.train_round(*xy, steps).loss
             left, step = left - steps, step + steps
         cand = Candidate(weights=None, spec=spec, trained_through=fresh_after, data_written_at=written_at,

@@ -156,18 +156,21 @@ def test_holdout_mask_is_a_stable_share_picked_by_content():
 
 def test_training_rows_leave_out_the_newest_shards_held_out_rows():
     from livetrain.training.gate import holdout_mask
-    from livetrain.training.learner import concat_blocks
+    from livetrain.training.learner import Holdout
 
     rng = np.random.default_rng(1)
     blocks = [{"x": rng.standard_normal((300, 3), dtype=np.float32), "y": np.full(300, seq)} for seq in range(3)]
-    x, y = concat_blocks(blocks, [0, 1, 2], hold_from=2, holdout_fraction=0.3)
+    holdout = Holdout(0.3, min_rows=0)
+    x, y = holdout.training_rows(blocks, [0, 1, 2], ["a", "b", "c"], hold_from=2)
     held = holdout_mask(blocks[2]["x"], 0.3)
     assert (y == 0).sum() == 300 and (y == 1).sum() == 300  # older shards: every row
     assert (y == 2).sum() == 300 - held.sum() and held.sum() > 50
     kept = {r.tobytes() for r in x[y == 2]}
     assert not kept & {r.tobytes() for r in blocks[2]["x"][held]}
-    x0, _ = concat_blocks(blocks, [0, 1, 2], hold_from=2, holdout_fraction=0.0)
-    assert len(x0) == 900
+    again, _ = holdout.training_rows(blocks[2:], [2], ["c"], hold_from=2)  # the cached mask
+    assert len(again) == 300 - held.sum()
+    newer, _ = holdout.training_rows(blocks, [0, 1, 2], ["a", "b", "c"], hold_from=3)  # a newer shard arrived
+    assert len(newer) == 900
+    assert len(Holdout(0.0, 0).training_rows(blocks, [0, 1, 2], ["a", "b", "c"], 2)[0]) == 900
     # a block whose held-out rows could not decide alone (300 x 0.3 < 100) keeps every row
-    x1, _ = concat_blocks(blocks, [0, 1, 2], hold_from=2, holdout_fraction=0.3, holdout_min_rows=100)
-    assert len(x1) == 900
+    assert len(Holdout(0.3, min_rows=100).training_rows(blocks, [0, 1, 2], ["a", "b", "c"], 2)[0]) == 900

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,25 +124,41 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def concat_blocks(
-    blocks: list[dict[str, np.ndarray]],
-    seqs: list[int] | None = None,
-    hold_from: int | None = None,
-    holdout_fraction: float = 0.0,
-    holdout_min_rows: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One contiguous (x, y) from object-store blocks (one copy, needed anyway).
+def concat_blocks(blocks: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """One contiguous (x, y) from object-store blocks (one copy, needed anyway)."""
+    return np.concatenate([b["x"] for b in blocks]), np.concatenate([b["y"] for b in blocks])
 
-    With ``holdout_fraction``, the held-out rows (``gate.held_out``) of blocks
-    whose shard seq is ``hold_from`` or newer are left out: the gate judges a
-    candidate trained through ``hold_from`` on them."""
-    xs, ys = [b["x"] for b in blocks], [b["y"] for b in blocks]
-    if holdout_fraction > 0 and hold_from is not None:
-        for i, seq in enumerate(seqs):
-            if seq >= hold_from:
-                keep = ~held_out(xs[i], holdout_fraction, holdout_min_rows)
-                xs[i], ys[i] = xs[i][keep], ys[i][keep]
-    return np.concatenate(xs), np.concatenate(ys)
+
+class Holdout:
+    """The rows training leaves out for the gate (``gate.holdout_fraction``):
+    the held-out rows (``gate.held_out``) of blocks whose shard seq is
+    ``hold_from`` or newer, i.e. of the newest shard trained on. The masks of
+    that shard's blocks are cached by block key (an ObjectRef's hex: never
+    reused), since its blocks are drawn round after round; the cache empties
+    when a newer shard arrives."""
+
+    def __init__(self, fraction: float, min_rows: int) -> None:
+        self.fraction = fraction
+        self.min_rows = min_rows
+        self._from = -1
+        self._masks: dict[Any, np.ndarray] = {}
+
+    def training_rows(self, blocks: list[dict[str, np.ndarray]], seqs: list[int], keys: list[Any],
+                      hold_from: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.fraction <= 0:
+            return concat_blocks(blocks)
+        if hold_from != self._from:
+            self._from, self._masks = hold_from, {}
+        xs, ys = [b["x"] for b in blocks], [b["y"] for b in blocks]
+        for i, (seq, key) in enumerate(zip(seqs, keys)):
+            if seq < hold_from:
+                continue
+            held = self._masks.get(key)
+            if held is None:
+                held = self._masks[key] = held_out(xs[i], self.fraction, self.min_rows)
+            if held.any():
+                xs[i], ys[i] = xs[i][~held], ys[i][~held]
+        return np.concatenate(xs), np.concatenate(ys)
 
 
 class Cadence:

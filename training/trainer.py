@@ -40,7 +40,7 @@ from livetrain.training.checkpoint import (
     unwrap,
     weights_from_bytes,
 )
-from livetrain.training.learner import Cadence, Learner, amp_dtype_for, concat_blocks, make_optimizer, max_over_ranks
+from livetrain.training.learner import Cadence, Holdout, Learner, amp_dtype_for, make_optimizer, max_over_ranks
 from livetrain.training.models import build_model
 
 STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST = range(6)
@@ -97,6 +97,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=device,
         amp_dtype=amp_dtype_for(tc.amp, device),
     )
+    holdout = Holdout(cfg.gate.holdout_fraction, cfg.gate.min_eval_rows)
     knobs: dict[str, float] = {"lr_scale": 1.0}
     knobs_ref: ray.ObjectRef | None = None
     anchor_version = -1
@@ -128,8 +129,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             # every rank leaves out the held-out rows of the newest shard any rank drew
             through = max(progress.trained_through, int(flags[NEWEST]))
-            x, y = concat_blocks(ray.get(sample.refs), [m.seq for m in sample.metas], through,
-                                 cfg.gate.holdout_fraction, cfg.gate.min_eval_rows)
+            x, y = holdout.training_rows(ray.get(sample.refs), [m.seq for m in sample.metas],
+                                         [r.hex() for r in sample.refs], through)
             last_result = learner.train_round(x, y, tc.steps_per_round)
             last_result.seconds = time.perf_counter() - t0
             progress.step += tc.steps_per_round
