@@ -29,7 +29,8 @@
         v
     train_loop_per_worker x2 (DDP/gloo): fetch blocks zero-copy, K steps
         (the newest shard's held-out rows left out: gate.holdout_fraction),
-        rank 0 -> ModelRegistry.propose(Candidate(weights ref))   (time cadence)
+        rank 0 -> ModelRegistry.propose(Candidate(weights ref))   (time cadence; when
+                  a newer shard, or a new part of the newest one, was trained on)
         all    -> ray.train.report(checkpoint)                    (time cadence)
         v
     ModelRegistry: gate on unseen rows: newer shards, and the held-out rows of the

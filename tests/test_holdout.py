@@ -63,3 +63,34 @@ def test_last_shard_is_served_without_waiting_for_another(ray_session, serve_por
         assert len(answer["predictions"]) == 2
     finally:
         p.stop()
+
+
+def test_each_part_of_a_large_shard_can_be_served_without_waiting_for_another(ray_session, serve_port, tmp_path: Path):
+    """One large shard goes in by parts, paced by training (``coverage``): the
+    versions trained on its later parts are proposed and served too, though
+    they share its seq, not only the one trained on its first part."""
+    from livetrain.pipeline import Pipeline
+
+    landing, state = tmp_path / "landing", tmp_path / "state"
+    landing.mkdir()
+    x, y = SyntheticStream(SyntheticConfig(generator="sea", variant=2, seed=6), tmp_path / "unused").next_rows(8000)
+    pq.write_table(pa.table({**{f"x{i}": x[:, i] for i in range(x.shape[1])}, "label": y}), landing / ".big.tmp")
+    (landing / ".big.tmp").rename(landing / "big.parquet")
+    cfg = load_config(None, [
+        f"state_dir={state}", "live_view=false", "tracking.wandb=disabled", f"serve.port={serve_port}",
+        "source.kind=directory", f"source.path={landing}", "train.min_buffer_rows=500", "train.propose_every_s=0.5",
+        "ingest.block_rows=500", "ingest.commit_rows=1000", "buffer.backpressure=coverage", "buffer.max_unseen_rows=1000",
+        "gate.holdout_fraction=0.25", "gate.min_eval_rows=100",
+    ])
+    p = Pipeline(cfg, probe_traffic=False)
+    p.start()
+    try:
+        def promotions():
+            return [e for e in read_history(state) if e["kind"] == "decision" and e["action"] == "promote"]
+
+        wait_until(lambda: len(promotions()) >= 3, 180, "three versions served from one shard's parts")
+        with Manifest(state) as manifest:
+            seq = manifest.get("big.parquet").seq
+        assert {e["trained_through"] for e in promotions()} == {seq}
+    finally:
+        p.stop()

@@ -43,7 +43,7 @@ from livetrain.training.checkpoint import (
 from livetrain.training.learner import Cadence, Holdout, Learner, amp_dtype_for, make_optimizer, max_over_ranks
 from livetrain.training.models import build_model
 
-STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST = range(6)
+STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST, NEW_BLOCKS = range(7)
 
 
 @dataclass
@@ -108,11 +108,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last_result = None
     pending_proposal: ray.ObjectRef | None = None
 
+    # blocks of the newest shard this rank has drawn: a large shard goes into the buffer
+    # in parts, and each new part is worth a new candidate although its seq is the same
+    newest_blocks: tuple[int, set[str]] = (-1, set())
+    grown = False
+    """Trained on blocks of the newest shard since the last proposal (same seq)."""
+
     while True:
         sample = ray.get(buffer.sample.remote(tc.blocks_per_round, progress.fresh_after, tc.min_buffer_rows, 0.5))
-        flags = [0.0] * 6
+        flags = [0.0] * 7
         flags[NO_DATA] = float(not sample.refs)
         flags[NEWEST] = max((m.seq for m in sample.metas), default=-1)
+        if flags[NEWEST] > newest_blocks[0]:
+            newest_blocks = (int(flags[NEWEST]), set())
+        keys = {r.hex() for r, m in zip(sample.refs, sample.metas) if m.seq == newest_blocks[0]}
+        flags[NEW_BLOCKS] = float(bool(keys - newest_blocks[1]))
+        newest_blocks[1].update(keys)
         if rank == 0:
             if knobs_ref is not None and ray.wait([knobs_ref], timeout=0)[0]:
                 knobs, knobs_ref = ray.get(knobs_ref), None
@@ -134,6 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last_result = learner.train_round(x, y, tc.steps_per_round)
             last_result.seconds = time.perf_counter() - t0
             progress.step += tc.steps_per_round
+            grown = grown or (bool(flags[NEW_BLOCKS]) and through == progress.trained_through)
             progress.trained_through = through
             newest = max(sample.metas, key=lambda m: m.seq)
             if newest.seq > progress.fresh_after:
@@ -154,7 +166,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 }
             )
             proposal_free = pending_proposal is None or ray.wait([pending_proposal], timeout=0)[0]
-            if progress.trained_through > progress.last_proposed_through and proposal_free:
+            if (progress.trained_through > progress.last_proposed_through or grown) and proposal_free:
                 pending_proposal = registry.propose.remote(
                     Candidate(
                         weights=ray.put(state_dict_numpy(model)),
@@ -166,7 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         train_loss=last_result.loss,
                     )
                 )
-                progress.last_proposed_through = progress.trained_through
+                progress.last_proposed_through, grown = progress.trained_through, False
 
         if flags[CHECKPOINT]:
             _report(rank, model, opt, spec, cfg, progress, last_result)
