@@ -174,10 +174,10 @@ def test_poisoned_burst_puts_the_gate_on_hold():
     assert [d.action for d in decisions] == ["reject"] and r.served.version == 1
 
 
-def test_equal_candidate_is_not_promoted_while_holding_after_alarm():
-    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
-    good = weights_threshold(1.0)
-    r.propose(*cand_w(good, -1))
+def holding_after_noise(**gate) -> tuple[Registry, np.random.Generator]:
+    """A good model served for 20 blocks, then 6 blocks of random labels: the gate holds."""
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000, **gate), 2)
+    r.propose(*cand_w(weights_threshold(1.0), -1))
     for seq in range(20):
         r.observe(*xor_block(seq))
     rng = np.random.default_rng(1)
@@ -185,7 +185,12 @@ def test_equal_candidate_is_not_promoted_while_holding_after_alarm():
         meta, x, _ = xor_block(seq)
         r.observe(meta, x, rng.integers(0, 2, len(x)))
     assert r.holding
-    r.propose(*cand_w(good, 25))
+    return r, rng
+
+
+def test_equal_candidate_is_not_promoted_while_holding_after_alarm():
+    r, rng = holding_after_noise(holdout_fraction=0.0)
+    r.propose(*cand_w(weights_threshold(1.0), 25))
     meta, x, _ = xor_block(26)
     d = r.observe(meta, x, rng.integers(0, 2, len(x)))
     assert [x.action for x in d] == ["reject"] and "holding needs" in d[0].reason
@@ -303,17 +308,7 @@ def test_held_out_rows_of_a_poisoned_shard_do_not_end_the_hold():
     """With ``gate.holdout_fraction`` a candidate trained on a poisoned shard is
     judged at once on that shard's held-out rows, which are poisoned too: the
     hold after the alarm must still keep it out."""
-    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000,
-                            holdout_fraction=0.25, tolerance=1.0), 2)  # the tolerance alone would promote it
-    good = weights_threshold(1.0)
-    r.propose(*cand_w(good, -1))
-    for seq in range(20):
-        r.observe(*xor_block(seq))
-    rng = np.random.default_rng(1)
-    for seq in range(20, 26):  # random labels: every model scores ~50%
-        meta, x, _ = xor_block(seq)
-        r.observe(meta, x, rng.integers(0, 2, len(x)))
-    assert r.holding
+    r, _ = holding_after_noise(holdout_fraction=0.25, tolerance=1.0)  # the tolerance alone would promote it
     _, decisions = r.propose(*cand_w(weights_threshold(-1.0), 25))  # learnt noise: judged now, on seq 25's held-out rows
     assert [d.action for d in decisions] == ["reject"] and "holding needs" in decisions[0].reason
     assert 100 <= decisions[0].eval_rows < 250 and r.served.version == 1
