@@ -33,7 +33,7 @@ pytestmark = [
 def answer(url: str, body: Any) -> tuple[int, Any]:
     try:
         return http("POST", url + "/predict", body)
-    except (urllib.error.URLError, ConnectionError) as e:  # refused or reset: a failed request too
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:  # refused, reset or no answer in 10 s: failed
         return -1, repr(e)
 
 
