@@ -68,15 +68,21 @@ class Learner:
         n = len(yt)
         bs = min(self.batch_size, n)
         self.model.train()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        amp = self.amp_dtype is not None
         total = torch.zeros((), device=self.device)
         for _ in range(steps):
             idx = torch.randint(n, (bs,), generator=self.gen, device=self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            if amp:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                    loss = self.loss_fn(self.model(xt[idx]), yt[idx])
+            else:  # no context at all: entering a disabled autocast costs a small model ~2% a step
                 loss = self.loss_fn(self.model(xt[idx]), yt[idx])
             total += loss.detach()
             if self.anchor is not None and self.anchor_l2:
                 loss = loss + self._anchor_penalty()
-            self.optimizer.zero_grad(set_to_none=True)
+            for p in params:  # zero_grad(set_to_none=True) without its wrappers (~5% of a small model's step)
+                p.grad = None
             loss.backward()
             self.optimizer.step()
         return RoundResult(total.item() / steps, steps * bs, time.perf_counter() - t0)  # one sync per round
