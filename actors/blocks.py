@@ -133,7 +133,7 @@ class RebuildShard:
     mtime_ns: int
     starts: dict[int, HeldPart] | None
     upto: int | None = None
-    """A shard committed in parts, not yet whole: only parts ending at or before this file row."""
+    """A shard committed in parts, not yet whole: only its file rows before this one."""
 
     def file_unchanged(self) -> bool:
         """The file on disk is the one that was ingested (size and mtime as recorded)."""
@@ -193,18 +193,39 @@ def block_nbytes(block: dict[str, np.ndarray]) -> int:
 
 
 def read_back(shard: RebuildShard, schema: SchemaConfig, part_rows: int) -> Iterator[tuple[PartSpan, dict]]:
-    """Re-read the parts of ``shard`` that the plan names (same boundaries as at ingest)."""
-    from livetrain.actors.schema import iter_parts
+    """Re-read the blocks the plan names: the snapshot's spans as they were held, or
+    every part of the file (up to ``shard.upto``: the part across it is cut there).
 
+    Spans are rebuilt from the file rows they name, whatever ``part_rows`` is now: a
+    restart may change ``ingest.block_rows`` or the buffer's bounds, and a block cut at
+    a watermark (a re-read after such a change) starts inside a part anyway.
+    """
+    from livetrain.actors.schema import Part, iter_parts
+
+    spans = None if shard.starts is None else sorted((p.row_start, p.row_end) for p in shard.starts.values())
+    pieces: list[Part] = []  # of the span being assembled, when it crosses parts
+    i = 0
     for part in iter_parts(shard.path, schema, part_rows):
-        if shard.upto is not None and part.row_end > shard.upto:
-            break
-        if shard.starts is not None and part.row_start not in shard.starts:
-            continue
-        if part.good_rows == 0:
-            continue
-        block = block_of(part, schema.classes)
-        yield PartSpan(part.row_start, part.row_end, part.good_rows, block_nbytes(block)), block
+        if spans is None:
+            if shard.upto is not None and part.row_start >= shard.upto:
+                return
+            done = [part if shard.upto is None else part.between(part.row_start, shard.upto)]
+        else:
+            done = []
+            while i < len(spans) and spans[i][0] < part.row_end:
+                lo, hi = spans[i]
+                if hi > part.row_start:
+                    pieces.append(part.between(lo, hi))
+                if hi > part.row_end:
+                    break  # goes on in the next part
+                done.append(Part.join(pieces))
+                pieces, i = [], i + 1
+        for p in done:
+            if p.good_rows:
+                block = block_of(p, schema.classes)
+                yield PartSpan(p.row_start, p.row_end, p.good_rows, block_nbytes(block)), block
+        if spans is not None and i == len(spans):
+            return
 
 
 def label_index(y: np.ndarray, classes: list[int]) -> np.ndarray:

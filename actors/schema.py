@@ -421,13 +421,29 @@ class Part:
 
     def from_row(self, row: int) -> Part:
         """The good rows at file row ``row`` or later (bad rows stay with the whole part)."""
-        if row <= self.row_start:
+        return self.between(row, self.row_end)
+
+    def between(self, lo: int, hi: int) -> Part:
+        """The good rows at file rows ``[lo, hi)`` within this part (bad rows stay with the whole part)."""
+        lo, hi = max(lo, self.row_start), min(hi, self.row_end)
+        if (lo, hi) == (self.row_start, self.row_end):
             return self
         where = np.arange(self.row_end - self.row_start) if self.kept is None else self.kept
-        keep = np.flatnonzero(where >= row - self.row_start)
-        return Part(row, self.row_end, self.x.take(keep, axis=0), self.y.take(keep),
+        keep = np.flatnonzero((where >= lo - self.row_start) & (where < hi - self.row_start))
+        return Part(lo, hi, self.x.take(keep, axis=0), self.y.take(keep),
                     None if self.ids is None else self.ids.take(keep), self.bad, self.reasons,
-                    where[keep] - (row - self.row_start))
+                    where[keep] - (lo - self.row_start))
+
+    @staticmethod
+    def join(parts: list[Part]) -> Part:
+        """Adjacent parts (file rows in order, no gap) as one; their bad rows are not carried."""
+        if len(parts) == 1:
+            return parts[0]
+        lo = parts[0].row_start
+        kept = [(np.arange(p.row_end - p.row_start) if p.kept is None else p.kept) + (p.row_start - lo) for p in parts]
+        ids = None if parts[0].ids is None else np.concatenate([p.ids for p in parts])
+        return Part(lo, parts[-1].row_end, np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
+                    ids, None, {}, np.concatenate(kept))
 
 
 def iter_parts(path: str | Path, schema: SchemaConfig, part_rows: int):

@@ -8,7 +8,16 @@ import os
 import numpy as np
 
 from _ingest_util import write_id_shard
-from livetrain.actors.blocks import HeldPart, Snapshot, part_rows, plan_rebuild, read_snapshot, write_snapshot
+from livetrain.actors.blocks import (
+    HeldPart,
+    RebuildShard,
+    Snapshot,
+    part_rows,
+    plan_rebuild,
+    read_back,
+    read_snapshot,
+    write_snapshot,
+)
 from livetrain.actors.manifest import Manifest
 from livetrain.actors.rate_limiter import CoverageLimiter, FreshnessPolicy
 from livetrain.actors.replay_buffer import ReplayBuffer
@@ -86,6 +95,34 @@ def test_rebuild_plan_keeps_snapshot_parts_and_adds_shards_committed_after_it(tm
         ("r0.parquet", False), ("r2.parquet", True), ("r3.parquet", True)]
     assert list(plan[0].starts) == [0]
     assert [p.shard for p in plan_rebuild(None, recs, capacity_rows=150)] == ["r2.parquet", "r3.parquet"]
+
+
+def test_rebuild_reads_back_the_held_rows_whatever_the_block_size_is_now(tmp_path):
+    """The buffer held blocks of 1,500 file rows, one of them cut at a watermark
+    (file row 4,700, a re-read after a layout change); the restart reads with
+    other block sizes. Every held row comes back, in its own block, once."""
+    path = tmp_path / "s.parquet"
+    bad = write_id_shard(path, 0, 10_000, bad_every=700)
+    held_spans = [(0, 1500), (4700, 6000), (6000, 7500), (9000, 10_000)]  # two not held: evicted
+    want = {lo: {i for i in range(lo, hi) if i not in bad} for lo, hi in held_spans}
+    starts = {lo: HeldPart("s.parquet", 0, lo, hi, len(want[lo]), 1, 0.0, lo == 0, 0) for lo, hi in held_spans}
+    for rows_now in (1500, 1000, 4096, 333, 20_000):
+        shard = RebuildShard("s.parquet", str(path), 0, 0.0, 0, 0, starts)
+        got = {span.row_start: (span, block) for span, block in read_back(shard, SCHEMA, rows_now)}
+        assert sorted(got) == sorted(want), rows_now
+        for lo, hi in held_spans:
+            span, block = got[lo]
+            assert (span.row_end, span.rows) == (hi, len(want[lo])) and set(block["id"].tolist()) == want[lo], (rows_now, lo)
+            assert len(block["x"]) == len(block["y"]) == span.rows
+
+
+def test_rebuild_of_a_shard_going_in_by_parts_stops_exactly_at_its_watermark(tmp_path):
+    path = tmp_path / "s.parquet"
+    bad = write_id_shard(path, 0, 10_000, bad_every=700)
+    for rows_now in (1500, 1000, 4096):  # the watermark (4,500) was a part end at ingest: 3 x 1,500
+        shard = RebuildShard("s.parquet", str(path), 0, 0.0, 0, 0, None, upto=4500)
+        ids = [i for _, block in read_back(shard, SCHEMA, rows_now) for i in block["id"].tolist()]
+        assert ids == [i for i in range(4500) if i not in bad], rows_now
 
 
 def test_rewritten_in_place_is_reported_again_and_recorded_by_content(tmp_path):
