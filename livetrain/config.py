@@ -315,6 +315,13 @@ class GateConfig:
     """Metric compared: ``accuracy``, ``f1``, ``precision`` or ``recall`` (macro)."""
     tolerance: float = 0.01
     """A candidate is promoted unless it is worse than the served model by more than this."""
+    compare_versions: int = 4
+    """The tolerance is not spent again at every promotion: a candidate is also
+    compared, on the same rows, with up to this many versions served before
+    the current one (those that have not trained on the rows either), and is
+    not served if it is worse than any of them by more than the tolerance.
+    Otherwise a run of candidates, each just within the tolerance of the one
+    before, could walk the endpoint down. 0: the served model only."""
     min_eval_rows: int = 500
     """Unseen rows (newer than the candidate's data) needed to decide."""
     max_eval_rows: int = 5000
@@ -358,6 +365,8 @@ class GateConfig:
             raise ConfigError(f"gate.metric: unknown metric {self.metric!r}")
         if self.tolerance < 0:
             raise ConfigError("gate.tolerance: must be >= 0")
+        if self.compare_versions < 0:
+            raise ConfigError("gate.compare_versions: must be >= 0")
         if not 1 <= self.min_eval_rows <= self.max_eval_rows:
             raise ConfigError("gate.min_eval_rows: must be in [1, gate.max_eval_rows]")
         if not 0.0 <= self.holdout_fraction < 1.0:

@@ -102,6 +102,46 @@ def test_freshness_is_closed_by_first_answer_of_a_version_trained_on_the_shard()
     assert r.freshness_s == [3.0]
 
 
+def weights_above(t: float) -> dict[str, np.ndarray]:
+    """Weights of an MLP that predicts class 1 exactly where ``x0 > t``."""
+    m = MLP(2, 2, [4])
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.net[0].weight.fill_(1.0)  # BatchNorm at rest: identity
+        m.net[1].weight[0, 0], m.net[1].bias[0] = 1.0, -t  # h0 = x0 - t
+        m.net[1].weight[1, 0], m.net[1].bias[1] = -1.0, t  # h1 = t - x0
+        m.net[3].weight[1, 0], m.net[3].weight[1, 1] = 10.0, -10.0  # class 1 iff h0 > h1
+    return {k: v.numpy().copy() for k, v in m.state_dict().items()}
+
+
+def ramp(seq: int):
+    """100 rows of class 1 with x0 = 0.005, 0.015, ...: ``weights_above(t)`` scores 1 - t."""
+    x = np.zeros((100, 2), np.float32)
+    x[:, 0] = (np.arange(100) + 0.5) / 100
+    return BlockMeta(f"s{seq}", seq, 100, 1200, 0.0, 0.0), x, np.ones(100, np.int64)
+
+
+def test_the_tolerance_is_not_spent_again_at_every_promotion():
+    """Each candidate is one point below the one served (tolerance 1.5): the
+    third is two points below the first on the same rows and stays out.
+    Without ``compare_versions`` the endpoint walks down."""
+    for compare, served in ((4, [1, 2, 2, 2]), (0, [1, 2, 3, 4])):
+        r = registry(tolerance=0.015, compare_versions=compare)
+        seen = []
+        for k, t in enumerate((0.0, 0.01, 0.02, 0.03)):
+            r.propose(Candidate(None, SPEC, k - 1, 0.0, 0, 0.0, 0.0), weights_above(t))
+            decisions = r.observe(*ramp(k))
+            seen.append(r.served.version)
+        assert seen == served, compare
+        assert decisions[0].candidate["accuracy"] == pytest.approx(0.97)
+    r = registry(tolerance=0.015)
+    for k, t in enumerate((0.0, 0.01, 0.02)):
+        r.propose(Candidate(None, SPEC, k - 1, 0.0, 0, 0.0, 0.0), weights_above(t))
+        decisions = r.observe(*ramp(k))
+    assert decisions[0].action == "reject" and "v1, served before, has accuracy 1.0000" in decisions[0].reason
+
+
 def test_rollback_serves_the_previous_version_and_is_recorded():
     r = registry()
     r.propose(*cand(1, through=-1))

@@ -257,6 +257,8 @@ class Registry:
         verdict = decide(cm, sm, self.cfg)
         if verdict.promote and sm is not None and self.holding:
             verdict = self._release_hold(verdict, x, y, pc) or self._hold(verdict, y, pc, ps, cm, sm)
+        if verdict.promote and sm is not None:
+            verdict = self._no_ratchet(verdict, floor, x, y, cm)
         self.pending = None
         served_version = self.served.version if self.served else None
         if verdict.promote:
@@ -265,6 +267,19 @@ class Registry:
             self._serve(cand, previous=self.served)
             self.history.append(cand)
         return [self._record(cand, "promote" if verdict.promote else "reject", verdict.reason, cm, sm, len(y), served_version)]
+
+    def _no_ratchet(self, verdict: Verdict, floor: int, x: np.ndarray, y: np.ndarray,
+                    cm: dict[str, float]) -> Verdict:
+        """``gate.compare_versions``: a candidate within the tolerance of the served model
+        must also be within it of the versions served before, on the same rows."""
+        m, tol = self.cfg.metric, self.cfg.tolerance
+        earlier = [v for v in reversed(self.history) if v is not self.served][: self.cfg.compare_versions]
+        for v in (v for v in earlier if v.trained_through <= floor):  # not trained on these rows either
+            em = classification_metrics(y, v.predict(x), self.num_classes)
+            if cm[m] < em[m] - tol:
+                return Verdict(False, f"{verdict.reason}; but v{v.version}, served before, has {m} "
+                                      f"{em[m]:.4f} on the same rows: more than {tol} above the candidate")
+        return verdict
 
     def _release_hold(self, verdict: Verdict, x: np.ndarray, y: np.ndarray, pc: np.ndarray) -> Verdict | None:
         """End the hold when the candidate beats the version served at the alarm
