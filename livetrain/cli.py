@@ -142,9 +142,20 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config) -> int:
     from livetrain.pipeline import Pipeline
 
-    signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`, `kill`: stop like Ctrl-C
     print(f"livetrain: state dir {Path(cfg.state_dir).resolve()}", file=sys.stderr)
     pipeline = Pipeline(cfg)
+
+    def interrupt(signum: int, frame: object) -> None:
+        # Ctrl-C, `ray job stop`, `kill`: once the loop runs, it stops cleanly at its next
+        # tick (decisions logged, final checkpoint, summary); while starting, or a second
+        # time, at once
+        if pipeline.looping and pipeline.interrupted is None:
+            pipeline.interrupted = signal.Signals(signum).name
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         pipeline.start()
         print(f"livetrain: serving at {pipeline.url}", file=sys.stderr)
@@ -232,10 +243,6 @@ def _stop(args: argparse.Namespace) -> int:
         return 1
     print("livetrain: stopped")
     return 0
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

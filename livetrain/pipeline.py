@@ -142,7 +142,12 @@ class Pipeline:
         self.store: Store | None = None
         self._pushed_at = 0.0
         self.stop_reason: str | None = None
-        """Why ``run`` returned early: the stop request of ``livetrain stop``."""
+        """Why ``run`` returned early: the stop request of ``livetrain stop``, or a signal."""
+        self.interrupted: str | None = None
+        """Set by a signal handler (the name of the signal): ``run`` returns at its next tick.
+        A flag, not an exception: one raised mid-tick could drop a decision half logged."""
+        self.looping = False
+        """``run``'s loop is going (a signal can wait for its next tick)."""
         # an existing cluster: ray.address, or RAY_ADDRESS as a Ray job's driver gets it
         self.cluster_address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
 
@@ -209,9 +214,13 @@ class Pipeline:
     def run(self, duration_s: float | None = None) -> dict[str, Any]:
         """Run until ``duration_s`` passes, Ctrl-C, ``livetrain stop``, or training fails; return the summary."""
         deadline = None if duration_s is None else time.monotonic() + duration_s
+        self.looping = True
         with LiveView(self.cfg.live_view, f"livetrain — {self.url}") as view:
             while not self._stop.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if self.interrupted is not None:
+                    self.stop_reason = self.interrupted
                     break
                 if self._train_error is not None:
                     raise RuntimeError("the training job failed") from self._train_error

@@ -8,14 +8,18 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from _util import free_port
+from _util import free_port, wait_until
 from livetrain.actors.synthetic import SyntheticStream
 from livetrain.config import SyntheticConfig
+from livetrain.tracking import METRICS_FILE
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
 
@@ -66,6 +70,54 @@ def livetrain(*args: str, timeout: float = 300, env: dict | None = None) -> tupl
     return json.loads(last), proc
 
 
+def _records_from(path: Path, offset: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        f.seek(offset)
+        lines = f.read().splitlines()
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written
+            continue
+    return out
+
+
+def livetrain_until(done: Callable[[dict[str, Any]], bool], what: str, *args: str, state: Path,
+                    timeout: float = 240, env: dict | None = None) -> tuple[dict, str]:
+    """``livetrain run ...`` stopped with Ctrl-C (SIGINT) once a metrics record it
+    writes to ``state``'s metrics log satisfies ``done``: a run as long as the
+    test needs, not a fixed duration. Returns the summary and its stdout + stderr."""
+    env = {**(env or os.environ), "WANDB_SILENT": "true"}
+    env.pop("WANDB_MODE", None)
+    metrics = state / METRICS_FILE
+    offset = metrics.stat().st_size if metrics.exists() else 0  # this run's records only
+    cmd = [sys.executable, "-m", "livetrain.cli", *args, "--state-dir", str(state), "--duration", str(2 * timeout)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        try:
+            wait_until(lambda: proc.poll() is not None or any(done(r) for r in _records_from(metrics, offset)),
+                       timeout, what)
+            early = proc.poll()
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    assert early is None, f"livetrain exited ({early}) before {what}: {stderr[-3000:]}"
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1]), stdout + stderr
+
+
 def test_demo_stops_by_itself_prints_summary_and_leaves_no_ray_behind(tmp_path: Path):
     before = ray_sessions()
     summary, _ = livetrain(
@@ -106,15 +158,19 @@ def test_run_restarted_on_same_state_dir_continues_where_it_stopped(tmp_path: Pa
     path = tmp_path / "my.yaml"
     path.write_text(yaml.safe_dump(cfg))
     write_shards(landing, 20)
-    first, _ = livetrain("run", "--config", str(path), "--duration", "25")
+    first, _ = livetrain_until(
+        lambda m: m["shards_ingested"] >= 20 and m["train_steps"] > 0 and m.get("served_version") is not None,
+        "every shard in, some training and a served version", "run", "--config", str(path), state=state)
     assert first["shards_ingested"] == 20 and first["rows_ingested"] == 10_000
     assert first["train_steps"] > 0 and first["served_version"] is not None
 
     write_shards(landing, 10)  # continues after the existing shards
-    second, proc = livetrain("run", "--config", str(path), "--duration", "25")
+    second, output = livetrain_until(
+        lambda m: m["shards_ingested"] >= 10 and m["train_steps"] > first["train_steps"],
+        "the new shards in and training past the first run", "run", "--config", str(path), state=state)
     assert second["shards_ingested"] == 10 and second["rows_ingested"] == 5_000  # no shard twice
     rows = manifest_rows(state)
     assert len(rows) == 30 and {s for _, s in rows} == {"ingested"}
-    assert "resumed from checkpoint" in proc.stdout + proc.stderr
+    assert "resumed from checkpoint" in output
     assert second["train_steps"] > first["train_steps"]  # steps continue from the checkpoint
     assert second["served_version"] >= first["served_version"]

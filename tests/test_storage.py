@@ -83,7 +83,7 @@ def test_run_restarts_on_a_fresh_state_dir_from_s3(s3: str, tmp_path: Path):
     two runs: the second starts on an empty state dir and continues from the
     object store — no shard read twice, training steps continue from the S3
     checkpoint, the served version and the W&B run come back."""
-    from test_cli import livetrain, manifest_rows, write_shards
+    from test_cli import livetrain_until, manifest_rows, write_shards
 
     local = tmp_path / "written"
     store = Store(StorageConfig(uri="s3://livetrain-test/run", endpoint=s3))
@@ -114,7 +114,11 @@ def test_run_restarts_on_a_fresh_state_dir_from_s3(s3: str, tmp_path: Path):
     feeder = threading.Thread(target=trickle, daemon=True)
     feeder.start()
     try:
-        first, _ = livetrain("run", "--config", str(path), "--state-dir", str(tmp_path / "a"), "--duration", "25", env=env)
+        first, _ = livetrain_until(
+            lambda m: (m["shards_ingested"] >= 12 and m["shards_quarantined"] >= 1 and m["train_steps"] > 0
+                       and m.get("served_version") is not None),
+            "the first shards in, the bad one quarantined, a served version", "run", "--config", str(path),
+            state=tmp_path / "a", env=env)
     finally:
         done.set()
         feeder.join()
@@ -134,14 +138,16 @@ def test_run_restarts_on_a_fresh_state_dir_from_s3(s3: str, tmp_path: Path):
     _upload(local, store.fs, landing)
     total = len(list(local.glob("*.parquet")))
     fresh = tmp_path / "b"  # an empty state dir: everything durable comes from S3
-    second, proc = livetrain("run", "--config", str(path), "--state-dir", str(fresh), "--duration", "20", env=env)
-    assert "restored" in proc.stderr
+    second, output = livetrain_until(
+        lambda m: m["shards_ingested"] >= total - first["shards_ingested"] and m["train_steps"] > first["train_steps"],
+        "every shard the first run left and training past it", "run", "--config", str(path), state=fresh, env=env)
+    assert "restored" in output
     # exactly once across the two runs: the second reads only what the first did not
     assert second["shards_ingested"] == total - first["shards_ingested"] >= 6
     assert second["buffer_rebuilt_rows"] > 0  # the buffer came back from the snapshot + the shards on S3
     rows = manifest_rows(fresh)
     assert len(rows) == total + 1 and [s for _, s in rows].count("ingested") == total
-    assert "resumed from checkpoint" in proc.stdout + proc.stderr
+    assert "resumed from checkpoint" in output
     assert second["train_steps"] > first["train_steps"]
     assert second["served_version"] >= first["served_version"]
     assert (fresh / "wandb_run_id").read_text() == (tmp_path / "a" / "wandb_run_id").read_text()
