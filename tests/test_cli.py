@@ -87,9 +87,9 @@ def _records_from(path: Path, offset: int) -> list[dict[str, Any]]:
 
 def livetrain_until(done: Callable[[dict[str, Any]], bool], what: str, *args: str, state: Path,
                     timeout: float = 240, env: dict | None = None) -> tuple[dict, str]:
-    """``livetrain run ...`` stopped with Ctrl-C (SIGINT) once a metrics record it
-    writes to ``state``'s metrics log satisfies ``done``: a run as long as the
-    test needs, not a fixed duration. Returns the summary and its stdout + stderr."""
+    """``livetrain run ...`` stopped with Ctrl-C (SIGINT) once the latest record it
+    wrote to ``state``'s metrics log satisfies ``done``: a run as long as the test
+    needs, not a fixed duration. Returns the summary and its stdout + stderr."""
     env = {**(env or os.environ), "WANDB_SILENT": "true"}
     env.pop("WANDB_MODE", None)
     metrics = state / METRICS_FILE
@@ -98,8 +98,11 @@ def livetrain_until(done: Callable[[dict[str, Any]], bool], what: str, *args: st
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         try:
-            wait_until(lambda: proc.poll() is not None or any(done(r) for r in _records_from(metrics, offset)),
-                       timeout, what)
+            def ready() -> bool:
+                records = _records_from(metrics, offset)
+                return proc.poll() is not None or (bool(records) and done(records[-1]))
+
+            wait_until(ready, timeout, what)
             early = proc.poll()
         finally:
             if proc.poll() is None:

@@ -45,6 +45,8 @@ def kill_tree(proc: subprocess.Popen, sessions_before: set[str]) -> None:
 
 
 def test_sigkilled_run_restarted_on_same_state_dir_ingests_every_row_exactly_once(tmp_path):
+    from test_cli import livetrain_until
+
     landing, state = tmp_path / "landing", tmp_path / "state"
     landing.mkdir()
     cfg = {
@@ -71,8 +73,8 @@ def test_sigkilled_run_restarted_on_same_state_dir_ingests_every_row_exactly_onc
     done_at_kill = ingested(state)
     assert done_at_kill < SHARDS, "everything was ingested before the kill"
 
-    proc = subprocess.run([*cmd, "--duration", "10"], capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    livetrain_until(lambda m: ingested(state) == SHARDS, "every shard ingested after the restart",
+                    "run", "--config", str(tmp_path / "my.yaml"), state=state)
     assert ingested(state) == SHARDS
     # the final snapshot names every block the restarted buffer held: read their ids back
     snap = read_snapshot(state)
