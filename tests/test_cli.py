@@ -87,9 +87,10 @@ def _records_from(path: Path, offset: int) -> list[dict[str, Any]]:
 
 def livetrain_until(done: Callable[[dict[str, Any]], bool], what: str, *args: str, state: Path,
                     timeout: float = 240, env: dict | None = None) -> tuple[dict, str]:
-    """``livetrain run ...`` stopped with Ctrl-C (SIGINT) once the latest record it
-    wrote to ``state``'s metrics log satisfies ``done``: a run as long as the test
-    needs, not a fixed duration. Returns the summary and its stdout + stderr."""
+    """``livetrain run ...`` stopped with Ctrl-C (SIGINT) once the latest of the
+    figures it logs every tick to ``state``'s metrics log (not its events)
+    satisfies ``done``: a run as long as the test needs, not a fixed duration.
+    Returns the summary and its stdout + stderr."""
     env = {**(env or os.environ), "WANDB_SILENT": "true"}
     env.pop("WANDB_MODE", None)
     metrics = state / METRICS_FILE
@@ -99,7 +100,7 @@ def livetrain_until(done: Callable[[dict[str, Any]], bool], what: str, *args: st
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         try:
             def ready() -> bool:
-                records = _records_from(metrics, offset)
+                records = [r for r in _records_from(metrics, offset) if "shards_ingested" in r]
                 return proc.poll() is not None or (bool(records) and done(records[-1]))
 
             wait_until(ready, timeout, what)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,8 @@ def test_haproxy_ingress_answers_through_live_promotions_without_a_failed_reques
             finally:
                 stop.set()
     finally:
+        if demo.poll() is None:
+            demo.send_signal(signal.SIGINT)  # seen what it needs: stop it cleanly now
         demo.wait(timeout=120)
     assert demo.returncode == 0, err.read_text()[-3000:]
     assert failures == [], failures[:5]

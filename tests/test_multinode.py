@@ -20,7 +20,7 @@ from _cluster import local_cluster
 from _util import free_port
 from livetrain.config import StorageConfig
 from livetrain.storage import Store
-from test_cli import livetrain, write_shards
+from test_cli import livetrain_until, write_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -58,7 +58,10 @@ def test_loop_runs_across_two_nodes_and_leaves_the_cluster_up(two_nodes, s3: str
     }
     path = tmp_path / "mn.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    summary, _ = livetrain("run", "--config", str(path), "--duration", "30", env=env)
+    summary, _ = livetrain_until(
+        lambda m: m["shards_ingested"] >= 16 and m["train_steps"] > 0 and m.get("served_version") is not None,
+        "every shard in, training on the second node, a served version", "run", "--config", str(path),
+        state=tmp_path / "state", env=env)
     assert summary["shards_ingested"] == 16 and summary["train_steps"] > 0
     assert summary["served_version"] is not None  # the endpoint answered probes with it
     out = subprocess.run([sys.executable, "-c", QUERY.format(address=address)], capture_output=True, text=True,
