@@ -176,5 +176,6 @@ def test_run_restarted_on_same_state_dir_continues_where_it_stopped(tmp_path: Pa
     rows = manifest_rows(state)
     assert len(rows) == 30 and {s for _, s in rows} == {"ingested"}
     assert "resumed from checkpoint" in output
+    assert "livetrain: stopped (SIGINT)" in output  # Ctrl-C ends the loop at a tick, cleanly
     assert second["train_steps"] > first["train_steps"]  # steps continue from the checkpoint
     assert second["served_version"] >= first["served_version"]
