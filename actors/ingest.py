@@ -236,7 +236,7 @@ class IngestLoop:
         self.manifest = manifest
         self.buffer = buffer
         self.registry = registry
-        self.source = DirectorySource(cfg.landing_dir)
+        self.source = DirectorySource(cfg.landing_dir, cfg.source.recheck_every_s)
         self.counters = IngestCounters()
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         b = cfg.buffer
@@ -269,13 +269,23 @@ class IngestLoop:
         return list(self._actors)
 
     def run(self, stop: threading.Event) -> None:
+        """Step until ``stop``; the landing directory is listed every ``source.poll_interval_s``
+        at most, however often blocks come back (a listing costs time in proportion to the
+        files there, and the shard files pile up: they are the log)."""
         self._stop = stop
+        interval = self.cfg.source.poll_interval_s
+        poll_at = 0.0
         while not stop.is_set():
-            self.step(wait_s=self.cfg.source.poll_interval_s)
+            now = time.monotonic()
+            poll = now >= poll_at
+            if poll:
+                poll_at = now + interval
+            self.step(wait_s=interval, poll=poll)
 
-    def step(self, wait_s: float = 0.0) -> None:
-        """Discover, claim, dispatch, take ready blocks, finish shards in claim order, commit."""
-        self._discover()
+    def step(self, wait_s: float = 0.0, poll: bool = True) -> None:
+        """Discover (list the landing directory if ``poll``), claim, dispatch, take ready
+        blocks, finish shards in claim order, commit."""
+        self._discover(poll)
         busy = len(self._in_flight) + len(self._ready) + (len(self._commit.shards) if self._commit else 0)
         free = self.cfg.ingest.max_in_flight - busy
         if free > 0:
@@ -318,17 +328,10 @@ class IngestLoop:
 
     # --- internals ---------------------------------------------------------------
 
-    def _discover(self) -> None:
-        paths = self.source.poll()
-        for event in self.manifest.redelivered(paths):
-            if event.same_content:
-                self.counters.shards_duplicate += 1
-                log.warning("livetrain: %s was delivered again with the same bytes: ignored", event.name)
-            else:
-                self.counters.shards_changed_in_place += 1
-                log.warning("livetrain: %s was rewritten with other bytes after discovery: not read again", event.name)
-        known = self.manifest.known_names(shard_name(p) for p in paths)
-        self._landed.extend(p for p in paths if shard_name(p) not in known)
+    def _discover(self, poll: bool = True) -> None:
+        paths = self.source.poll() if poll else []
+        if paths:
+            self._landing(paths)
         # hash ahead on a thread (the hash releases the GIL), a few shards at a time in
         # landing order, so the loop keeps dispatching while a backlog is hashed
         while self._landed and len(self._hashing) < 2 * self.cfg.ingest.max_in_flight:
@@ -347,6 +350,18 @@ class IngestLoop:
             if rec.status == "duplicate":
                 self.counters.shards_duplicate += 1
                 log.warning("livetrain: %s has the same bytes as %s: recorded as a duplicate", rec.name, rec.duplicate_of)
+
+    def _landing(self, paths: list[Path] | list[str]) -> None:
+        """Files the source reports: redeliveries are recorded, new ones queued for hashing."""
+        for event in self.manifest.redelivered(paths):
+            if event.same_content:
+                self.counters.shards_duplicate += 1
+                log.warning("livetrain: %s was delivered again with the same bytes: ignored", event.name)
+            else:
+                self.counters.shards_changed_in_place += 1
+                log.warning("livetrain: %s was rewritten with other bytes after discovery: not read again", event.name)
+        known = self.manifest.known_names(shard_name(p) for p in paths)
+        self._landed.extend(p for p in paths if shard_name(p) not in known)
 
     def _dispatch(self, rec: ShardRecord, actor: int | None = None, resume_from: int | None = None) -> None:
         i = self._next_actor % len(self._actors) if actor is None else actor

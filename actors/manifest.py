@@ -234,14 +234,18 @@ class Manifest:
 
     def known_names(self, names: Iterable[str]) -> set[str]:
         """Which of ``names`` the manifest already has (lets a watcher skip hashing them)."""
+        return {r[0] for r in self._named("name", names)}
+
+    def _named(self, columns: str, names: Iterable[str]) -> list[tuple]:
+        """``columns`` of the shards called ``names``: one query per 500 names, not one per name
+        (a watcher starting beside thousands of shards asks about all of them)."""
         names = list(names)
-        known: set[str] = set()
+        rows: list[tuple] = []
         for i in range(0, len(names), 500):  # stay under SQLite's bound-parameter limit
             chunk = names[i : i + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._read(f"SELECT name FROM shards WHERE name IN ({marks})", chunk)
-            known.update(r[0] for r in rows)
-        return known
+            rows += self._read(f"SELECT {columns} FROM shards WHERE name IN ({marks})", chunk)
+        return rows
 
     def redelivered(self, paths: Iterable[str | Path]) -> list[Redelivery]:
         """Record known shards whose file changed on disk (rewritten in place); return the new events.
@@ -251,9 +255,11 @@ class Manifest:
         recorded so the user sees it. To replace a quarantined shard use
         ``reingest``.
         """
+        paths = [shard_path(p) for p in paths]
+        records = {r.name: r for r in (ShardRecord(*row) for row in self._named(_COLUMNS, map(shard_name, paths)))}
         out = []
-        for p in map(shard_path, paths):
-            rec = self.get(shard_name(p))
+        for p in paths:
+            rec = records.get(shard_name(p))
             if rec is None:
                 continue
             try:

@@ -10,7 +10,11 @@
 2. Rows/s one training worker draws from the buffer (sample refs, fetch the
    blocks zero-copy, concatenate as the trainer does) against slicing the same
    rows out of a local numpy array.
-3. One large shard (``--large-rows``, default 4M rows, ~330 MB of blocks) into
+3. The same 2-actor ingest through ``IngestLoop.run`` (the pipeline's loop)
+   while ``--old-shards`` (default 20,000) shards already ingested lie in the
+   landing directory, against the same loop with an empty one: the shard
+   files are the log, so they pile up, and every listing sees them.
+4. One large shard (``--large-rows``, default 4M rows, ~330 MB of blocks) into
    a 100k-row buffer: the object store's peak while it goes in by parts
    (``ingest.commit_rows``) against the same shard committed whole, and rows/s
    for both.
@@ -41,6 +45,7 @@ difference.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -113,6 +118,62 @@ def ingest_seconds(paths: list[Path], d: int, actors: int, root: Path, run: int 
     loop.shutdown()
     manifest.close()
     return seconds, buffer
+
+
+def beside_old_shards(paths: list[Path], d: int, root: Path, old: int, run: str) -> tuple[float, float]:
+    """Seconds for ``paths`` to go in through ``IngestLoop.run`` (2 actors) once they land
+    beside ``old`` shards the manifest already names as ingested; and seconds of the loop's
+    first step (it lists and looks up every old shard once)."""
+    import threading
+
+    import ray
+
+    from livetrain.actors.buffer_actor import ReplayBufferActor
+    from livetrain.actors.ingest import IngestLoop
+    from livetrain.actors.manifest import Manifest
+    from livetrain.config import load_config
+
+    state = root / f"state-old-{old}-{run}"
+    landing = state / "landing"
+    landing.mkdir(parents=True)
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    cfg = load_config(None, [
+        f"state_dir={state}", f"schema.features=[{', '.join(f'f{j}' for j in range(d))}]",
+        "ingest.num_actors=2", "ingest.max_in_flight=4",
+        f"buffer.capacity_rows={rows}", f"buffer.window_rows={rows}", f"buffer.capacity_bytes={rows * (4 * d + 16)}",
+    ])
+    manifest = Manifest(state)
+    buffer = ReplayBufferActor.remote(cfg.buffer, str(state), cfg.schema, cfg.ingest.block_rows)
+    ray.get(buffer.stats.remote())  # rebuilt from an empty manifest: it never reads the stand-ins below
+    stand_ins = []
+    for i in range(old):  # stand-ins: the loop only lists them, never reads them
+        p = landing / f"a-old-{i:06d}.parquet"
+        p.write_bytes(b"PAR1")
+        os.utime(p, ns=(1, 1))
+        stand_ins.append(p)
+    manifest.discover(stand_ins, {p.name: f"{i:064x}" for i, p in enumerate(stand_ins)})
+    while recs := manifest.claim("bench", 1000):
+        manifest.mark_ingested_many([(r.name, 1, 0) for r in recs])
+    loop = IngestLoop(cfg, manifest, buffer, None)
+    ray.get([a.__ray_ready__.remote() for a in loop.actors])
+    t0 = time.perf_counter()
+    loop.step()  # the first listing: every stand-in is new to the loop and looked up (a start-up cost)
+    first = time.perf_counter() - t0
+    stop = threading.Event()
+    runner = threading.Thread(target=loop.run, args=(stop,))
+    runner.start()
+    t0 = time.perf_counter()
+    for p in paths:
+        (landing / p.name).hardlink_to(p)
+    while loop.counters.shards_ingested < len(paths):
+        time.sleep(0.005)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    runner.join()
+    loop.shutdown()
+    manifest.close()
+    ray.kill(buffer)
+    return seconds, first
 
 
 def large_shard(root: Path, d: int, rows: int, commit_rows: int) -> dict[str, float]:
@@ -192,6 +253,8 @@ def main() -> None:
     ap.add_argument("--large-rows", type=int, default=4_000_000,
                     help="rows of the one large shard (0: skip that figure)")
     ap.add_argument("--commit-rows", type=int, default=500_000, help="ingest.commit_rows for the large shard")
+    ap.add_argument("--old-shards", type=int, default=20_000,
+                    help="shards already ingested beside the new ones (0: skip that figure)")
     args = ap.parse_args()
     import ray
 
@@ -222,6 +285,19 @@ def main() -> None:
         buffered, local = sampling(buffer, args.features, args.sample_seconds)
         emit("sample_rows_per_s", buffered, "rows/s", baseline=local)
         ray.kill(buffer)
+        if args.old_shards:
+            with_old, empty, first = [], [], []
+            for run in range(args.repeat):
+                empty.append(beside_old_shards(paths, args.features, root, 0, str(run))[0])
+                s, f = beside_old_shards(paths, args.features, root, args.old_shards, str(run))
+                with_old.append(s)
+                first.append(f)
+            emit("ingest_2_actor_rows_per_s_beside_old_shards", rows / statistics.median(with_old), "rows/s",
+                 baseline=rows / statistics.median(empty), old_shards=args.old_shards,
+                 baseline_is="the same loop (IngestLoop.run) with an empty landing directory",
+                 runs=[round(rows / t) for t in with_old])
+            emit("first_listing_s_beside_old_shards", statistics.median(first), "s", old_shards=args.old_shards,
+                 note="the loop's first step: it lists every old shard and looks them up in the manifest once")
         if args.large_rows:
             whole = large_shard(root, args.features, args.large_rows, 0)
             parts = large_shard(root, args.features, args.large_rows, args.commit_rows)

@@ -144,13 +144,20 @@ class SourceConfig:
     opened with ``storage.endpoint``/``storage.region``); default
     ``<state_dir>/landing``."""
     poll_interval_s: float = 0.2
-    """How often the landing directory is listed."""
+    """How often the landing directory is listed (at most: the listing costs
+    time in proportion to the files there, and they pile up)."""
+    recheck_every_s: float = 10.0
+    """How often files already seen in a local landing directory are stat'ed
+    again, to notice one rewritten in place (a listing between reads names
+    only, and stats new files). 0: at every listing."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("directory", "synthetic"):
             raise ConfigError(f"source.kind: must be 'directory' or 'synthetic', got {self.kind!r}")
         if self.poll_interval_s <= 0:
             raise ConfigError("source.poll_interval_s: must be > 0")
+        if self.recheck_every_s < 0:
+            raise ConfigError("source.recheck_every_s: must be >= 0")
 
 
 @dataclass

@@ -84,7 +84,7 @@ def test_buffer_actor_killed_restarts_rebuilt_from_snapshot_and_manifest(ray_ses
 
 
 def test_same_shard_delivered_twice_is_ingested_once_and_recorded(ray_session, tmp_path):
-    cfg, loop, buffer = make_loop(tmp_path)
+    cfg, loop, buffer = make_loop(tmp_path, "source.recheck_every_s=0")  # a rewrite in place noticed at once
     landing = cfg.landing_dir
     write_id_shard(landing / "d-000.parquet", 0, 1000, bad_every=100)
     write_id_shard(landing / "d-001.parquet", 10_000, 1000)

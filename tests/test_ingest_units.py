@@ -125,6 +125,22 @@ def test_rebuild_of_a_shard_going_in_by_parts_stops_exactly_at_its_watermark(tmp
         assert ids == [i for i in range(4500) if i not in bad], rows_now
 
 
+def test_a_poll_stats_only_new_files_until_the_recheck_is_due(tmp_path):
+    """The shard files pile up in the landing directory: known files are stat'ed
+    again only every ``recheck_every_s``, so a rewrite in place waits for it."""
+    now = [0.0]
+    src = DirectorySource(tmp_path, recheck_every_s=10.0, clock=lambda: now[0])
+    write_id_shard(tmp_path / "a.parquet", 0, 100)
+    assert [p.name for p in src.poll()] == ["a.parquet"]
+    write_id_shard(tmp_path / "a.parquet", 0, 200)  # rewritten in place: another size
+    write_id_shard(tmp_path / "b.parquet", 1000, 100)
+    now[0] = 5.0
+    assert [p.name for p in src.poll()] == ["b.parquet"]  # new names at once; a.parquet not stat'ed
+    now[0] = 10.0
+    assert [p.name for p in src.poll()] == ["a.parquet"]  # the recheck notices the rewrite
+    assert src.poll() == []
+
+
 def test_rewritten_in_place_is_reported_again_and_recorded_by_content(tmp_path):
     src = DirectorySource(tmp_path)
     write_id_shard(tmp_path / "a.parquet", 0, 100)
