@@ -142,6 +142,26 @@ def test_the_tolerance_is_not_spent_again_at_every_promotion():
     assert decisions[0].action == "reject" and "v1, served before, has accuracy 1.0000" in decisions[0].reason
 
 
+def test_a_long_run_keeps_counts_but_only_the_newest_decisions_and_freshness(monkeypatch):
+    """Months of decisions must not pile up in the registry's memory, nor make
+    every ``stats`` call slower: counts are kept, the lists are trimmed."""
+    import livetrain.training.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "KEEP_RECENT", 5)
+    r = registry()
+    r.propose(*cand(1, through=-1))
+    for seq in range(40):  # every candidate promoted, each answering once
+        r.observe(*block(seq, 1, written_at=float(seq)))
+        r.record_answer(r.served.version, at=seq + 2.0)
+        r.propose(*cand(1, through=seq))
+    st = r.stats()
+    assert st["versions_promoted"] == 40 and st["freshness_count"] == 39
+    assert len(r.decisions) <= 10 and len(r.freshness_s) <= 10
+    assert [d.version for d in r.decisions_since(38)] == [39, 40]  # counted from the run's first decision
+    assert r.decisions_since(0)[0].version == r.decisions[0].version  # older ones: in decisions.jsonl only
+    assert st["freshness_p50_s"] == 3.0  # each shard answered by a version trained on it 3 s after it was written
+
+
 def test_rollback_serves_the_previous_version_and_is_recorded():
     r = registry()
     r.propose(*cand(1, through=-1))

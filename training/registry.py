@@ -17,7 +17,7 @@ soon as it is proposed, without waiting for the next shard.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +34,10 @@ from livetrain.training.gate import Prequential, Verdict, classification_metrics
 
 KEEP_VERSIONS = 32
 """Served versions kept in memory for rollback, pinning and freshness."""
+KEEP_RECENT = 10_000
+"""Decisions and freshness samples kept in memory (a run may last months: the
+decisions are all in ``decisions.jsonl``; freshness percentiles are over the
+newest ones)."""
 
 
 class RollbackError(ValueError):
@@ -103,13 +107,20 @@ class Registry:
         self.history: deque[Version] = deque(maxlen=KEEP_VERSIONS)
         """The last served versions, oldest first (older ones live on disk only)."""
         self.decisions: list[Decision] = []
+        """The newest decisions (at most ``2 * KEEP_RECENT``; ``decisions_since`` counts from the first)."""
+        self._decisions_dropped = 0
+        self._actions: Counter[str] = Counter()
         self.next_version = 1
         self.versions_proposed = 0
         self.prequential = Prequential(num_classes, cfg.window_rows)
         self._recent: deque[_Block] = deque()
         self._recent_rows = 0
-        self._unserved_shards: deque[tuple[int, float]] = deque()
+        self._unserved_shards: deque[tuple[int, float]] = deque(maxlen=KEEP_RECENT)
+        """(seq, written_at) of shards no version trained on them has answered yet; with no
+        traffic at all, only the newest are kept."""
         self.freshness_s: list[float] = []
+        """Seconds from a shard's arrival to the first answer of a version trained on it (newest ones)."""
+        self._freshness_count = 0
         self.first_answer_at: dict[int, float] = {}
 
     # --- inputs ----------------------------------------------------------------
@@ -186,12 +197,18 @@ class Registry:
         if version in self.first_answer_at:
             return
         self.first_answer_at[version] = at
+        if len(self.first_answer_at) > 2 * KEEP_RECENT:  # versions answer in order: keep the newest
+            for old in sorted(self.first_answer_at)[:-KEEP_RECENT]:
+                del self.first_answer_at[old]
         v = self.find(version)
         if v is None:
             return
         while self._unserved_shards and self._unserved_shards[0][0] <= v.trained_through:
             _, written = self._unserved_shards.popleft()
             self.freshness_s.append(max(0.0, at - written))
+            self._freshness_count += 1
+        if len(self.freshness_s) > 2 * KEEP_RECENT:  # trimmed now and then: amortised O(1)
+            del self.freshness_s[:-KEEP_RECENT]
 
     def _serve(self, v: Version, previous: Version | None) -> None:
         self.served = v
@@ -332,31 +349,39 @@ class Registry:
             served_version=served_version,
         )
         self.decisions.append(d)
+        self._actions[action] += 1
+        if len(self.decisions) > 2 * KEEP_RECENT:
+            self._decisions_dropped += len(self.decisions) - KEEP_RECENT
+            del self.decisions[:-KEEP_RECENT]
         return d
+
+    def decisions_since(self, since: int) -> list[Decision]:
+        """Decisions from the ``since``-th of the run on (those still held)."""
+        return self.decisions[max(0, since - self._decisions_dropped):]
 
     # --- views -----------------------------------------------------------------
 
     def stats(self) -> dict[str, float | int | None]:
         f = np.array(self.freshness_s) if self.freshness_s else None
-        promoted = sum(d.action == "promote" for d in self.decisions)
+        promoted = self._actions["promote"]
         return {
             "served_version": self.served.version if self.served else None,
             "served_trained_through": self.served.trained_through if self.served else None,
             "versions_proposed": self.versions_proposed,
             "versions_promoted": promoted,
-            "versions_rejected": sum(d.action == "reject" for d in self.decisions),
+            "versions_rejected": self._actions["reject"],
             "prequential_accuracy": self.prequential.accuracy,
             "prequential_accuracy_window": self.prequential.window_accuracy,
             "prequential_rows": self.prequential.rows,
             "freshness_p50_s": float(np.percentile(f, 50)) if f is not None else None,
             "freshness_p95_s": float(np.percentile(f, 95)) if f is not None else None,
-            "freshness_count": len(self.freshness_s),
+            "freshness_count": self._freshness_count,
             "drift_alarms": len(self.drift.alarms),
             "holding_after_alarm": self.holding,
             "reaction_recent_fraction": self.reaction.recent_fraction,
             "reaction_lr_scale": self.reaction.lr_scale,
             "reaction_window_rows_scale": self.reaction.window_rows_scale,
-            "versions_rolled_back": sum(d.action == "rollback" for d in self.decisions),
+            "versions_rolled_back": self._actions["rollback"],
         }
 
     def live_report(self) -> dict[str, object]:

@@ -149,7 +149,7 @@ class ModelRegistry:
 
     def decisions(self, since: int = 0) -> list[Decision]:
         with self._lock:
-            return self._reg.decisions[since:]
+            return self._reg.decisions_since(since)
 
     # --- internals -------------------------------------------------------------
 
