@@ -77,6 +77,8 @@ MAX_ATTEMPTS = 3
 """Reads of one shard that may fail (actor died, unexpected error) before it is quarantined whole."""
 HASH_POLL_S = 0.005
 """How long a step waits on the actors while a landed shard is being hashed."""
+KEEP_READERS = 10_000
+"""``IngestCounters.readers`` entries kept."""
 BACKPRESSURE_PARTS = 4
 """Blocks an ingest actor may yield ahead of the loop taking them: bounds its object-store use."""
 
@@ -173,7 +175,8 @@ class IngestCounters:
     """Known shards rewritten with other bytes: recorded, not read again."""
     reasons: dict[str, int] = field(default_factory=dict)
     readers: dict[str, str] = field(default_factory=dict)
-    """Shard -> the actor that read it (last read); for tests and debugging."""
+    """Shard -> the actor that read it (last read), for the newest ``KEEP_READERS``
+    shards; for tests and debugging."""
 
 
 @dataclass
@@ -428,6 +431,9 @@ class IngestLoop:
         blocks = [b for _, bs in f.parts for b in bs] + f.items[:-1]
         result = dataclasses.replace(result, spans=[s for p in progress for s in p.spans] + result.spans)
         c.readers[rec.name] = result.reader
+        if len(c.readers) > 2 * KEEP_READERS:  # a run may last months: keep the newest (dicts keep order)
+            c.readers = dict(list(c.readers.items())[-KEEP_READERS:])
+        self._attempts.pop(rec.name, None)
         for reason, n in result.reasons.items():
             c.reasons[reason] = c.reasons.get(reason, 0) + n
         if result.error is not None:
