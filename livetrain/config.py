@@ -538,10 +538,16 @@ class TrackingConfig:
     """W&B project."""
     run_name: str | None = None
     """W&B run name (default: generated)."""
+    log_every_s: float = 2.0
+    """How often the pipeline's figures go to W&B and ``metrics.jsonl`` (the
+    live view follows every half second; decisions and alarms are logged as
+    they happen). A record is ~1 KB: every 2 s that is ~45 MB a day."""
 
     def __post_init__(self) -> None:
         if self.wandb not in ("auto", "online", "offline", "disabled"):
             raise ConfigError(f"tracking.wandb: must be auto/online/offline/disabled, got {self.wandb!r}")
+        if self.log_every_s <= 0:
+            raise ConfigError("tracking.log_every_s: must be > 0")
 
 
 @dataclass

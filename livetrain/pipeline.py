@@ -45,9 +45,11 @@
         (closes the freshness of every shard that version trained on)
 
     Pipeline.run polls ingest counters, buffer and registry stats every
-    ``_TICK_S`` -> LiveView (stderr) and Tracker (W&B + metrics.jsonl; quarantine
-    reasons flattened as ``quarantine/<reason>``; each promoted or rolled-back
-    version a W&B model artifact with aliases ``served`` and ``vN``), and
+    ``_TICK_S`` -> LiveView (stderr), and every ``tracking.log_every_s`` ->
+    Tracker (W&B + metrics.jsonl; quarantine reasons flattened as
+    ``quarantine/<reason>``); each tick, new decisions and alarms -> Tracker
+    events (each promoted or rolled-back version a W&B model artifact with
+    aliases ``served`` and ``vN``), and
     publishes the snapshot to the Control actor (named, beside the driver),
     which answers with any stop request: ``livetrain status`` reads the
     snapshot there, ``livetrain stop`` sets the request (seen within a tick;
@@ -215,6 +217,7 @@ class Pipeline:
         """Run until ``duration_s`` passes, Ctrl-C, ``livetrain stop``, or training fails; return the summary."""
         deadline = None if duration_s is None else time.monotonic() + duration_s
         self.looping = True
+        log_at = 0.0
         with LiveView(self.cfg.live_view, f"livetrain — {self.url}") as view:
             while not self._stop.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
@@ -229,7 +232,9 @@ class Pipeline:
                     raise RuntimeError(f"livetrain's {name} thread failed: {type(err).__name__}: {err}") from err
                 snap = self.snapshot()
                 view.update(snap)
-                self.tracker.log({**_numbers(snap), **self._live_metrics()})
+                if time.monotonic() >= log_at:  # the figures; decisions and alarms go as they come
+                    log_at = time.monotonic() + self.cfg.tracking.log_every_s
+                    self.tracker.log({**_numbers(snap), **self._live_metrics()})
                 self._log_decisions()
                 self._push_state()
                 self.stop_reason = ray.get(self.control.publish.remote(snap))

@@ -95,7 +95,8 @@ def livetrain_until(done: Callable[[dict[str, Any]], bool], what: str, *args: st
     env.pop("WANDB_MODE", None)
     metrics = state / METRICS_FILE
     offset = metrics.stat().st_size if metrics.exists() else 0  # this run's records only
-    cmd = [sys.executable, "-m", "livetrain.cli", *args, "--state-dir", str(state), "--duration", str(2 * timeout)]
+    cmd = [sys.executable, "-m", "livetrain.cli", *args, "--state-dir", str(state), "--duration", str(2 * timeout),
+           "tracking.log_every_s=0.5"]  # the figures it waits on, every tick
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         try:
