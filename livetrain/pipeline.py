@@ -412,19 +412,18 @@ class Pipeline:
 
     def _log_decisions(self) -> None:
         new = ray.get(self.registry.decisions.remote(self._decisions_seen))
-        self._decisions_seen += len(new)
         for d in new:
-            if d.action == "supersede":
-                continue
-            self.tracker.event(d.action, **{k: v for k, v in asdict(d).items() if k != "action"})
-            if d.action in ("promote", "rollback"):
-                self._log_model(d)
-            self._last_decision = f"v{d.version} {d.action}: {d.reason}"
+            if d.action != "supersede":
+                self.tracker.event(d.action, **{k: v for k, v in asdict(d).items() if k != "action"})
+                if d.action in ("promote", "rollback"):
+                    self._log_model(d)
+                self._last_decision = f"v{d.version} {d.action}: {d.reason}"
+            self._decisions_seen += 1  # seen once logged: an error half-way logs the rest next time
         alarms = ray.get(self.registry.alarms.remote(self._alarms_seen))
-        self._alarms_seen += len(alarms)
         for a in alarms:
             self.tracker.event("drift_alarm", **asdict(a))
             self._last_decision = f"drift alarm ({a.detector}) at shard seq {a.seq}"
+            self._alarms_seen += 1
 
     def _log_model(self, d: Decision) -> None:
         """The served version as a W&B model artifact (a reference when it is on object storage)."""

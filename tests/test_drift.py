@@ -172,9 +172,12 @@ def test_monitor_alarm_names_block_time_and_features():
     assert mon.stats()["drift_last_seq"] == 5
 
 
-def test_alarm_history_is_bounded():
+def test_alarm_history_is_bounded_but_counts_and_hands_out_every_alarm():
+    full = run_monitor(DriftConfig(cooldown_rows=0), rising_and_falling(np.random.default_rng(6), 4))
     mon = run_monitor(DriftConfig(cooldown_rows=0, max_alarms=2), rising_and_falling(np.random.default_rng(6), 4))
-    assert len(mon.alarms) == 2
+    assert len(mon.alarms) == 2 and mon.stats()["drift_alarms"] == 4
+    # a reader that has taken the first three gets the fourth, though two were dropped
+    assert mon.alarms_since(3) == full.alarms[3:] and mon.alarms_since(4) == []
 
 
 # --- reactions -------------------------------------------------------------------

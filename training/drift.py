@@ -253,7 +253,9 @@ class DriftMonitor:
         self.errors = ErrorDriftDetector(cfg)
         self.features = FeatureDriftDetector(cfg)
         self.alarms: list[DriftAlarm] = []
-        """Reported alarms, oldest first (at most ``cfg.max_alarms``)."""
+        """The newest reported alarms, oldest first (at most ``cfg.max_alarms``)."""
+        self.raised = 0
+        """Alarms reported since the start (``alarms`` holds the newest)."""
         self.rows = 0
         """Rows observed so far."""
         self.suppressed = 0
@@ -282,13 +284,18 @@ class DriftMonitor:
         self._last_alarm_row[detector] = self.rows
         alarm = DriftAlarm(at=now, detector=detector, features=features, detail=detail, seq=seq)
         self.alarms.append(alarm)
+        self.raised += 1
         del self.alarms[: max(0, len(self.alarms) - self.cfg.max_alarms)]
         return [alarm]
+
+    def alarms_since(self, since: int) -> list[DriftAlarm]:
+        """Alarms from the ``since``-th of the run on (those still held)."""
+        return self.alarms[max(0, since - (self.raised - len(self.alarms))):]
 
     def stats(self) -> dict[str, float | int | None]:
         last = self.alarms[-1] if self.alarms else None
         return {
-            "drift_alarms": len(self.alarms),
+            "drift_alarms": self.raised,
             "drift_suppressed": self.suppressed,
             "drift_last_seq": last.seq if last else None,
             "drift_last_at": last.at if last else None,

@@ -376,7 +376,7 @@ class Registry:
             "freshness_p50_s": float(np.percentile(f, 50)) if f is not None else None,
             "freshness_p95_s": float(np.percentile(f, 95)) if f is not None else None,
             "freshness_count": self._freshness_count,
-            "drift_alarms": len(self.drift.alarms),
+            "drift_alarms": self.drift.raised,
             "holding_after_alarm": self.holding,
             "reaction_recent_fraction": self.reaction.recent_fraction,
             "reaction_lr_scale": self.reaction.lr_scale,
@@ -392,7 +392,7 @@ class Registry:
             "prequential_cumulative": self.prequential.report(window=False),
             "served_version_window": self.live.report(window=True) if self.live else None,
             "confusion_window": self.prequential.confusion(window=True),
-            "drift_alarms": len(self.drift.alarms),
+            "drift_alarms": self.drift.raised,
             "last_drift_alarm": None if last is None else {
                 "at": last.at, "detector": last.detector, "features": list(last.features), "seq": last.seq,
             },

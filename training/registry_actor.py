@@ -140,7 +140,7 @@ class ModelRegistry:
 
     def alarms(self, since: int = 0) -> list[DriftAlarm]:
         with self._lock:
-            return list(self._reg.drift.alarms)[since:]
+            return self._reg.drift.alarms_since(since)
 
     def served_info(self) -> dict[str, Any] | None:
         with self._lock:
