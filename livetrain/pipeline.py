@@ -5,7 +5,8 @@
         starts (model width, buffer, Serve): start() waits for that shard
 
     landing dir (*.parquet, local or s3://; written by the user, or by SyntheticStream)
-        |  DirectorySource.poll            [IngestLoop thread, driver process]
+        |  DirectorySource.poll            [IngestLoop thread, driver process;
+        |  at most every source.poll_interval_s, stats new names only]
         v
         |  BLAKE3 content hash on a hashing thread, in landing order
         v
@@ -53,7 +54,8 @@
     publishes the snapshot to the Control actor (named, beside the driver),
     which answers with any stop request: ``livetrain status`` reads the
     snapshot there, ``livetrain stop`` sets the request (seen within a tick;
-    the pipeline then stops as on Ctrl-C).
+    the pipeline then stops as on Ctrl-C; Ctrl-C and SIGTERM set a flag read
+    at the next tick).
 
     With ``storage.uri`` (s3://..., livetrain.storage.Store): Ray Train writes
     its checkpoints there; the registry pushes served versions and its logs,
