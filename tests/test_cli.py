@@ -19,7 +19,7 @@ import yaml
 from _util import free_port, wait_until
 from livetrain.actors.synthetic import SyntheticStream
 from livetrain.config import SyntheticConfig
-from livetrain.tracking import METRICS_FILE
+from livetrain.tracking import read_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
 
@@ -70,38 +70,22 @@ def livetrain(*args: str, timeout: float = 300, env: dict | None = None) -> tupl
     return json.loads(last), proc
 
 
-def _records_from(path: Path, offset: int) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        f.seek(offset)
-        lines = f.read().splitlines()
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # the line being written
-            continue
-    return out
-
-
 def livetrain_until(done: Callable[[dict[str, Any]], bool], what: str, *args: str, state: Path,
                     timeout: float = 240, env: dict | None = None) -> tuple[dict, str]:
     """``livetrain run ...`` stopped with Ctrl-C (SIGINT) once the latest of the
-    figures it logs every tick to ``state``'s metrics log (not its events)
-    satisfies ``done``: a run as long as the test needs, not a fixed duration.
+    figures it logs to ``state``'s metrics log (not its events) satisfies
+    ``done``: a run as long as the test needs, not a fixed duration.
     Returns the summary and its stdout + stderr."""
     env = {**(env or os.environ), "WANDB_SILENT": "true"}
     env.pop("WANDB_MODE", None)
-    metrics = state / METRICS_FILE
-    offset = metrics.stat().st_size if metrics.exists() else 0  # this run's records only
+    before = len(read_metrics(state))  # this run's records only
     cmd = [sys.executable, "-m", "livetrain.cli", *args, "--state-dir", str(state), "--duration", str(2 * timeout),
            "tracking.log_every_s=0.5"]  # the figures it waits on, every tick
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         try:
             def ready() -> bool:
-                records = [r for r in _records_from(metrics, offset) if "shards_ingested" in r]
+                records = [r for r in read_metrics(state)[before:] if "shards_ingested" in r]
                 return proc.poll() is not None or (bool(records) and done(records[-1]))
 
             wait_until(ready, timeout, what)
