@@ -174,6 +174,22 @@ def test_rollback_serves_the_previous_version_and_is_recorded():
     assert "from v2" in d.reason
 
 
+def test_the_gate_reuses_the_served_answers_only_from_the_version_now_served():
+    r = registry()
+    r.propose(*cand(0, through=-1))
+    r.observe(*block(0, 0))
+    r.propose(*cand(1, through=0))
+    r.observe(*block(1, 1))
+    assert r.served.version == 2  # answers 1
+    r.observe(*block(2, 0))  # scored by v2: all wrong
+    if r.served.version != 1:  # not rolled back by itself yet
+        r.rollback(reason="test")
+    assert r.served.version == 1  # answers 0: right on block 2
+    v, decisions = r.propose(*cand(1, through=1))  # judged on block 2 against v1
+    assert [(d.version, d.action) for d in decisions] == [(v, "reject")]
+    assert decisions[0].served["accuracy"] == 1.0 and decisions[0].candidate["accuracy"] == 0.0
+
+
 def test_rollback_without_an_earlier_version_is_refused():
     from livetrain.training.registry import RollbackError
 

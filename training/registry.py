@@ -63,8 +63,9 @@ class Version:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return torch.softmax(self.model(torch.from_numpy(np.ascontiguousarray(x))), dim=1).numpy()
 
+    @torch.no_grad()
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.predict_proba(x).argmax(axis=1)
+        return self.model(torch.from_numpy(np.ascontiguousarray(x))).argmax(dim=1).numpy()  # no softmax: same argmax
 
 
 @dataclass
@@ -72,6 +73,10 @@ class _Block:
     meta: BlockMeta
     x: np.ndarray
     y: np.ndarray
+    pred: np.ndarray | None = None
+    """The served model's answers on it, when it was scored (``observe``)."""
+    scored_by: int | None = None
+    """The version that gave ``pred``: the gate reuses them while that version is served."""
     _held: np.ndarray | None = None
 
     def held_out(self, fraction: float, min_rows: int) -> np.ndarray:
@@ -128,7 +133,7 @@ class Registry:
     def observe(self, meta: BlockMeta, x: np.ndarray, y: np.ndarray) -> list[Decision]:
         """Score the served model on a new block (test), watch for drift, keep
         the block for the gate; may roll back by itself."""
-        errors = None
+        errors = pred = None
         if self.served is not None and len(y):
             probs = self.served.predict_proba(x)
             pred = probs.argmax(axis=1)
@@ -138,7 +143,7 @@ class Registry:
             if self.previous is not None:
                 self.shadow.update(y, self.previous.predict(x))
         self._react(self.drift.observe(meta.seq, x, errors, self.clock()), len(y))
-        self._recent.append(_Block(meta, x, y))
+        self._recent.append(_Block(meta, x, y, pred, None if pred is None else self.served.version))
         self._recent_rows += len(y)
         while self._recent_rows - len(self._recent[0].y) >= self.cfg.max_eval_rows:
             self._recent_rows -= len(self._recent.popleft().y)
@@ -252,23 +257,27 @@ class Registry:
         if cand is None:
             return []
         floor = max(cand.trained_through, self.served.trained_through if self.served else -1)
-        xs, ys = [], []
+        xs, ys, answered = [], [], []
         frac = self.cfg.holdout_fraction
+        served = self.served.version if self.served else None
         for b in self._recent:  # oldest first: the newest rows are kept below
             if b.meta.seq > floor:
-                xs.append(b.x)
-                ys.append(b.y)
+                rows = slice(None)
             elif b.meta.seq == floor and frac > 0:
-                held = b.held_out(frac, self.cfg.min_eval_rows)
-                xs.append(b.x[held])
-                ys.append(b.y[held])
-        rows = sum(len(y) for y in ys)
-        if rows < self.cfg.min_eval_rows:
+                rows = b.held_out(frac, self.cfg.min_eval_rows)
+            else:
+                continue
+            xs.append(b.x[rows])
+            ys.append(b.y[rows])
+            answered.append(b.pred[rows] if b.scored_by is not None and b.scored_by == served else None)
+        if sum(len(y) for y in ys) < self.cfg.min_eval_rows:
             return []
-        x = np.concatenate(xs)[-self.cfg.max_eval_rows :]
-        y = np.concatenate(ys)[-self.cfg.max_eval_rows :]
+        keep = slice(-self.cfg.max_eval_rows, None)
+        x, y = np.concatenate(xs)[keep], np.concatenate(ys)[keep]
         pc = cand.predict(x)
-        ps = self.served.predict(x) if self.served else None
+        ps = None
+        if self.served is not None:  # its answers from observe where it scored these rows itself
+            ps = np.concatenate(answered)[keep] if all(a is not None for a in answered) else self.served.predict(x)
         cm = classification_metrics(y, pc, self.num_classes)
         sm = classification_metrics(y, ps, self.num_classes) if ps is not None else None
         verdict = decide(cm, sm, self.cfg)
