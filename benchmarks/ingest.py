@@ -8,8 +8,14 @@
    commit), with 1 and 2 ingest actors, against reading the same files with
    pyarrow into numpy in this one process (baseline, same run).
 2. Rows/s one training worker draws from the buffer (sample refs, fetch the
-   blocks zero-copy, concatenate as the trainer does) against slicing the same
-   rows out of a local numpy array.
+   blocks zero-copy, concatenate; the next draw's call in flight meanwhile, as
+   the trainer does) against slicing as many rows out of a local numpy array
+   as large as the buffer; the two alternate in ten slices each, so a noisy
+   spell hits both alike.
+2b. The 2-actor ingest of the same shards into a buffer that is already full
+   (as many other shards went in first, untimed, through the same actors): it
+   evicts as they go in, and the object store's memory has been written once.
+   The steady state of a long run; ``--no-full-buffer`` skips it.
 3. The same 2-actor ingest through ``IngestLoop.run`` (the pipeline's loop)
    while ``--old-shards`` (default 20,000) shards already ingested lie in the
    landing directory, against the same loop with an empty one: the shard
@@ -40,6 +46,27 @@ on a thread of the driver (~4.4 GB/s; sha256 was ~1.8 GB/s inline in the
 loop and cost ~0.05-0.1 of the ratio). Arrow's threads inside the actors
 (``use_threads``) and a deeper generator backpressure made no measurable
 difference.
+
+Page faults (counted from ``/proc/PID/stat`` around the timed loop): the
+ingest actors take ~2,300 minor faults per shard, one per 4 KiB page of
+blocks written into the object store (the same read and validation in one
+process: ~35). A first write to a shared-memory page costs ~3.5 us in this
+VM (a page already allocated but new to the process ~1.5 us, touching it
+again ~0.08 us), so ~8 ms of CPU per shard, a third of the read and
+validation itself, goes to the store's memory; ``RAY_preallocate_plasma_memory``
+changed neither the count nor the time. A buffer that is already full
+(figure 2b) still faults ~1,300 times per shard and is no faster: evicted
+blocks' memory is not handed back to the same actor's pages. One block per
+shard (``ingest.block_rows`` >= the shard's rows: one object, not two, per
+100k-row shard) takes the ratio from ~0.44 to ~0.55: the rest of the cost
+per object (creating and sealing it, reporting it to the driver, the buffer
+borrowing its ref) is ~5 ms of wall time on 2 cores.
+
+Sampling: one draw of 8 blocks (~340k rows, 27 MB) costs ~1.5-3 ms for the
+buffer's ``sample`` call, ~0.7 ms to fetch the refs and ~3-7 ms to
+concatenate (the local baseline: ~2.7 ms). With the call for the next draw
+in flight while one is used (as the trainer does since 2026-11-28) the ratio
+went from ~0.47 to ~0.65-0.71 in the same run.
 """
 
 from __future__ import annotations
@@ -61,14 +88,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import emit  # noqa: E402
 
 
-def write_shards(landing: Path, shards: int, rows: int, d: int) -> list[Path]:
-    rng = np.random.default_rng(0)
+def write_shards(landing: Path, shards: int, rows: int, d: int, seed: int = 0, prefix: str = "s") -> list[Path]:
+    rng = np.random.default_rng(seed)
     out = []
     for i in range(shards):
         x = rng.random((rows, d), dtype=np.float32)
         cols = {f"f{j}": x[:, j] for j in range(d)}
         cols["label"] = (x[:, 0] > 0.5).astype(np.int64)
-        path = landing / f"s-{i:04d}.parquet"
+        path = landing / f"{prefix}-{i:04d}.parquet"
         pq.write_table(pa.table(cols), path)
         out.append(path)
     return out
@@ -86,7 +113,11 @@ def pyarrow_baseline(paths: list[Path], d: int) -> float:
 
 
 def ingest_seconds(paths: list[Path], d: int, actors: int, root: Path, run: int | str = 0,
-                   capacity_rows: int | None = None, overrides: tuple[str, ...] = ()):
+                   capacity_rows: int | None = None, overrides: tuple[str, ...] = (), fill: list[Path] = ()):
+    """Seconds for ``paths`` to go into a fresh buffer (capacity: their rows); with
+    ``fill``, those shards go in first, untimed, by the same actors: the buffer is
+    then full and evicts as ``paths`` go in, and the store's memory has been written
+    once (the steady state of a run that has been going for a while)."""
     import ray
 
     from livetrain.actors.buffer_actor import ReplayBufferActor
@@ -97,7 +128,7 @@ def ingest_seconds(paths: list[Path], d: int, actors: int, root: Path, run: int 
     state = root / f"state-{actors}-{run}"
     landing = state / "landing"
     landing.mkdir(parents=True)
-    for p in paths:
+    for p in fill or paths:
         (landing / p.name).hardlink_to(p)
     rows = capacity_rows or sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
     cfg = load_config(None, [
@@ -111,8 +142,12 @@ def ingest_seconds(paths: list[Path], d: int, actors: int, root: Path, run: int 
     manifest = Manifest(state)
     loop = IngestLoop(cfg, manifest, buffer, None)
     ray.get([a.__ray_ready__.remote() for a in loop.actors])
+    while loop.counters.shards_ingested < len(fill):
+        loop.step(0.05)
+    for p in paths if fill else ():
+        (landing / p.name).hardlink_to(p)
     t0 = time.perf_counter()
-    while loop.counters.shards_ingested < len(paths):
+    while loop.counters.shards_ingested < len(fill) + len(paths):
         loop.step(0.05)
     seconds = time.perf_counter() - t0
     loop.shutdown()
@@ -218,29 +253,39 @@ def large_shard(root: Path, d: int, rows: int, commit_rows: int) -> dict[str, fl
     return {"seconds": seconds, "peak_mib": peak[0] - base, "mb": big.stat().st_size / 1e6}
 
 
-def sampling(buffer, d: int, seconds: float, blocks: int = 8):
+def sampling(buffer, d: int, seconds: float, blocks: int = 8, slices: int = 10):
+    """Rows/s drawn from the buffer, and from local slicing: in alternating slices of
+    ``seconds / slices`` each, so a noisy spell on the shared machine hits both alike."""
     import ray
 
     from livetrain.training.learner import concat_blocks
 
-    n = 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        s = ray.get(buffer.sample.remote(blocks, 1 << 60, 1, 0.0))
-        x, y = concat_blocks(ray.get(s.refs))
-        n += len(y)
-    buffered = n / (time.perf_counter() - t0)
-    block_rows = len(y) // blocks
-    local_x = np.random.default_rng(0).random((len(y) * 4, d), dtype=np.float32)
+    pending = [buffer.sample.remote(blocks, 1 << 60, 1, 0.0)]
+
+    def draw() -> int:  # as the trainer draws: the next call goes out before this draw is used
+        s = ray.get(pending.pop())
+        pending.append(buffer.sample.remote(blocks, 1 << 60, 1, 0.0))
+        return len(concat_blocks(ray.get(s.refs))[1])
+
+    rows = draw()
+    block_rows = rows // blocks
+    held = ray.get(buffer.stats.remote())["rows"]  # the local array holds as many rows as the buffer
+    local_x = np.random.default_rng(0).random((held, d), dtype=np.float32)
     local_y = np.zeros(len(local_x), dtype=np.int64)
     rng = np.random.default_rng(1)
-    n = 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+
+    def slice_locally() -> int:
         starts = rng.integers(0, len(local_x) - block_rows, blocks)
-        x, y = concat_blocks([{"x": local_x[s : s + block_rows], "y": local_y[s : s + block_rows]} for s in starts])
-        n += len(y)
-    return buffered, n / (time.perf_counter() - t0)
+        return len(concat_blocks([{"x": local_x[s : s + block_rows], "y": local_y[s : s + block_rows]} for s in starts])[1])
+
+    totals = {draw: [0, 0.0], slice_locally: [0, 0.0]}
+    for _ in range(slices):
+        for fn, total in totals.items():
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds / slices:
+                total[0] += fn()
+            total[1] += time.perf_counter() - t0
+    return totals[draw][0] / totals[draw][1], totals[slice_locally][0] / totals[slice_locally][1]
 
 
 def main() -> None:
@@ -255,6 +300,8 @@ def main() -> None:
     ap.add_argument("--commit-rows", type=int, default=500_000, help="ingest.commit_rows for the large shard")
     ap.add_argument("--old-shards", type=int, default=20_000,
                     help="shards already ingested beside the new ones (0: skip that figure)")
+    ap.add_argument("--no-full-buffer", dest="full_buffer", action="store_false",
+                    help="skip the figure into a buffer already full")
     args = ap.parse_args()
     import ray
 
@@ -262,11 +309,12 @@ def main() -> None:
     try:
         (root / "files").mkdir()
         paths = write_shards(root / "files", args.shards, args.rows, args.features)
+        fill = write_shards(root / "files", args.shards, args.rows, args.features, seed=1, prefix="fill") if args.full_buffer else []
         rows = args.shards * args.rows
         mb = sum(p.stat().st_size for p in paths) / 1e6
         pyarrow_baseline(paths[:2], args.features)  # warm the page cache
         ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
-        base_runs, runs, buffer = [], {1: [], 2: []}, None
+        base_runs, runs, full_runs, buffer = [], {1: [], 2: []}, [], None
         for run in range(args.repeat):  # interleaved, so a noisy spell hits every figure alike
             base_runs.append(pyarrow_baseline(paths, args.features))
             for actors in (1, 2):
@@ -275,6 +323,10 @@ def main() -> None:
                 if buffer is not None:
                     ray.kill(buffer)
                 buffer = buf
+            if fill:
+                s, buf = ingest_seconds(paths, args.features, 2, root, f"full-{run}", fill=fill)
+                full_runs.append(s)
+                ray.kill(buf)
         base_s = statistics.median(base_runs)
         emit("pyarrow_to_numpy_rows_per_s", rows / base_s, "rows/s", mb_per_s=mb / base_s,
              runs=[round(rows / t) for t in base_runs])
@@ -282,6 +334,13 @@ def main() -> None:
             s = statistics.median(runs[actors])
             emit(f"ingest_{actors}_actor_rows_per_s", rows / s, "rows/s", baseline=rows / base_s, mb_per_s=mb / s,
                  baseline_mb_per_s=mb / base_s, runs=[round(rows / t) for t in runs[actors]])
+        if full_runs:
+            s = statistics.median(full_runs)
+            emit("ingest_2_actor_rows_per_s_full_buffer", rows / s, "rows/s", baseline=rows / base_s,
+                 mb_per_s=mb / s, runs=[round(rows / t) for t in full_runs],
+                 note="the same shards into a buffer already filled (by as many other shards, untimed, "
+                      "through the same actors): it evicts as they go in, and the object store's memory "
+                      "has been written once")
         buffered, local = sampling(buffer, args.features, args.sample_seconds)
         emit("sample_rows_per_s", buffered, "rows/s", baseline=local)
         ray.kill(buffer)

@@ -2,7 +2,9 @@
 
 Each worker loops until the buffer closes:
 
-    sample refs from the buffer (waits for ``min_buffer_rows``)
+    sample refs from the buffer (waits for ``min_buffer_rows``; the next
+    round's draw goes out before this round trains, so the buffer answers it
+    meanwhile)
       -> one all_reduce of control flags (stop / propose / checkpoint / no data),
          so every rank takes the same branch and calls ``report`` equally often
       -> fetch the blocks zero-copy, K DDP steps
@@ -114,8 +116,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     grown = False
     """Trained on blocks of the newest shard since the last proposal (same seq)."""
 
+    def draw(fresh_after: int) -> ray.ObjectRef:
+        return buffer.sample.remote(tc.blocks_per_round, fresh_after, tc.min_buffer_rows, 0.5)
+
+    next_sample = draw(progress.fresh_after)
     while True:
-        sample = ray.get(buffer.sample.remote(tc.blocks_per_round, progress.fresh_after, tc.min_buffer_rows, 0.5))
+        sample = ray.get(next_sample)
         flags = [0.0] * 7
         flags[NO_DATA] = float(not sample.refs)
         flags[NEWEST] = max((m.seq for m in sample.metas), default=-1)
@@ -132,11 +138,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             flags[PROPOSE] = float(propose_clock.due())
             flags[CHECKPOINT] = float(ckpt_clock.due() or sample.closed)
         flags = max_over_ranks(flags, device)
+        trains = not flags[NO_DATA] and not flags[STOP]
+        if not flags[STOP]:  # one round ahead: the call's round trip (~1-3 ms) overlaps this round
+            seen = max([progress.fresh_after, *(m.seq for m in sample.metas)]) if trains else progress.fresh_after
+            next_sample = draw(seen)  # unseen-first after what this round trains on
 
         learner.set_lr_scale(float(flags[LR_SCALE]) or 1.0)  # rank 0's knob, on every rank
         if tc.anchor_l2:
             anchor_version = _refresh_anchor(learner, registry, anchor_version)
-        if not flags[NO_DATA] and not flags[STOP]:
+        if trains:
             t0 = time.perf_counter()
             # every rank leaves out the held-out rows of the newest shard any rank drew
             through = max(progress.trained_through, int(flags[NEWEST]))
