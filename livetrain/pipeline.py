@@ -67,7 +67,8 @@ and its one outstanding ``add_shards`` call (at most ``source.poll_interval_s``;
 it never blocks on the buffer) and, with ``buffer.backpressure: coverage``, on
 the buffer's sample-to-insert limiter, which stops new claims at
 ``ingest.max_in_flight``; trainers on ``ReplayBufferActor.sample``
-(a condition, until ``train.min_buffer_rows``); replicas on
+(a condition, until ``train.min_buffer_rows``; each worker's next draw is in
+flight while it trains a round); replicas on
 ``wait_for_version`` (a condition in the registry) and requests on
 ``@serve.batch`` (``serve.batch_wait_timeout_s``); the synthetic writer on
 its pacing schedule. Stopping closes the buffer, which every trainer sees in
