@@ -64,7 +64,8 @@
 
 What each loop waits on: the IngestLoop on ``ray.wait`` over in-flight shards
 and its one outstanding ``add_shards`` call (at most ``source.poll_interval_s``;
-it never blocks on the buffer) and, with ``buffer.backpressure: coverage``, on
+it never blocks on the buffer, nor on a remote landing directory's listing,
+which runs on a thread) and, with ``buffer.backpressure: coverage``, on
 the buffer's sample-to-insert limiter, which stops new claims at
 ``ingest.max_in_flight``; trainers on ``ReplayBufferActor.sample``
 (a condition, until ``train.min_buffer_rows``; each worker's next draw is in

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 
 import pytest
 
@@ -99,6 +100,51 @@ def test_same_shard_delivered_twice_is_ingested_once_and_recorded(ray_session, t
     assert [r.same_content for r in loop.manifest.redeliveries()] == [True]
     in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
     assert_exactly_once(set(range(1000)) | set(range(10_000, 11_000)), in_buffer, quarantined)
+    close(loop, buffer)
+
+
+class _SlowRemoteListing:
+    """The landing directory as a remote one whose listing hangs until ``go`` is set
+    (an S3 prefix with 100k objects takes ~100 requests to list)."""
+
+    remote = True
+
+    def __init__(self, source) -> None:
+        self.source, self.go, self.listings = source, threading.Event(), 0
+        self.go.set()
+
+    def poll(self):
+        self.go.wait(60)
+        self.listings += 1
+        return self.source.poll()
+
+
+def test_a_slow_remote_listing_does_not_stall_the_loop(ray_session, tmp_path):
+    cfg, loop, buffer = make_loop(tmp_path)
+    loop.source = lister = _SlowRemoteListing(loop.source)
+
+    def step_within(seconds: float = 5.0) -> None:
+        t = threading.Thread(target=loop.step, args=(0.05,), daemon=True)
+        t.start()
+        t.join(seconds)
+        assert not t.is_alive(), "a step waited for the landing directory's listing"
+
+    try:
+        write_id_shard(cfg.landing_dir / "r-000.parquet", 0, 1000)
+        write_id_shard(cfg.landing_dir / "r-001.parquet", 10_000, 1000)
+        step_within()
+        wait_until(lambda: lister.listings == 1, 10, "the first listing")
+        lister.go.clear()  # from here on, every listing hangs
+        wait_until(lambda: step_within() or loop.counters.shards_ingested == 2, 30,
+                   "the shards listed before to go in while a listing hangs", interval_s=0)
+        write_id_shard(cfg.landing_dir / "r-002.parquet", 20_000, 1000)
+        lister.go.set()
+        wait_until(lambda: step_within() or loop.counters.shards_ingested == 3, 30,
+                   "the shard in the listing that hung, once it is in", interval_s=0)
+    finally:
+        lister.go.set()
+    assert_exactly_once(set(range(1000)) | set(range(10_000, 11_000)) | set(range(20_000, 21_000)),
+                        buffer_ids(buffer), [])
     close(loop, buffer)
 
 
