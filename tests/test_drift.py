@@ -97,6 +97,26 @@ def test_psi_flags_exactly_the_shifted_feature():
     assert np.all(np.delete(det.last_psi, 3) < 0.1)
 
 
+def test_a_large_block_is_compared_on_rows_strided_over_all_of_it(monkeypatch):
+    import livetrain.training.drift as drift_module
+
+    rng = np.random.default_rng(4)
+    det = FeatureDriftDetector(DriftConfig())
+    for x in normal_blocks(rng, 5):
+        det.update(x)
+    rows = 4 * drift_module.PSI_MAX_ROWS
+    calm = rng.standard_normal((rows, 5)).astype(np.float32)
+    late = rng.standard_normal((rows, 5)).astype(np.float32)
+    late[-rows // 4 :, 1] += 3.0  # only the block's last quarter moved
+    sampled = [det.psi(calm), det.psi(late)]
+    monkeypatch.setattr(drift_module, "PSI_MAX_ROWS", 10**9)  # every row
+    full = [det.psi(calm), det.psi(late)]
+    for a, b in zip(sampled, full):
+        assert np.abs(a - b).max() < 0.02
+    assert sampled[1][1] > 0.2 and np.all(np.delete(sampled[1], 1) < 0.05)
+    assert det.update(late) == [1]
+
+
 def test_same_distribution_blocks_raise_no_feature_alarm():
     rng = np.random.default_rng(1)
     det = FeatureDriftDetector(DriftConfig())
