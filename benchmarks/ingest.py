@@ -58,7 +58,7 @@ ingest actors take ~2,300 minor faults per shard, one per 4 KiB page of
 blocks written into the object store (the same read and validation in one
 process: ~35). A first write to a shared-memory page costs ~3.5 us in this
 VM (a page already allocated but new to the process ~1.5 us, touching it
-again ~0.08 us), so ~8 ms of CPU per shard, a third of the read and
+again ~0.08 us), so ~8 ms of CPU per shard, about half of the read and
 validation itself, goes to the store's memory; ``RAY_preallocate_plasma_memory``
 changed neither the count nor the time. A buffer that is already full
 (figure 2b) still faults ~1,300 times per shard and is no faster: evicted
@@ -76,8 +76,8 @@ M rows/s (ADWIN, per row in river, ~14 ms; the two forwards ~20 ms).
 Sampling: one draw of 8 blocks (~340k rows, 27 MB) costs ~1.5-3 ms for the
 buffer's ``sample`` call, ~0.7 ms to fetch the refs and ~3-7 ms to
 concatenate (the local baseline: ~2.7 ms). With the call for the next draw
-in flight while one is used (as the trainer does since 2026-11-28) the ratio
-went from ~0.47 to ~0.65-0.71 in the same run.
+in flight while one is used (as the trainer does) the ratio
+went from ~0.47 to ~0.65-0.85 (four runs).
 """
 
 from __future__ import annotations
