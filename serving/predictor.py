@@ -14,6 +14,7 @@ from torch import nn
 
 from livetrain.messages import ServedVersion
 from livetrain.training.checkpoint import CheckpointError, model_from_weights
+from livetrain.training.softmax import softmax
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 CPU = torch.device("cpu")
@@ -109,7 +110,7 @@ class Loaded:
         t = torch.from_numpy(np.ascontiguousarray(x))
         if self.device.type != "cpu":
             t = t.to(self.device, non_blocking=True)
-        return torch.softmax(self.model(t), dim=1).cpu().numpy()
+        return softmax(self.model(t)).cpu().numpy()
 
     def scores(self, x: np.ndarray, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """``(labels [n], probabilities [n, classes])`` as arrays (the Arrow answer)."""

@@ -30,6 +30,7 @@ from livetrain.messages import BlockMeta, Candidate, Decision, ModelSpec
 from livetrain.training.checkpoint import model_from_weights
 from livetrain.training.drift import DriftAlarm, DriftMonitor, ReactionState, decay, react
 from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, held_out, mcnemar_z
+from livetrain.training.softmax import softmax
 
 
 KEEP_VERSIONS = 32
@@ -61,7 +62,7 @@ class Version:
 
     @torch.no_grad()
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        return torch.softmax(self.model(torch.from_numpy(np.ascontiguousarray(x))), dim=1).numpy()
+        return softmax(self.model(torch.from_numpy(np.ascontiguousarray(x)))).numpy()
 
     @torch.no_grad()
     def predict(self, x: np.ndarray) -> np.ndarray:
