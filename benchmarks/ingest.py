@@ -19,9 +19,10 @@
    registry actor bounds the whole pipeline's ingest at this rate (figure 1
    runs without it).
 2b. The 2-actor ingest of the same shards into a buffer that is already full
-   (as many other shards went in first, untimed, through the same actors): it
-   evicts as they go in, and the object store's memory has been written once.
-   The steady state of a long run; ``--no-full-buffer`` skips it.
+   (``--fill-rounds``, default 4, times as many other shards went in first,
+   untimed, through the same actors): it evicts as they go in, and the actors
+   have written into the store's memory before. The steady state of a long
+   run; ``--fill-rounds 0`` (or ``--no-full-buffer``) skips it.
 3. The same 2-actor ingest through ``IngestLoop.run`` (the pipeline's loop)
    while ``--old-shards`` (default 20,000) shards already ingested lie in the
    landing directory, against the same loop with an empty one: the shard
@@ -60,9 +61,15 @@ process: ~35). A first write to a shared-memory page costs ~3.5 us in this
 VM (a page already allocated but new to the process ~1.5 us, touching it
 again ~0.08 us), so ~8 ms of CPU per shard, about half of the read and
 validation itself, goes to the store's memory; ``RAY_preallocate_plasma_memory``
-changed neither the count nor the time. A buffer that is already full
-(figure 2b) still faults ~1,300 times per shard and is no faster: evicted
-blocks' memory is not handed back to the same actor's pages. One block per
+changed neither the count nor the time. Into a buffer filled once before,
+the actors still fault ~1,300 times per shard: the store hands an actor memory
+another process wrote last, which is new to its page tables. Filled four times
+over (figure 2b, the default ``--fill-rounds``) they fault ~700 times per shard
+and the ratio is ~0.47 against ~0.43 cold in the same run: the faults fall
+with a run's age, but the Ray per-object cost below stays. A tmpfs with huge
+pages as the store's directory (``--plasma-directory``) took the count to ~300
+(cold) and ~20 (warm), but not the time in one try: the first write of new
+memory still has to zero it. One block per
 shard (``ingest.block_rows`` >= the shard's rows: one object, not two, per
 100k-row shard) takes the ratio from ~0.44 to ~0.55: the rest of the cost
 per object (creating and sealing it, reporting it to the driver, the buffer
@@ -123,12 +130,22 @@ def pyarrow_baseline(paths: list[Path], d: int) -> float:
     return time.perf_counter() - t0
 
 
+def minor_faults(pid: int) -> int | None:
+    """Minor page faults of process ``pid`` so far (Linux; None elsewhere)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def ingest_seconds(paths: list[Path], d: int, actors: int, root: Path, run: int | str = 0,
                    capacity_rows: int | None = None, overrides: tuple[str, ...] = (), fill: list[Path] = ()):
-    """Seconds for ``paths`` to go into a fresh buffer (capacity: their rows); with
-    ``fill``, those shards go in first, untimed, by the same actors: the buffer is
-    then full and evicts as ``paths`` go in, and the store's memory has been written
-    once (the steady state of a run that has been going for a while)."""
+    """``(seconds, buffer, faults)``: seconds for ``paths`` to go into a fresh buffer
+    (capacity: their rows) and the ingest actors' minor page faults per shard
+    meanwhile; with ``fill``, those shards go in first, untimed, by the same actors:
+    the buffer is then full and evicts as ``paths`` go in, and the actors have
+    written into the store's memory before (the steady state of a run that has been
+    going for a while)."""
     import ray
 
     from livetrain.actors.buffer_actor import ReplayBufferActor
@@ -157,13 +174,17 @@ def ingest_seconds(paths: list[Path], d: int, actors: int, root: Path, run: int 
         loop.step(0.05)
     for p in paths if fill else ():
         (landing / p.name).hardlink_to(p)
+    pids = ray.get([a.__ray_call__.remote(lambda _: os.getpid()) for a in loop.actors])
+    before = [minor_faults(pid) for pid in pids]
     t0 = time.perf_counter()
     while loop.counters.shards_ingested < len(fill) + len(paths):
         loop.step(0.05)
     seconds = time.perf_counter() - t0
+    after = [minor_faults(pid) for pid in pids]
+    faults = None if None in before + after else (sum(after) - sum(before)) / len(paths)
     loop.shutdown()
     manifest.close()
-    return seconds, buffer
+    return seconds, buffer, faults
 
 
 def beside_old_shards(paths: list[Path], d: int, root: Path, old: int, run: str) -> tuple[float, float]:
@@ -255,8 +276,8 @@ def large_shard(root: Path, d: int, rows: int, commit_rows: int) -> dict[str, fl
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        seconds, buffer = ingest_seconds([big], d, 1, root, f"large-{commit_rows}", capacity_rows=100_000,
-                                         overrides=(f"ingest.commit_rows={commit_rows}",))
+        seconds, buffer, _ = ingest_seconds([big], d, 1, root, f"large-{commit_rows}", capacity_rows=100_000,
+                                            overrides=(f"ingest.commit_rows={commit_rows}",))
     finally:
         done.set()
         watcher.join()
@@ -337,6 +358,11 @@ def sampling(buffer, d: int, seconds: float, blocks: int = 8, slices: int = 10):
     return totals[draw][0] / totals[draw][1], totals[slice_locally][0] / totals[slice_locally][1]
 
 
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known)) if known else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=int, default=48)
@@ -349,8 +375,10 @@ def main() -> None:
     ap.add_argument("--commit-rows", type=int, default=500_000, help="ingest.commit_rows for the large shard")
     ap.add_argument("--old-shards", type=int, default=20_000,
                     help="shards already ingested beside the new ones (0: skip that figure)")
-    ap.add_argument("--no-full-buffer", dest="full_buffer", action="store_false",
-                    help="skip the figure into a buffer already full")
+    ap.add_argument("--fill-rounds", type=int, default=4,
+                    help="times the buffer is filled (untimed, by other shards) before figure 2b (0: skip it)")
+    ap.add_argument("--no-full-buffer", dest="fill_rounds", action="store_const", const=0,
+                    help="skip figure 2b (--fill-rounds 0)")
     args = ap.parse_args()
     import ray
 
@@ -358,23 +386,27 @@ def main() -> None:
     try:
         (root / "files").mkdir()
         paths = write_shards(root / "files", args.shards, args.rows, args.features)
-        fill = write_shards(root / "files", args.shards, args.rows, args.features, seed=1, prefix="fill") if args.full_buffer else []
+        fill = [p for k in range(args.fill_rounds)
+                for p in write_shards(root / "files", args.shards, args.rows, args.features, seed=1 + k, prefix=f"fill{k}")]
         rows = args.shards * args.rows
         mb = sum(p.stat().st_size for p in paths) / 1e6
         pyarrow_baseline(paths[:2], args.features)  # warm the page cache
         ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
         base_runs, runs, full_runs, buffer = [], {1: [], 2: []}, [], None
+        faults: dict[int | str, list[float]] = {1: [], 2: [], "full": []}
         for run in range(args.repeat):  # interleaved, so a noisy spell hits every figure alike
             base_runs.append(pyarrow_baseline(paths, args.features))
             for actors in (1, 2):
-                s, buf = ingest_seconds(paths, args.features, actors, root, run)
+                s, buf, f = ingest_seconds(paths, args.features, actors, root, run)
                 runs[actors].append(s)
+                faults[actors].append(f)
                 if buffer is not None:
                     ray.kill(buffer)
                 buffer = buf
             if fill:
-                s, buf = ingest_seconds(paths, args.features, 2, root, f"full-{run}", fill=fill)
+                s, buf, f = ingest_seconds(paths, args.features, 2, root, f"full-{run}", fill=fill)
                 full_runs.append(s)
+                faults["full"].append(f)
                 ray.kill(buf)
         base_s = statistics.median(base_runs)
         emit("pyarrow_to_numpy_rows_per_s", rows / base_s, "rows/s", mb_per_s=mb / base_s,
@@ -382,14 +414,16 @@ def main() -> None:
         for actors in (1, 2):
             s = statistics.median(runs[actors])
             emit(f"ingest_{actors}_actor_rows_per_s", rows / s, "rows/s", baseline=rows / base_s, mb_per_s=mb / s,
-                 baseline_mb_per_s=mb / base_s, runs=[round(rows / t) for t in runs[actors]])
+                 baseline_mb_per_s=mb / base_s, runs=[round(rows / t) for t in runs[actors]],
+                 page_faults_per_shard=_median(faults[actors]))
         if full_runs:
             s = statistics.median(full_runs)
             emit("ingest_2_actor_rows_per_s_full_buffer", rows / s, "rows/s", baseline=rows / base_s,
-                 mb_per_s=mb / s, runs=[round(rows / t) for t in full_runs],
-                 note="the same shards into a buffer already filled (by as many other shards, untimed, "
-                      "through the same actors): it evicts as they go in, and the object store's memory "
-                      "has been written once")
+                 mb_per_s=mb / s, runs=[round(rows / t) for t in full_runs], fill_rounds=args.fill_rounds,
+                 page_faults_per_shard=_median(faults["full"]),
+                 note=f"the same shards into a buffer already filled {args.fill_rounds} times over (by other "
+                      "shards, untimed, through the same actors): it evicts as they go in, and the actors "
+                      "have written into the object store's memory before")
         observed, forward = registry_observe(args.features)
         emit("registry_observe_rows_per_s", observed, "rows/s", baseline=forward, block_rows=65_536,
              baseline_is="the served model's forward alone on the same rows (plain PyTorch, 1 thread)",
