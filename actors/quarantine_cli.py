@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from livetrain.actors.manifest import Manifest
 from livetrain.actors.quarantine import list_quarantine, reingest
@@ -11,6 +12,9 @@ from livetrain.config import Config
 
 
 def quarantine_command(cfg: Config, name: str | None, everything: bool) -> int:
+    if not Path(cfg.state_dir).is_dir():  # a mistyped path: say so, and do not create a manifest there
+        print(f"livetrain: no state directory at {cfg.state_dir}", file=sys.stderr)
+        return 1
     entries = list_quarantine(cfg.state_dir)
     if name is None and not everything:
         for e in entries:

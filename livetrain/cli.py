@@ -176,6 +176,9 @@ def _run(cfg: Config) -> int:
 def _history(state_dir: Path, as_json: bool) -> int:
     from livetrain.history import read_history
 
+    if not Path(state_dir).is_dir():
+        print(f"livetrain: no state directory at {state_dir}", file=sys.stderr)
+        return 1
     events = read_history(state_dir)
     if not events:
         print(f"livetrain: no decisions in {state_dir}", file=sys.stderr)

@@ -628,6 +628,8 @@ class Config:
         return Path(self.source.path) if self.source.path else Path(self.state_dir) / "landing"
 
     def __post_init__(self) -> None:
+        if self.duration_s is not None and not self.duration_s > 0:
+            raise ConfigError(f"duration_s: must be > 0 seconds (None: until Ctrl-C), got {self.duration_s}")
         if self.source.kind == "synthetic" and self.source.path and "://" in self.source.path:
             raise ConfigError(f"source.path: the synthetic stream writes to a local directory, got {self.source.path!r}")
 

@@ -77,3 +77,9 @@ def test_readme_documents_every_field():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [key for key, _, _ in field_docs() if f"`{key}`" not in readme]
     assert missing == []
+
+
+@pytest.mark.parametrize("seconds", ["0", "-5"])
+def test_a_duration_that_is_not_positive_is_refused(seconds):
+    with pytest.raises(ConfigError, match="duration_s: must be > 0"):
+        load_config(overrides=[f"duration_s={seconds}"])

@@ -30,3 +30,12 @@ def test_history_merges_decisions_and_alarms_in_time_order(tmp_path: Path, capsy
 def test_history_of_an_empty_state_dir_says_so(tmp_path: Path, capsys):
     assert main(["history", "--state-dir", str(tmp_path)]) == 1
     assert "no decisions" in capsys.readouterr().err
+
+
+def test_a_mistyped_state_dir_is_named_for_history_and_quarantine(tmp_path: Path, capsys):
+    missing = tmp_path / "stat"  # "state", mistyped
+    assert main(["history", "--state-dir", str(missing)]) == 1
+    assert f"no state directory at {missing}" in capsys.readouterr().err
+    assert main(["quarantine", "--state-dir", str(missing), "--all"]) == 1
+    assert f"no state directory at {missing}" in capsys.readouterr().err
+    assert not missing.exists()  # nothing created there: no manifest beside a typo
