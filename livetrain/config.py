@@ -78,6 +78,11 @@ class SchemaConfig:
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"schema.classes: need at least two distinct labels, got {self.classes}")
         features = self.features or ([self.feature_list_column] if self.feature_list_column else [])
+        twice = sorted({f for f in features if features.count(f) > 1})
+        if twice:
+            raise ConfigError(f"schema.features: {', '.join(map(repr, twice))} named more than once")
+        if self.label in features:
+            raise ConfigError(f"schema.label: {self.label!r} is also a feature: the model would be shown its answer")
         if self.id_column is not None and self.id_column in [*features, self.label]:
             raise ConfigError(f"schema.id_column: {self.id_column!r} is already a feature or the label")
 
@@ -732,7 +737,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=0.01")
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from e
+        _set_path(tree, key.strip(), value)
     return tree
 
 
@@ -751,7 +760,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     data: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
-        loaded = yaml.safe_load(text)
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -83,3 +83,19 @@ def test_readme_documents_every_field():
 def test_a_duration_that_is_not_positive_is_refused(seconds):
     with pytest.raises(ConfigError, match="duration_s: must be > 0"):
         load_config(overrides=[f"duration_s={seconds}"])
+
+
+def test_broken_yaml_is_a_config_error_naming_the_file_or_the_override(tmp_path: Path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: {batch_size: 5\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match=r"override 'schema.features=\[a, b': the value is not valid YAML"):
+        load_config(overrides=["schema.features=[a, b"])
+
+
+def test_a_feature_named_twice_or_also_the_label_is_refused():
+    with pytest.raises(ConfigError, match="'a' named more than once"):
+        load_config(overrides=["schema.features=[a, b, a]"])
+    with pytest.raises(ConfigError, match="schema.label: 'y' is also a feature"):
+        load_config(overrides=["schema.features=[a, y]", "schema.label=y"])
