@@ -162,7 +162,10 @@ class Pipeline:
     def start(self) -> None:
         cfg, ns = self.cfg, self.cfg.ray.namespace
         declared = _declared_schema(cfg)  # a synthetic stream that cannot match fails here, before Ray
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file there, no permission, a read-only disk: before Ray starts
+            raise ConfigError(f"state_dir: cannot use {str(self.state_dir)!r} as a directory: {e.strerror}") from e
         if not ray.is_initialized():
             if self.cluster_address is None:  # Serve's ingress is fixed when Ray's processes start
                 os.environ.update(serving_ray_env(cfg.serve))
