@@ -129,6 +129,15 @@ SUMMARY_KEYS = (
 )
 
 
+def _make_dir(path: Path, key: str) -> None:
+    """Create a local directory the run needs, before Ray starts: a file there, no
+    permission or a read-only disk is a config error naming ``key``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot use {str(path)!r} as a directory: {e.strerror}") from e
+
+
 class Pipeline:
     def __init__(self, cfg: Config, probe_traffic: bool = True) -> None:
         self.cfg = cfg
@@ -162,10 +171,9 @@ class Pipeline:
     def start(self) -> None:
         cfg, ns = self.cfg, self.cfg.ray.namespace
         declared = _declared_schema(cfg)  # a synthetic stream that cannot match fails here, before Ray
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # a file there, no permission, a read-only disk: before Ray starts
-            raise ConfigError(f"state_dir: cannot use {str(self.state_dir)!r} as a directory: {e.strerror}") from e
+        _make_dir(self.state_dir, "state_dir")
+        if isinstance(cfg.landing_dir, Path):
+            _make_dir(cfg.landing_dir, "source.path")
         if not ray.is_initialized():
             if self.cluster_address is None:  # Serve's ingress is fixed when Ray's processes start
                 os.environ.update(serving_ray_env(cfg.serve))

@@ -166,14 +166,16 @@ def test_run_restarted_on_same_state_dir_continues_where_it_stopped(tmp_path: Pa
     assert second["served_version"] >= first["served_version"]
 
 
-def test_run_on_a_state_dir_that_is_a_file_says_so_before_starting_ray(tmp_path: Path):
-    taken = tmp_path / "state"
+@pytest.mark.parametrize("key", ["state_dir", "source.path"])
+def test_a_directory_that_is_a_file_is_named_before_ray_starts(tmp_path: Path, key: str):
+    taken = tmp_path / "taken"
     taken.write_text("not a directory")
     proc = subprocess.run(
-        [sys.executable, "-m", "livetrain.cli", "demo", "--state-dir", str(taken), "--wandb", "disabled", "--no-live"],
+        [sys.executable, "-m", "livetrain.cli", "demo", "--wandb", "disabled", "--no-live",
+         f"state_dir={tmp_path / 'state'}", f"{key}={taken}"],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert f"state_dir: cannot use {str(taken)!r} as a directory" in proc.stderr
+    assert f"{key}: cannot use {str(taken)!r} as a directory" in proc.stderr
     assert "Traceback" not in proc.stderr and "Started a local Ray instance" not in proc.stderr
     assert taken.read_text() == "not a directory"
