@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import types
 import typing
@@ -263,6 +264,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("model.dropout: must be in [0, 1)")
+        if any(h < 1 for h in self.hidden):
+            raise ConfigError(f"model.hidden: every width must be >= 1, got {self.hidden}")
         if self.task != "classification":
             raise ConfigError(f"model.task: only 'classification' is supported for now, got {self.task!r}")
 
@@ -683,6 +686,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every "must be > 0" check
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -99,3 +99,14 @@ def test_a_feature_named_twice_or_also_the_label_is_refused():
         load_config(overrides=["schema.features=[a, b, a]"])
     with pytest.raises(ConfigError, match="schema.label: 'y' is also a feature"):
         load_config(overrides=["schema.features=[a, y]", "schema.label=y"])
+
+
+@pytest.mark.parametrize("override", ["train.lr=.nan", "gate.tolerance=.inf", "drift.psi_threshold=-.inf"])
+def test_a_number_that_is_not_finite_is_refused(override):
+    with pytest.raises(ConfigError, match=r"expected a finite number"):
+        load_config(overrides=[override])
+
+
+def test_a_hidden_layer_without_units_is_refused():
+    with pytest.raises(ConfigError, match=r"model.hidden: every width must be >= 1, got \[32, 0\]"):
+        load_config(overrides=["model.hidden=[32, 0]"])

@@ -61,3 +61,10 @@ def test_plugin_model_is_found_by_entry_point_and_round_trips(plugin, tmp_path: 
 def test_unknown_model_lists_what_is_known():
     with pytest.raises(ConfigError, match="known: cnn, mlp"):
         model_spec(ModelConfig(name="nope"), 3, 2)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_options_torch_refuses_are_a_config_error_naming_the_model():
+    options = {"image_shape": [1, 4, 4], "channels": [0]}
+    with pytest.raises(ConfigError, match=r"model 'cnn' .*'channels': \[0\].* fails on a \[2, 16\] batch"):
+        model_spec(ModelConfig(name="cnn", options=options), num_features=16, num_classes=3)

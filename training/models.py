@@ -156,7 +156,12 @@ def model_spec(cfg: ModelConfig, num_features: int, num_classes: int) -> ModelSp
         raise ConfigError(f"model.options: the {cfg.name!r} builder does not accept them: {e}") from e
     except ValueError as e:
         raise ConfigError(f"model.name: {e}" if str(e).startswith("unknown model") else str(e)) from e
-    out = model.eval()(torch.zeros(2, num_features))
+    except RuntimeError as e:  # torch refusing a layer (a width of 0, ...): name the config, not a stack
+        raise ConfigError(f"model {cfg.name!r} cannot be built from {kwargs}: {e}") from e
+    try:
+        out = model.eval()(torch.zeros(2, num_features))
+    except RuntimeError as e:
+        raise ConfigError(f"model {cfg.name!r} ({kwargs}) fails on a [2, {num_features}] batch: {e}") from e
     if tuple(out.shape) != (2, num_classes):
         raise ConfigError(f"model {cfg.name!r} maps [2, {num_features}] to {tuple(out.shape)}, expected (2, {num_classes}) logits")
     return spec
