@@ -335,12 +335,14 @@ class GateConfig:
     tolerance: float = 0.01
     """A candidate is promoted unless it is worse than the served model by more than this."""
     compare_versions: int = 4
-    """The tolerance is not spent again at every promotion: a candidate is also
-    compared, on the same rows, with up to this many versions served before
-    the current one (those that have not trained on the rows either), and is
-    not served if it is worse than any of them by more than the tolerance.
-    Otherwise a run of candidates, each just within the tolerance of the one
-    before, could walk the endpoint down. 0: the served model only."""
+    """The tolerance is not spent again at every promotion: a candidate worse
+    than the served model (within the tolerance) is also compared, on the same
+    rows, with up to this many versions served before the current one (those
+    that have not trained on the rows either), and is not served if it is
+    worse than any of them by more than the tolerance. Otherwise a run of
+    candidates, each just within the tolerance of the one before, could walk
+    the endpoint down. A candidate at least as good as the served model is
+    not compared with them. 0: the served model only."""
     min_eval_rows: int = 500
     """Unseen rows (newer than the candidate's data) needed to decide."""
     max_eval_rows: int = 5000

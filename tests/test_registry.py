@@ -399,3 +399,22 @@ def test_a_shard_too_small_to_decide_on_alone_holds_nothing_out_and_waits():
     assert decisions == [] and r.pending is not None  # judged by the next shard, on all its rows
     (d,) = r.observe(*varied_block(2, 0, rows=300))
     assert d.action == "promote" and d.eval_rows == 300
+
+
+def test_a_candidate_better_than_the_served_model_is_not_held_back_by_older_versions():
+    """v1 is right on the newest rows, the served v2 always wrong, the candidate
+    right on half of them. Comparing it with v1 would keep v2 serving: a worse
+    model. The candidate goes in (and the check still holds one that is worse
+    than the served model: test_the_tolerance_is_not_spent_again_at_every_promotion)."""
+    r = registry(tolerance=0.015)
+    r.propose(Candidate(None, SPEC, -1, 0.0, 0, 0.0, 0.0), weights_above(0.0))  # class 1 everywhere on a ramp
+    r.observe(*ramp(0))
+    meta, x, _ = ramp(1)
+    r.propose(*cand(0, through=0))
+    r.observe(meta, x, np.zeros(100, np.int64))  # a spell of class 0: v2 right, v1 wrong
+    assert r.served.version == 2
+    r.propose(Candidate(None, SPEC, 1, 0.0, 0, 0.0, 0.0), weights_above(0.5))
+    (decision,) = r.observe(*ramp(2))  # class 1 again: v1 1.0, served v2 0.0, the candidate 0.5
+    assert decision.action == "promote", decision.reason
+    assert decision.candidate["accuracy"] == pytest.approx(0.5) and decision.served["accuracy"] == 0.0
+    assert r.served.version == 3

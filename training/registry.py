@@ -284,7 +284,7 @@ class Registry:
         verdict = decide(cm, sm, self.cfg)
         if verdict.promote and sm is not None and self.holding:
             verdict = self._release_hold(verdict, x, y, pc) or self._hold(verdict, y, pc, ps, cm, sm)
-        if verdict.promote and sm is not None:
+        if verdict.promote and sm is not None and cm[self.cfg.metric] < sm[self.cfg.metric]:
             verdict = self._no_ratchet(verdict, floor, x, y, cm)
         self.pending = None
         served_version = self.served.version if self.served else None
@@ -297,8 +297,10 @@ class Registry:
 
     def _no_ratchet(self, verdict: Verdict, floor: int, x: np.ndarray, y: np.ndarray,
                     cm: dict[str, float]) -> Verdict:
-        """``gate.compare_versions``: a candidate within the tolerance of the served model
-        must also be within it of the versions served before, on the same rows."""
+        """``gate.compare_versions``: a candidate that spends the tolerance (worse than
+        the served model, within it) must also be within it of the versions served
+        before, on the same rows. One at least as good as the served model is not
+        held back by them: refusing it would keep a worse model serving."""
         m, tol = self.cfg.metric, self.cfg.tolerance
         earlier = [v for v in reversed(self.history) if v is not self.served][: self.cfg.compare_versions]
         for v in (v for v in earlier if v.trained_through <= floor):  # not trained on these rows either
