@@ -87,6 +87,7 @@ import re
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict
 from pathlib import Path
@@ -150,7 +151,8 @@ class Pipeline:
         self._thread_error: tuple[str, BaseException] | None = None
         self._decisions_seen = 0
         self._alarms_seen = 0
-        self._probe = {"ok": 0, "failed": 0}
+        self._probe = {"ok": 0, "no_model": 0, "failed": 0}
+        """Probe answers; ``no_model``: 503 "no model has been promoted yet" (not a drop)."""
         self.started_at = time.time()
         self.first_promotion_s: float | None = None
         self.url: str | None = None
@@ -351,6 +353,8 @@ class Pipeline:
                 with urllib.request.urlopen(req, timeout=5) as r:
                     r.read()
                 self._probe["ok"] += 1
+            except urllib.error.HTTPError as e:  # before the first promotion: 503 with Retry-After
+                self._probe["no_model" if e.code == 503 and e.headers.get("Retry-After") else "failed"] += 1
             except Exception:
                 self._probe["failed"] += 1
 
@@ -391,6 +395,7 @@ class Pipeline:
             "freshness_p50_s": reg["freshness_p50_s"],
             "freshness_p95_s": reg["freshness_p95_s"],
             "probe_requests_ok": self._probe["ok"],
+            "probe_requests_no_model": self._probe["no_model"],
             "probe_requests_failed": self._probe["failed"],
             "endpoint": self.url,
             "elapsed_s": time.time() - self.started_at,
@@ -411,6 +416,7 @@ class Pipeline:
             drift_alarms=snap["drift_alarms"],
             first_promotion_s=self.first_promotion_s,
             probe_requests_ok=self._probe["ok"],
+            probe_requests_no_model=self._probe["no_model"],
             probe_requests_failed=self._probe["failed"],
             elapsed_s=snap["elapsed_s"],
             state_dir=str(self.state_dir),

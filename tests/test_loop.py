@@ -72,6 +72,15 @@ def test_served_version_advances_at_least_twice(loop):
     wait_until(three_versions, 180, "three distinct served versions")
 
 
+def test_no_probe_fails_and_those_before_the_first_model_are_counted_apart(loop):
+    """The demo's probe traffic: a 503 "no model has been promoted yet" is not a
+    dropped request; anything else failing is."""
+    wait_until(lambda: loop.snapshot()["probe_requests_ok"] >= 20, 180, "20 answered probes")
+    snap = loop.snapshot()
+    assert snap["probe_requests_failed"] == 0, snap
+    assert snap["probe_requests_no_model"] >= 0 and snap["served_version"] is not None
+
+
 def test_predict_answers_with_the_model_version(loop):
     wait_until(lambda: model_info(loop).get("model_version"), 120, "a served version")
     status, body = http("POST", loop.url + "/predict", {"instances": [[0.1, 0.2, 0.3], [0.9, 0.8, 0.1]]})
