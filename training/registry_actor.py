@@ -15,6 +15,7 @@ import json
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -218,11 +219,14 @@ class ModelRegistry:
         )
 
     def _save(self, v: Version) -> None:
+        with warnings.catch_warnings():  # the weights come read-only from the object store; torch.save only reads them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            weights = {k: torch.from_numpy(a) for k, a in v.weights.items()}
         path = save_checkpoint(
             self._dir(v.version),
             CheckpointData(
                 spec=v.spec,
-                weights={k: torch.from_numpy(a) for k, a in v.weights.items()},
+                weights=weights,
                 meta={
                     "version": v.version,
                     "trained_through": v.trained_through,
