@@ -87,7 +87,7 @@ class Store:
 
     def path(self, rel: str) -> str:
         """The filesystem path of ``rel`` under the URI."""
-        self.fs
+        _ = self.fs  # the first use resolves the URI, and with it ``self._root``
         return f"{self._root}/{rel}" if rel else self._root
 
     def check(self) -> None:
