@@ -165,6 +165,16 @@ def test_run_restarted_on_same_state_dir_continues_where_it_stopped(tmp_path: Pa
     assert second["train_steps"] > first["train_steps"]  # steps continue from the checkpoint
     assert second["served_version"] >= first["served_version"]
 
+    # another model in the config: it trains from fresh weights; the old version serves meanwhile
+    narrower = tmp_path / "narrower.yaml"
+    narrower.write_text(yaml.safe_dump({**cfg, "model": {"hidden": [16]}}))
+    third, output = livetrain_until(
+        lambda m: m["train_steps"] > second["train_steps"] + 20 and m["versions_proposed"] > 0,
+        "the new model training and proposing", "run", "--config", str(narrower), state=state)
+    assert "training starts from fresh weights" in output and "[32, 32]" in output and "[16]" in output
+    assert "resumed from checkpoint" not in output
+    assert third["served_version"] >= second["served_version"]
+
 
 @pytest.mark.parametrize("key", ["state_dir", "source.path"])
 def test_a_directory_that_is_a_file_is_named_before_ray_starts(tmp_path: Path, key: str):

@@ -87,6 +87,27 @@ def test_anchor_penalty_pulls_weights_towards_the_anchor():
     assert drift_from_anchor(10.0) < 0.5 * drift_from_anchor(0.0)
 
 
+def test_no_anchor_on_another_models_weights():
+    """The served version may predate a change of ``model`` in the config: its
+    weights are no anchor for the new one (and must not break training)."""
+    import numpy as np
+    import torch
+
+    from livetrain.config import ModelConfig
+    from livetrain.training.learner import Learner
+    from livetrain.training.models import build_model, model_spec
+
+    model = build_model(model_spec(ModelConfig(hidden=[8]), 2, 2))
+    learner = Learner(model, torch.optim.SGD(model.parameters(), lr=0.1), 32, anchor_l2=1.0)
+    wider = build_model(model_spec(ModelConfig(hidden=[16]), 2, 2))
+    assert not learner.set_anchor({k: v.detach().numpy() for k, v in wider.state_dict().items()})
+    assert learner.anchor is None
+    x = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+    assert np.isfinite(learner.train_round(x, (x[:, 0] > 0).astype(np.int64), 5).loss)
+    assert learner.set_anchor({k: v.detach().numpy() for k, v in model.state_dict().items()})
+    assert learner.anchor is not None
+
+
 def test_lr_scale_multiplies_the_configured_rate():
     import torch
 

@@ -51,9 +51,15 @@ class Learner:
         for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
             g["lr"] = lr * scale
 
-    def set_anchor(self, weights: dict[str, np.ndarray]) -> None:
+    def set_anchor(self, weights: dict[str, np.ndarray]) -> bool:
+        """Anchor on ``weights``; False (and no anchor) when they are another model's,
+        as when the served version predates a change of ``model`` in the config."""
         params = dict(_unwrap(self.model).named_parameters())
-        self.anchor = {k: torch.from_numpy(np.array(weights[k])).to(self.device) for k in params if k in weights}
+        if any(k not in weights or tuple(np.shape(weights[k])) != tuple(p.shape) for k, p in params.items()):
+            self.anchor = None
+            return False
+        self.anchor = {k: torch.from_numpy(np.array(weights[k])).to(self.device) for k in params}
+        return True
 
     def _anchor_penalty(self) -> torch.Tensor | float:
         if not self.anchor_l2 or self.anchor is None:
