@@ -62,7 +62,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from livetrain.actors.blocks import PartSpan, ShardCommit, block_nbytes, block_of, label_index, part_rows
 from livetrain.actors.manifest import Manifest, ShardRecord
-from livetrain.actors.quarantine import write_quarantine
+from livetrain.actors.quarantine import list_quarantine, reingest, write_quarantine
 from livetrain.actors.schema import SchemaError, iter_parts, warm_up
 from livetrain.actors.sources import DirectorySource
 from livetrain.config import Config, SchemaConfig, StorageConfig
@@ -173,6 +173,9 @@ class IngestCounters:
     """Deliveries of bytes already known: same content under another name, or rewritten in place."""
     shards_changed_in_place: int = 0
     """Known shards rewritten with other bytes: recorded, not read again."""
+    shards_reread: int = 0
+    """Shards quarantined whole (nothing of them in the buffer) and then rewritten:
+    read again, as a half-written file is once its writer finishes."""
     reasons: dict[str, int] = field(default_factory=dict)
     readers: dict[str, str] = field(default_factory=dict)
     """Shard -> the actor that read it (last read), for the newest ``KEEP_READERS``
@@ -379,11 +382,32 @@ class IngestLoop:
             if event.same_content:
                 self.counters.shards_duplicate += 1
                 log.warning("livetrain: %s was delivered again with the same bytes: ignored", event.name)
+            elif event.status == "quarantined" and self._reread_whole(event.name):
+                self.counters.shards_reread += 1
+                log.warning("livetrain: %s, quarantined whole, was rewritten: read again", event.name)
             else:
                 self.counters.shards_changed_in_place += 1
                 log.warning("livetrain: %s was rewritten with other bytes after discovery: not read again", event.name)
         known = self.manifest.known_names(shard_name(p) for p in paths)
         self._landed.extend(p for p in paths if shard_name(p) not in known)
+
+    def _reread_whole(self, name: str) -> bool:
+        """Send a shard quarantined whole, and since rewritten, through ingestion again.
+
+        Nothing of it is in the buffer, so no row can be trained on twice. A file
+        written in place rather than renamed into the landing directory is first
+        seen half-written (a Parquet file without its footer: unreadable); this is
+        how it still goes in once complete. A remote landing directory's objects
+        appear whole, and ``livetrain quarantine --reingest`` stays the way there.
+        """
+        rec = self.manifest.get(name)
+        if self.source.remote or rec is None or rec.rows_committed or rec.good_rows:
+            return False
+        entry = next((e for e in list_quarantine(self.cfg.state_dir) if e.shard == name and e.error is not None), None)
+        if entry is None:
+            return False
+        reingest(self.cfg.state_dir, self.cfg.landing_dir, entry, self.manifest)
+        return True
 
     def _dispatch(self, rec: ShardRecord, actor: int | None = None, resume_from: int | None = None) -> None:
         i = self._next_actor % len(self._actors) if actor is None else actor

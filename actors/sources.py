@@ -19,7 +19,10 @@ class DirectorySource:
     Files are expected to appear atomically (written under another name, then
     renamed), which is what the synthetic stream and most writers do. A file
     is reported again when its size or mtime changes (rewritten in place): the
-    manifest decides whether that is a duplicate delivery.
+    manifest decides whether that is a duplicate delivery. (A file written in
+    place is first seen half-written and quarantined whole, then read again
+    once complete: ``IngestLoop`` re-reads a shard quarantined whole that
+    changes.)
 
     The shard files are the log, so they pile up: a local poll reads the
     directory's names and stats only the new ones; files already seen are

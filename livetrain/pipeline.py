@@ -373,6 +373,7 @@ class Pipeline:
             "shards_quarantined": c.shards_quarantined,
             "shards_duplicate": c.shards_duplicate,
             "shards_changed_in_place": c.shards_changed_in_place,
+            "shards_reread": c.shards_reread,
             "shards_retried": c.shards_retried,
             "quarantine_reasons": dict(c.reasons),
             "ingest_waits": buf.get("ingest_waits", 0),
@@ -407,7 +408,7 @@ class Pipeline:
         out = {k: snap.get(k) for k in SUMMARY_KEYS}
         out.update(
             shards_quarantined=snap["shards_quarantined"],
-            **{k: snap[k] for k in ("shards_duplicate", "shards_changed_in_place", "shards_retried",
+            **{k: snap[k] for k in ("shards_duplicate", "shards_changed_in_place", "shards_reread", "shards_retried",
                                     "quarantine_reasons", "ingest_waits", "buffer_rebuilt_rows")},
             rows_evicted_unseen=snap["rows_evicted_unseen"],
             train_samples_per_s=snap["train_samples_per_s"],

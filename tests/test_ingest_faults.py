@@ -15,6 +15,7 @@ import pytest
 
 from _ingest_util import assert_exactly_once, buffer_ids, close, make_loop, quarantined_ids, run_until_done, write_id_shard
 from _util import wait_until
+from livetrain.actors.quarantine import list_quarantine
 
 pytestmark = [pytest.mark.ray]
 
@@ -100,6 +101,34 @@ def test_same_shard_delivered_twice_is_ingested_once_and_recorded(ray_session, t
     assert [r.same_content for r in loop.manifest.redeliveries()] == [True]
     in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
     assert_exactly_once(set(range(1000)) | set(range(10_000, 11_000)), in_buffer, quarantined)
+    close(loop, buffer)
+
+
+def test_a_shard_first_seen_half_written_goes_in_once_complete(ray_session, tmp_path):
+    """A writer that writes in place (no rename into the landing directory): the
+    loop first sees the head of the file, unreadable, and quarantines it whole;
+    once the file is complete it is read again, and every row goes in once."""
+    cfg, loop, buffer = make_loop(tmp_path, "source.recheck_every_s=0")
+    landing = cfg.landing_dir
+    write_id_shard(tmp_path / "complete.parquet", 0, 1000, bad_every=100)
+    data = (tmp_path / "complete.parquet").read_bytes()
+    (landing / "h-000.parquet").write_bytes(data[: len(data) // 2])
+    run_until_done(loop)
+    assert loop.manifest.get("h-000.parquet").status == "quarantined"
+    (landing / "h-000.parquet").write_bytes(data)  # the writer finishes
+    run_until_done(loop)
+    rec = loop.manifest.get("h-000.parquet")
+    assert rec.status == "ingested" and rec.good_rows == 990 and rec.bad_rows == 10
+    assert loop.counters.shards_reread == 1 and loop.counters.shards_changed_in_place == 0
+    assert [e.shard for e in list_quarantine(tmp_path) if e.error is not None] == []  # moved to reingested/
+    in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
+    assert_exactly_once(set(range(1000)), in_buffer, quarantined)
+
+    # a shard that went in (even in part) and is then rewritten is still not read again
+    (landing / "h-000.parquet").write_bytes(data[: len(data) // 2])
+    run_until_done(loop)
+    assert loop.counters.shards_changed_in_place == 1 and loop.counters.shards_reread == 1
+    assert sorted(buffer_ids(buffer)) == sorted(in_buffer)
     close(loop, buffer)
 
 
