@@ -214,7 +214,8 @@ def _rollback(args: argparse.Namespace) -> int:
         registry = ray.get_actor(REGISTRY_NAME, namespace=args.namespace)
         d = ray.get(registry.rollback.remote(args.version, args.reason))
     except (ValueError, ray.exceptions.RayError) as e:
-        print(f"livetrain: rollback failed: {e}", file=sys.stderr)
+        cause = getattr(e, "cause", None)  # the registry's own error, without the remote stack around it
+        print(f"livetrain: rollback failed: {cause if isinstance(cause, ValueError) else e}", file=sys.stderr)
         return 1
     print(f"livetrain: now serving v{d.version} ({d.reason})")
     return 0

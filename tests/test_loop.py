@@ -160,6 +160,12 @@ def test_livetrain_rollback_serves_the_previous_version(loop):
     import sys
 
     wait_until(lambda: loop.snapshot()["versions_promoted"] >= 2, 180, "two promoted versions")
+    never = subprocess.run(
+        [sys.executable, "-m", "livetrain.cli", "rollback", "999", "--namespace", loop.cfg.ray.namespace],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert never.returncode == 1 and "livetrain: rollback failed: v999 was never served" in never.stderr, never.stderr
+    assert "Traceback" not in never.stderr and 'File "' not in never.stderr  # one line, not the actor's stack
     proc = subprocess.run(
         [sys.executable, "-m", "livetrain.cli", "rollback", "--namespace", loop.cfg.ray.namespace, "--reason", "test"],
         capture_output=True, text=True, timeout=120,
