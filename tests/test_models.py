@@ -10,7 +10,9 @@ import torch
 
 from livetrain.config import ConfigError, ModelConfig
 from livetrain.training.checkpoint import CheckpointData, load_model, save_checkpoint
+from livetrain.training.learner import make_optimizer, restore_optimizer
 from livetrain.training.models import BUILDERS, build_model, model_spec
+from livetrain.training.softmax import cross_entropy
 
 
 def test_cnn_classifies_flat_images():
@@ -68,3 +70,60 @@ def test_options_torch_refuses_are_a_config_error_naming_the_model():
     options = {"image_shape": [1, 4, 4], "channels": [0]}
     with pytest.raises(ConfigError, match=r"model 'cnn' .*'channels': \[0\].* fails on a \[2, 16\] batch"):
         model_spec(ModelConfig(name="cnn", options=options), num_features=16, num_classes=3)
+
+
+def _mlp_with_affine_input_norm(features: int, classes: int, hidden: list[int]) -> torch.nn.Module:
+    """An MLP as livetrain built it before 2026-11-28: the input BatchNorm had
+    a learnable scale and shift (same parameter names otherwise)."""
+    m = build_model(model_spec(ModelConfig(hidden=hidden), features, classes))
+    m.net[0] = torch.nn.BatchNorm1d(features)
+    with torch.no_grad():
+        m.net[0].weight.uniform_(0.3, 3.0)
+        m.net[0].bias.normal_()
+        m.net[0].running_mean.normal_()
+        m.net[0].running_var.uniform_(0.2, 4.0)
+    return m.eval()
+
+
+@pytest.mark.parametrize("hidden", [[8, 8], []])
+def test_weights_saved_with_an_affine_input_norm_load_and_answer_the_same(hidden, tmp_path: Path):
+    torch.manual_seed(0)
+    old = _mlp_with_affine_input_norm(5, 3, hidden)
+    spec = model_spec(ModelConfig(hidden=hidden), 5, 3)
+    save_checkpoint(tmp_path, CheckpointData(spec=spec, weights=old.state_dict(), meta={}))
+    model, _ = load_model(tmp_path)  # strict: a key left over or missing fails here
+    x = 3 * torch.randn(64, 5) + 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), old(x), rtol=1e-5, atol=1e-5)
+    assert "net.0.weight" not in model.state_dict()
+
+
+def test_nothing_before_the_mlps_first_layer_learns():
+    """The input norm has no parameters, so backward stops at the first layer's
+    weights: no gradient through the norm, none for the layer's input."""
+    m = build_model(model_spec(ModelConfig(), 9, 7))
+    assert isinstance(m.net[0], torch.nn.BatchNorm1d) and list(m.net[0].parameters()) == []
+    z = m.net[0](torch.randn(32, 9))
+    assert not z.requires_grad
+
+
+def test_an_optimizer_state_for_the_old_layout_leaves_the_optimizer_fresh(capsys):
+    torch.manual_seed(0)
+    old = _mlp_with_affine_input_norm(4, 2, [8]).train()
+    old_opt = make_optimizer(old, 1e-3)
+    cross_entropy(old(torch.randn(16, 4)), torch.randint(2, (16,))).backward()
+    old_opt.step()
+
+    new = build_model(model_spec(ModelConfig(hidden=[8]), 4, 2))
+    new.load_state_dict(old.state_dict())
+    opt = make_optimizer(new, 1e-3)
+    assert not restore_optimizer(opt, old_opt.state_dict(), lr=5e-3, who="rank 0")
+    assert "optimizer starts afresh" in capsys.readouterr().out
+    assert opt.state_dict()["state"] == {}  # nothing half-loaded
+    cross_entropy(new(torch.randn(16, 4)), torch.randint(2, (16,))).backward()
+    opt.step()  # and it trains
+
+    again = make_optimizer(new, 1e-3)
+    assert restore_optimizer(again, opt.state_dict(), lr=5e-3, who="rank 0")
+    assert [g["lr"] for g in again.param_groups] == [5e-3]
+    assert len(again.state_dict()["state"]) == len(list(new.parameters()))

@@ -103,12 +103,12 @@ def test_freshness_is_closed_by_first_answer_of_a_version_trained_on_the_shard()
 
 
 def weights_above(t: float) -> dict[str, np.ndarray]:
-    """Weights of an MLP that predicts class 1 exactly where ``x0 > t``."""
+    """Weights of an MLP that predicts class 1 exactly where ``x0 > t`` (its
+    input norm at rest, running mean 0 and variance 1, is the identity)."""
     m = MLP(2, 2, [4])
     with torch.no_grad():
         for p in m.parameters():
             p.zero_()
-        m.net[0].weight.fill_(1.0)  # BatchNorm at rest: identity
         m.net[1].weight[0, 0], m.net[1].bias[0] = 1.0, -t  # h0 = x0 - t
         m.net[1].weight[1, 0], m.net[1].bias[1] = -1.0, t  # h1 = t - x0
         m.net[3].weight[1, 0], m.net[3].weight[1, 1] = 10.0, -10.0  # class 1 iff h0 > h1
@@ -218,7 +218,6 @@ def weights_threshold(sign: float) -> dict[str, np.ndarray]:
     with torch.no_grad():
         for p in m.parameters():
             p.zero_()
-        m.net[0].weight.fill_(1.0)  # input BatchNorm: identity (running mean 0, var 1)
         m.net[1].weight[0, 0] = 1.0
         m.net[1].weight[1, 0] = -1.0
         m.net[3].weight[1, 0] = 10.0 * sign

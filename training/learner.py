@@ -110,6 +110,23 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> to
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+def restore_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any], lr: float, who: str) -> bool:
+    """Load a checkpoint's optimizer state, with the configured ``lr`` (a drift
+    reaction may have scaled the saved one). False, and the optimizer left
+    fresh, when the state is for other parameters: an MLP saved before its
+    input norm lost its affine part has two more (its weights fold into the
+    new layout on load; Adam's moments for them cannot)."""
+    try:
+        opt.load_state_dict(state)
+    except ValueError as e:  # raised before anything is loaded
+        print(f"livetrain: {who}: the checkpoint's optimizer state does not fit the model's parameters ({e}): "
+              "the optimizer starts afresh, the weights are the checkpoint's")
+        return False
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return True
+
+
 def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
     """``train.amp``: ``auto`` -> bf16 on a CUDA device that supports it, else full precision."""
     if setting == "off":

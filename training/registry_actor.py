@@ -26,7 +26,14 @@ from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ServedVersion
 from livetrain.storage import Store
 from livetrain.training.drift import DriftAlarm
-from livetrain.training.checkpoint import CheckpointData, load_checkpoint, model_from_weights, save_checkpoint, weights_to_bytes
+from livetrain.training.checkpoint import (
+    CheckpointData,
+    load_checkpoint,
+    model_from_weights,
+    save_checkpoint,
+    state_dict_numpy,
+    weights_to_bytes,
+)
 from livetrain.training.registry import KEEP_VERSIONS, Registry, RollbackError, Version
 
 REGISTRY_NAME = "livetrain_registry"
@@ -264,12 +271,12 @@ class ModelRegistry:
 def _version_from_checkpoint(path: Path) -> Version:
     data = load_checkpoint(path)
     m = data.meta
-    weights = {k: t.numpy() for k, t in data.weights.items()}
+    model = model_from_weights(data.spec, {k: t.numpy() for k, t in data.weights.items()})
     return Version(
         version=int(m["version"]),
         spec=data.spec,
-        weights=weights,
-        model=model_from_weights(data.spec, weights),
+        weights=state_dict_numpy(model),  # as this livetrain's model holds them: older layouts come folded
+        model=model,
         trained_through=int(m["trained_through"]),
         data_written_at=float(m["data_written_at"]),
         proposed_at=float(m.get("promoted_at") or 0.0),

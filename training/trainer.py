@@ -42,7 +42,15 @@ from livetrain.training.checkpoint import (
     unwrap,
     weights_from_bytes,
 )
-from livetrain.training.learner import Cadence, Holdout, Learner, amp_dtype_for, make_optimizer, max_over_ranks
+from livetrain.training.learner import (
+    Cadence,
+    Holdout,
+    Learner,
+    amp_dtype_for,
+    make_optimizer,
+    max_over_ranks,
+    restore_optimizer,
+)
 from livetrain.training.models import build_model
 
 STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST, NEW_BLOCKS = range(7)
@@ -96,9 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP
     if data is not None and data.optimizer is not None:
-        opt.load_state_dict(data.optimizer)  # after the move: state follows the params' device
-        for group in opt.param_groups:  # a drift reaction may have scaled the saved lr
-            group["lr"] = tc.lr
+        restore_optimizer(opt, data.optimizer, tc.lr, f"rank {rank}")  # after the move: state follows the params' device
     learner = Learner(
         model,
         opt,
