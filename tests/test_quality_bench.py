@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -29,6 +30,18 @@ def test_dip_and_recovery_are_read_off_the_windowed_accuracy():
 def test_a_drift_without_a_dip_needs_no_recovery():
     (d,) = quality.drift_figures(np.ones(4000, dtype=np.int8), [(2000, 1)], window=1000)
     assert d["dip"] == 0.0 and d["rows_to_recover"] == 0
+
+
+def test_livetrains_rows_per_s_is_timed_by_its_median_replay():
+    times = iter([3.0, 1.0, 2.0])
+    r = quality.repeated(lambda: quality.Run(np.ones(4, dtype=np.int8), next(times), {"k": 1}), 3)
+    assert r.seconds == 2.0 and r.extra == {"k": 1, "seconds_per_replay": [1.0, 2.0, 3.0]}
+
+
+def test_replays_that_answer_differently_stop_the_benchmark():
+    outcomes = iter([np.array([1, 0], dtype=np.int8), np.array([1, 1], dtype=np.int8)])
+    with pytest.raises(SystemExit, match="answered differently"):
+        quality.repeated(lambda: quality.Run(next(outcomes), 1.0), 2)
 
 
 def test_parquet_replay_prints_a_line_per_learner_and_a_summary(tmp_path):
@@ -52,4 +65,5 @@ def test_parquet_replay_prints_a_line_per_learner_and_a_summary(tmp_path):
         assert 0.0 <= line["value"] <= 1.0 and line["rows_per_s"] > 0 and line["torch_threads"] == 1
         assert [d["at"] for d in line["drifts"]] == [1200]
     assert lines[f"quality/{name}/livetrain"]["versions_promoted"] >= 1
+    assert len(lines[f"quality/{name}/livetrain"]["seconds_per_replay"]) == 3  # three replays answered alike
     assert lines[f"quality/{name}/summary"]["rows_per_s_vs_arf"] > 0
