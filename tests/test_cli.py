@@ -161,6 +161,7 @@ def test_run_restarted_on_same_state_dir_continues_where_it_stopped(tmp_path: Pa
     rows = manifest_rows(state)
     assert len(rows) == 30 and {s for _, s in rows} == {"ingested"}
     assert "resumed from checkpoint" in output
+    assert all(output.count(f"rank {r} resumed from checkpoint") <= 1 for r in (0, 1))  # not twice (Train's print patch)
     assert "livetrain: stopped (SIGINT)" in output  # Ctrl-C ends the loop at a tick, cleanly
     assert second["train_steps"] > first["train_steps"]  # steps continue from the checkpoint
     assert second["served_version"] >= first["served_version"]

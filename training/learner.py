@@ -3,6 +3,7 @@ is only a wrapper that ``prepare_model`` puts around the model)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,14 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> to
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+def say(message: str) -> None:
+    """One line on this process's stdout. Not ``print``: in a Ray Train
+    worker ``print`` is patched to go to Train's logger and also to a wrapped
+    stdout, so each line reached the driver's console twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
 def restore_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any], lr: float, who: str) -> bool:
     """Load a checkpoint's optimizer state, with the configured ``lr`` (a drift
     reaction may have scaled the saved one). False, and the optimizer left
@@ -119,8 +128,8 @@ def restore_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any], lr: flo
     try:
         opt.load_state_dict(state)
     except ValueError as e:  # raised before anything is loaded
-        print(f"livetrain: {who}: the checkpoint's optimizer state does not fit the model's parameters ({e}): "
-              "the optimizer starts afresh, the weights are the checkpoint's")
+        say(f"livetrain: {who}: the checkpoint's optimizer state does not fit the model's parameters ({e}): "
+            "the optimizer starts afresh, the weights are the checkpoint's")
         return False
     for group in opt.param_groups:
         group["lr"] = lr

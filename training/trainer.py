@@ -50,6 +50,7 @@ from livetrain.training.learner import (
     make_optimizer,
     max_over_ranks,
     restore_optimizer,
+    say,
 )
 from livetrain.training.models import build_model
 
@@ -88,18 +89,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         try:
             model.load_state_dict(data.weights)
         except RuntimeError:  # the config names another model since (widths, layers): train it afresh
-            print(f"livetrain: rank {rank}: the latest checkpoint holds model {data.spec.name} {data.spec.kwargs}, "
-                  f"the config asks for {spec.name} {spec.kwargs}: training starts from fresh weights "
-                  "(the served version keeps serving until a candidate of the new model passes the gate)")
+            say(f"livetrain: rank {rank}: the latest checkpoint holds model {data.spec.name} {data.spec.kwargs}, "
+                f"the config asks for {spec.name} {spec.kwargs}: training starts from fresh weights "
+                "(the served version keeps serving until a candidate of the new model passes the gate)")
             model = build_model(spec)  # load_state_dict copied the tensors that fitted before it failed
             opt = make_optimizer(model, tc.lr, tc.weight_decay)
             progress, data = Progress(step=data.meta["progress"]["step"]), None  # steps go on counting
         else:
             progress = Progress(**data.meta["progress"])
             progress.trained_through = max(progress.trained_through, progress.fresh_after)  # older checkpoints
-            print(f"livetrain: rank {rank} resumed from checkpoint at step {progress.step}")
+            say(f"livetrain: rank {rank} resumed from checkpoint at step {progress.step}")
     else:
-        print(f"livetrain: rank {rank} starting without a checkpoint")
+        say(f"livetrain: rank {rank} starting without a checkpoint")
     resumed_from_step = progress.step
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP
