@@ -206,7 +206,7 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
     learner, spec = _learner(cfg, s, seed)
     clock = [0.0]  # simulated: rows arrive at the synthetic stream's rate
     registry = Registry(cfg.gate, s.num_classes, clock=lambda: clock[0], drift=cfg.drift,
-                        recent_fraction=cfg.buffer.recent_fraction)
+                        recent_fraction=cfg.buffer.recent_fraction, window_rows=cfg.buffer.window_rows)
     buffer: ReplayBuffer[dict[str, np.ndarray]] = ReplayBuffer(cfg.buffer)
     steps_per_block = max(1, round(block_rows * samples_per_row / learner.batch_size))
     holdout = Holdout(cfg.gate.holdout_fraction, cfg.gate.min_eval_rows)

@@ -432,10 +432,12 @@ class DriftConfig:
     alarm_lr_scale: float = 3.0
     """Learning-rate multiplier right after an alarm."""
     alarm_window_rows_scale: float = 0.25
-    """Recent-window length multiplier right after an alarm (the window then
-    regrows with rows of the new regime only)."""
+    """Recent-window length multiplier right after an alarm. The window then
+    regrows by one row per row that arrives: it holds the rows since the alarm
+    (the new regime only) until it is back to ``buffer.window_rows``."""
     recover_rows: int = 20_000
-    """Rows over which every reaction returns linearly to its baseline."""
+    """Rows over which the sampling mix and the learning rate return linearly
+    to their baseline (the window regrows at its own pace, see above)."""
 
     def __post_init__(self) -> None:
         if self.error_detector not in ("adwin", "page_hinkley"):

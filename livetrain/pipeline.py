@@ -215,7 +215,7 @@ class Pipeline:
             cfg.buffer, str(self.state_dir), cfg.schema, cfg.ingest.block_rows, self.store, cfg.storage  # rebuilt from the state dir
         )
         self.registry = ModelRegistry.options(name=REGISTRY_NAME, namespace=ns, scheduling_strategy=here).remote(
-            cfg.gate, len(cfg.schema.classes), str(self.state_dir), cfg.drift, cfg.buffer.recent_fraction,
+            cfg.gate, len(cfg.schema.classes), str(self.state_dir), cfg.drift, cfg.buffer.recent_fraction, cfg.buffer.window_rows,
             self.buffer,  # drift reactions reach the sampling mix through it
             self.store,
         )

@@ -210,27 +210,37 @@ REACT = {"alarm_recent_fraction": 0.95, "alarm_lr_scale": 3.0, "alarm_window_row
 
 def test_alarm_raises_recent_fraction_and_lr_and_shortens_window():
     cfg = DriftConfig(**REACT)
-    s = react(ALARM, ReactionState.at_rest(0.7), cfg)
+    s = react(ALARM, ReactionState.at_rest(0.7, 2000), cfg)
     assert (s.recent_fraction, s.lr_scale, s.window_rows_scale) == (0.95, 3.0, 0.5)
     assert s.base_recent_fraction == 0.7
 
 
-def test_reactions_decay_back_to_baseline_over_recover_rows():
+def test_mix_and_lr_decay_back_to_baseline_over_recover_rows():
     cfg = DriftConfig(recover_rows=10_000, **REACT)
-    s = react(ALARM, ReactionState.at_rest(0.7), cfg)
+    s = react(ALARM, ReactionState.at_rest(0.7, 2000), cfg)
     half = decay(s, 5_000, cfg)
     assert half.recent_fraction == pytest.approx(0.825)
     assert half.lr_scale == pytest.approx(2.0)
-    assert half.window_rows_scale == pytest.approx(0.75)
-    assert decay(half, 5_000, cfg) == ReactionState.at_rest(0.7)
+    assert decay(half, 5_000, cfg) == ReactionState.at_rest(0.7, 2000)
     assert decay(s, 50_000, cfg).at_baseline
+
+
+def test_the_shortened_window_regrows_by_each_row_that_arrives():
+    """It holds the rows since the alarm, whatever ``recover_rows`` says: the
+    new regime, all of it, until the configured window is full again."""
+    cfg = DriftConfig(recover_rows=100_000, **REACT)  # alarm window: 0.5 x 2000 rows
+    s = react(ALARM, ReactionState.at_rest(0.7, 2000), cfg)
+    for rows_since_alarm in (500, 1000):
+        assert 2000 * decay(s, rows_since_alarm, cfg).window_rows_scale == pytest.approx(1000 + rows_since_alarm)
+    assert decay(decay(s, 600, cfg), 400, cfg).window_rows_scale == pytest.approx(1.0)
+    assert decay(s, 1000, cfg).lr_scale > 2.9  # the others still on their slow way back
 
 
 def test_a_second_alarm_never_weakens_the_reaction():
     cfg = DriftConfig(**REACT)
-    s = react(ALARM, ReactionState.at_rest(0.7), cfg)
+    s = react(ALARM, ReactionState.at_rest(0.7, 2000), cfg)
     assert react(ALARM, s, cfg) == s
-    assert react(ALARM, ReactionState.at_rest(0.99), cfg).recent_fraction == 0.99
+    assert react(ALARM, ReactionState.at_rest(0.99, 2000), cfg).recent_fraction == 0.99
 
 
 # --- config and purity -----------------------------------------------------------

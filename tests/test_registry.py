@@ -324,15 +324,25 @@ def test_served_version_is_rolled_back_when_previous_beats_it_on_live_rows():
     assert r.served.version == 1 and "below v1's" in decisions[0].reason
 
 
-def test_drift_alarm_raises_the_recent_share_and_learning_rate():
-    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, window_rows=1000), 2, recent_fraction=0.7)
+def test_drift_alarm_raises_the_recent_share_and_learning_rate_and_shortens_the_window():
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, window_rows=1000), 2, recent_fraction=0.7,
+                 window_rows=4000)
     r.propose(*cand_w(weights_threshold(1.0), -1))
     for seq in range(20):
         r.observe(*xor_block(seq))
     assert r.reaction.recent_fraction == pytest.approx(0.7) and r.reaction.lr_scale == 1.0
-    for seq in range(20, 26):
+    assert r.reaction.window_rows_scale == 1.0
+    seq = 20
+    while not r.drift.alarms:
         r.observe(*xor_block(seq, flip=True))
+        seq += 1
     assert r.reaction.recent_fraction > 0.9 and r.reaction.lr_scale > 1.0
+    shortened = r.reaction.window_rows_scale
+    assert shortened < 0.5
+    for seq in range(seq, seq + 2):  # 1000 more rows of the new regime: the window (4000 rows) grows by them
+        r.observe(*xor_block(seq, flip=True))
+    assert len(r.drift.alarms) == 1
+    assert 4000 * r.reaction.window_rows_scale == pytest.approx(4000 * shortened + 1000)
 
 
 def varied_block(seq: int, label: int, rows: int = 800):

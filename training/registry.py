@@ -95,10 +95,13 @@ class Registry:
         clock: Callable[[], float] = time.time,
         drift: DriftConfig | None = None,
         recent_fraction: float = 0.7,
+        window_rows: int = 2000,
     ) -> None:
         self.cfg = cfg
         self.drift = DriftMonitor(drift or DriftConfig())
-        self.reaction = ReactionState.at_rest(recent_fraction)
+        self.reaction = ReactionState.at_rest(recent_fraction, window_rows)
+        """The drift reactions; ``recent_fraction`` and ``window_rows`` are the
+        buffer's configured mix and window (``buffer.*``) they return to."""
         self._rows_since_error_alarm: int | None = None
         self._served_at_alarm: Version | None = None
         """The version served when the last error alarm fired (the hold's reference)."""

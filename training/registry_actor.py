@@ -51,6 +51,7 @@ class ModelRegistry:
         state_dir: str,
         drift: DriftConfig | None = None,
         recent_fraction: float = 0.7,
+        window_rows: int = 2000,
         buffer: Any = None,
         store: Store | None = None,
     ) -> None:
@@ -59,7 +60,7 @@ class ModelRegistry:
         self._store = store
         if store is not None:  # a fresh node: served versions and logs come from shared storage
             store.restore(self._state, only=(SERVED_DIR, DECISIONS_FILE, ALARMS_FILE))
-        self._reg = Registry(cfg, num_classes, drift=drift, recent_fraction=recent_fraction)
+        self._reg = Registry(cfg, num_classes, drift=drift, recent_fraction=recent_fraction, window_rows=window_rows)
         self._last_alarm: DriftAlarm | None = None
         self._buffer = buffer
         self._pushed_mix = (round(recent_fraction, 2), 1.0)
