@@ -22,7 +22,7 @@ from livetrain.config import ModelConfig
 from livetrain.messages import ServedVersion
 from livetrain.serving.predictor import load_version, replica_device
 from livetrain.training.checkpoint import CheckpointData, load_checkpoint, save_checkpoint, state_dict_numpy, unwrap
-from livetrain.training.learner import Learner, amp_dtype_for, make_optimizer, max_over_ranks
+from livetrain.training.learner import Learner, amp_dtype_for, lean_step, make_optimizer, max_over_ranks
 from livetrain.training.models import build_model, model_spec
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
@@ -132,3 +132,63 @@ def test_replica_answers_on_its_device_as_on_the_host(device):
     assert [len(a["predictions"]) for a in answers] == [1, 32]
     assert answers[1]["predictions"] == on_host.predict(x[1:], [10, 20, 30])["predictions"]
     assert all(a["model_version"] == 3 for a in answers)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["adamw", "adam"])
+def test_the_lean_optimizer_step_updates_exactly_as_opt_step(device, kind):
+    """Same weights, same gradients: ``lean_step`` (one fused kernel call)
+    and ``opt.step`` leave the same weights and optimizer state, to the bit,
+    through a learning-rate change and weight decay."""
+    torch.manual_seed(0)
+    made = [build_model(model_spec(ModelConfig(name="mlp", hidden=[16, 16]), 5, 3)).to(device) for _ in range(2)]
+    made[1].load_state_dict(made[0].state_dict())
+    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    opts = [cls(m.parameters(), lr=3e-3, weight_decay=0.05, fused=True) for m in made]
+    x = torch.randn(64, 5, device=device)
+    y = torch.randint(0, 3, (64,), device=device)
+
+    def grads(m):
+        for p in m.parameters():
+            p.grad = None
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+
+    assert lean_step(opts[1]) is None  # no state before the first step: torch's path
+    for m, o in zip(made, opts):
+        grads(m)
+        o.step()
+    lean = lean_step(opts[1])
+    assert lean is not None
+    for i in range(6):
+        if i == 3:
+            for o in opts:
+                o.param_groups[0]["lr"] = 1e-2
+        for m in made:
+            grads(m)
+        opts[0].step()
+        lean()
+    for a, b in zip(made[0].state_dict().values(), made[1].state_dict().values()):
+        assert torch.equal(a, b)
+    for pa, pb in zip(opts[0].param_groups[0]["params"], opts[1].param_groups[0]["params"]):
+        sa, sb = opts[0].state[pa], opts[1].state[pb]
+        assert all(torch.equal(sa[k], sb[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert float(opts[1].state[pb]["step"]) == 7
+
+
+def test_the_lean_step_leaves_what_it_does_not_cover_to_torch():
+    m = torch.nn.Linear(3, 2)
+
+    def stepped(opt):
+        m(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        return opt
+
+    assert lean_step(stepped(torch.optim.AdamW(m.parameters(), fused=True))) is not None
+    assert lean_step(stepped(torch.optim.AdamW(m.parameters()))) is None  # not fused
+    assert lean_step(stepped(torch.optim.AdamW(m.parameters(), fused=True, amsgrad=True))) is None
+    assert lean_step(stepped(torch.optim.SGD(m.parameters(), lr=0.1))) is None
+    hooked = stepped(torch.optim.AdamW(m.parameters(), fused=True))
+    hooked.register_step_post_hook(lambda *a: None)
+    assert lean_step(hooked) is None  # hooks must run: torch's path
+    two_groups = torch.optim.AdamW([{"params": [m.weight]}, {"params": [m.bias], "lr": 0.1}], fused=True)
+    assert lean_step(stepped(two_groups)) is None
