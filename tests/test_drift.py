@@ -117,6 +117,30 @@ def test_a_large_block_is_compared_on_rows_strided_over_all_of_it(monkeypatch):
     assert det.update(late) == [1]
 
 
+@pytest.mark.parametrize("values", ["continuous", "few distinct"])
+def test_bins_and_edges_are_the_plain_definitions(values):
+    """The binary-search binning and the quantiles of sorted columns give what
+    comparing every row with every edge and ``np.quantile`` give, ties on the
+    edges included (a value equal to an edge is not above it)."""
+    rng = np.random.default_rng(5)
+    make = (lambda n: rng.standard_normal((n, 4))) if values == "continuous" else (lambda n: rng.integers(0, 4, (n, 4)).astype(float))
+    det = FeatureDriftDetector(DriftConfig(min_rows=500, reference_rows=1500))
+    blocks = [make(500) for _ in range(4)]
+    for x in blocks:
+        det.update(x)
+    ref = np.concatenate(blocks[:3])  # the fourth was compared, and joined nothing: the reference was full
+    edges = np.quantile(ref, np.linspace(0, 1, 11)[1:-1], axis=0)
+    assert np.array_equal(det._edges, edges)
+
+    def plain(x):
+        idx = (x[:, None, :] > edges[None, :, :]).sum(axis=1)
+        return np.maximum(np.stack([(idx == b).mean(axis=0) for b in range(10)]), 1e-4)
+
+    assert np.array_equal(det._ref_frac, plain(ref))
+    chunk = make(700)
+    assert np.allclose(det._bin_fractions(chunk), plain(chunk), rtol=0, atol=1e-12)
+
+
 def test_same_distribution_blocks_raise_no_feature_alarm():
     rng = np.random.default_rng(1)
     det = FeatureDriftDetector(DriftConfig())
