@@ -45,7 +45,11 @@ the drift until the windowed accuracy is back within one point of the level
 before it (0 when it never fell by more; null when it never came back).
 ``rows_per_s`` is each learner's own test+train time (scoring bookkeeping
 excluded); torch runs on one thread, as river does. livetrain's is the median
-of ``--repeats`` replays (default 3), which must answer identically.
+of ``--repeats`` replays (default 3), which must answer identically. When
+ARF runs too, the replays are spread evenly over ARF's run (the first before
+its first row, the last after its last, none of it counted in ARF's time):
+the two sides of the rows/s ratio are then timed over the same minutes of a
+shared machine, whose speed drifts by +/-25% over a run.
 """
 
 from __future__ import annotations
@@ -260,13 +264,17 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
 
 
 def repeated(run: Callable[[], Run], times: int) -> Run:
-    """``run`` done ``times`` times: the first run with the median seconds.
-    livetrain replays a 20k-row stream in ~0.5 s, where a burst of a noisy
-    neighbour's load moves one run's rows/s by +/-25%; river's learners run
-    20-40x longer, so one run of theirs averages that noise out already.
-    The replay is deterministic (one thread, seeded): a run that answers
-    differently is a bug, and stops the benchmark."""
-    runs = [run() for _ in range(max(1, times))]
+    """``run`` done ``times`` times: see ``median_run``."""
+    return median_run([run() for _ in range(max(1, times))])
+
+
+def median_run(runs: list[Run]) -> Run:
+    """The first run with the median seconds. livetrain replays a 20k-row
+    stream in ~0.5 s, where a burst of a noisy neighbour's load moves one
+    run's rows/s by +/-25%; river's learners run 20-40x longer, so one run
+    of theirs averages that noise out already. The replay is deterministic
+    (one thread, seeded): a run that answers differently is a bug, and stops
+    the benchmark."""
     for r in runs[1:]:
         if not np.array_equal(r.outcome, runs[0].outcome):
             raise SystemExit("quality.py: two replays of the same stream answered differently (not deterministic)")
@@ -322,14 +330,26 @@ def run_river_lagged(model: Any, description: str, rows: list[dict[int, float]],
     return Run(outcome, time.perf_counter() - t0, {"model": description, "served_lag": "trained through block k-2 answers block k"})
 
 
-def run_river(model: Any, description: str, rows: list[dict[int, float]], labels: list[int]) -> Run:
+def run_river(model: Any, description: str, rows: list[dict[int, float]], labels: list[int],
+              between: Callable[[], None] | None = None, calls: int = 0) -> Run:
+    """Row by row. ``between`` is called ``calls`` times, evenly spread from
+    before the first row to after the last, outside the timed work."""
     outcome = np.empty(len(labels), dtype=np.int8)
-    t0 = time.perf_counter()
+    at = sorted(np.linspace(0, len(labels), calls).round().astype(int).tolist()) if between else []
+    seconds, t0 = 0.0, time.perf_counter()
     for i, (xd, y) in enumerate(zip(rows, labels)):
+        while at and at[0] == i:
+            seconds += time.perf_counter() - t0
+            at.pop(0)
+            between()
+            t0 = time.perf_counter()
         p = model.predict_one(xd)
         outcome[i] = -1 if p is None else int(p == y)
         model.learn_one(xd, y)
-    return Run(outcome, time.perf_counter() - t0, {"model": description})
+    seconds += time.perf_counter() - t0
+    for _ in at:
+        between()
+    return Run(outcome, seconds, {"model": description})
 
 
 # --- scoring ---------------------------------------------------------------------
@@ -444,13 +464,22 @@ def main(argv: list[str] | None = None) -> None:
         s = make()
         static_rows = min(args.static_rows, len(s.y) // 4)
         runs: dict[str, Run] = {}
+        live = lambda s=s: run_livetrain(s, cfg, args.block_rows, args.samples_per_row, args.seed)  # noqa: E731
+        replays: list[Run] = []
+        interleaved = "livetrain" in learners and "arf" in learners
         if "livetrain" in learners:
-            runs["livetrain"] = repeated(lambda: run_livetrain(s, cfg, args.block_rows, args.samples_per_row, args.seed),
-                                         args.repeats)
+            # with ARF, replayed while ARF runs (below); the placeholder keeps the report's order
+            runs["livetrain"] = Run(np.empty(0, dtype=np.int8), 0.0) if interleaved else repeated(live, args.repeats)
         if "static" in learners:
             runs["static"] = run_static(s, cfg, static_rows, args.block_rows, args.samples_per_row, args.seed)
         rows, labels = [dict(enumerate(r)) for r in s.x.tolist()], s.y.tolist()
         for name in (n for n in RIVER if n in learners):
+            if name == "arf" and interleaved:  # the rows/s ratio's two sides timed over the same minutes
+                runs[name] = run_river(*river_model(name, s.num_classes, args.seed), rows, labels,
+                                       between=lambda: replays.append(live()), calls=max(1, args.repeats))
+                runs["livetrain"] = median_run(replays)
+                runs["livetrain"].extra["interleaved_with"] = "arf"
+                continue
             runs[name] = run_river(*river_model(name, s.num_classes, args.seed), rows, labels)
         for name in (n for n in LAGGED if n in learners):
             model, description = river_model(name.removesuffix("-lag"), s.num_classes, args.seed)

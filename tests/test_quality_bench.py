@@ -38,6 +38,33 @@ def test_livetrains_rows_per_s_is_timed_by_its_median_replay():
     assert r.seconds == 2.0 and r.extra == {"k": 1, "seconds_per_replay": [1.0, 2.0, 3.0]}
 
 
+def test_livetrains_replays_are_spread_over_arfs_run_and_not_timed_in_it(monkeypatch):
+    """The two sides of the rows/s ratio are timed over the same minutes: the
+    replays run before ARF's first row, between its rows and after its last,
+    and none of their time counts as ARF's."""
+    clock = [0.0]
+    monkeypatch.setattr(quality.time, "perf_counter", lambda: clock[0])
+
+    class Model:  # each learnt row takes one second
+        learnt = 0
+
+        def predict_one(self, x):
+            return 0
+
+        def learn_one(self, x, y):
+            self.learnt += 1
+            clock[0] += 1.0
+
+    model, seen = Model(), []
+
+    def between():
+        seen.append(model.learnt)
+        clock[0] += 1000.0
+
+    r = quality.run_river(model, "m", [{0: 0.0}] * 10, [0] * 10, between=between, calls=3)
+    assert seen == [0, 5, 10] and r.seconds == 10.0
+
+
 def test_replays_that_answer_differently_stop_the_benchmark():
     outcomes = iter([np.array([1, 0], dtype=np.int8), np.array([1, 1], dtype=np.int8)])
     with pytest.raises(SystemExit, match="answered differently"):
@@ -66,4 +93,6 @@ def test_parquet_replay_prints_a_line_per_learner_and_a_summary(tmp_path):
         assert [d["at"] for d in line["drifts"]] == [1200]
     assert lines[f"quality/{name}/livetrain"]["versions_promoted"] >= 1
     assert len(lines[f"quality/{name}/livetrain"]["seconds_per_replay"]) == 3  # three replays answered alike
+    assert lines[f"quality/{name}/livetrain"]["interleaved_with"] == "arf"
+    assert list(lines)[0] == f"quality/{name}/livetrain"  # reported first, as before
     assert lines[f"quality/{name}/summary"]["rows_per_s_vs_arf"] > 0
