@@ -431,10 +431,11 @@ class DriftConfig:
     reservoir, which holds the old concept, is left out)."""
     alarm_lr_scale: float = 3.0
     """Learning-rate multiplier right after an alarm."""
-    alarm_window_rows_scale: float = 0.25
-    """Recent-window length multiplier right after an alarm. The window then
-    regrows by one row per row that arrives: it holds the rows since the alarm
-    (the new regime only) until it is back to ``buffer.window_rows``."""
+    alarm_window_rows_scale: float = 0.1
+    """Recent-window length multiplier right after an alarm (the window keeps
+    at least the newest block). The window then regrows by one row per row
+    that arrives: it holds the rows since the alarm (the new regime only)
+    until it is back to ``buffer.window_rows``."""
     recover_rows: int = 20_000
     """Rows over which the sampling mix and the learning rate return linearly
     to their baseline (the window regrows at its own pace, see above)."""
