@@ -333,9 +333,10 @@ def test_drift_alarm_raises_the_recent_share_and_learning_rate_and_shortens_the_
     assert r.reaction.recent_fraction == pytest.approx(0.7) and r.reaction.lr_scale == 1.0
     assert r.reaction.window_rows_scale == 1.0
     seq = 20
-    while not r.drift.alarms:
+    while not r.drift.alarms and seq < 40:  # the flipped concept: an alarm within a few blocks
         r.observe(*xor_block(seq, flip=True))
         seq += 1
+    assert r.drift.alarms
     assert r.reaction.recent_fraction > 0.9 and r.reaction.lr_scale > 1.0
     shortened = r.reaction.window_rows_scale
     assert shortened < 0.5
