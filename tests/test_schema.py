@@ -12,11 +12,13 @@ import pytest
 
 from livetrain.actors.schema import (
     INF_FEATURE,
+    INTERLEAVE_ROWS,
     NAN_FEATURE,
     NULL_FEATURE,
     NULL_LABEL,
     UNKNOWN_LABEL,
     ValidatedShard,
+    _interleave,
     read_and_validate,
 )
 from livetrain.config import SchemaConfig
@@ -119,6 +121,23 @@ def test_many_row_groups_are_read_in_order(tmp_path):
     path = _write(tmp_path / "s.parquet", cols, row_group_size=777)
     assert pq.ParquetFile(path).metadata.num_row_groups > 10
     np.testing.assert_array_equal(read_and_validate(path, SCHEMA).x, x)
+
+
+def test_columns_land_in_their_place_across_the_staging_passes(tmp_path):
+    """``_interleave`` copies a few thousand rows per pass: rows past a pass's end,
+    a short last pass and the casts must come out as ``out[:, j] = column``."""
+    n = 2 * INTERLEAVE_ROWS + 5
+    rng = np.random.default_rng(0)
+    columns = [rng.integers(-1000, 1000, n).astype(np.int16), rng.normal(size=n), rng.random(n, dtype=np.float32)]
+    expected = np.empty((n, 3), dtype=np.float32)
+    for j, col in enumerate(columns):
+        expected[:, j] = col
+    out = np.full((n, 3), -1.0, dtype=np.float32)
+    _interleave(columns, out)
+    np.testing.assert_array_equal(out, expected)
+
+    path = _column_shard(tmp_path / "s.parquet", n=n, a=columns[0], b=columns[1], c=columns[2])
+    np.testing.assert_array_equal(read_and_validate(path, SCHEMA).x, expected)
 
 
 # --- row-level quarantine --------------------------------------------------------
