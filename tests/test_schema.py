@@ -358,3 +358,39 @@ def test_a_part_resumed_at_a_row_keeps_exactly_the_good_rows_from_that_row(tmp_p
         assert (rest.row_start, rest.row_end) == (max(row, 0), 10)
         again = rest.from_row(row + 1)  # positions stay right on a second cut
         assert again.x[:, 0].tolist() == [i for i in expected if i >= row + 1]
+
+
+@pytest.mark.parametrize("layout", ["columns", "fixed list", "variable list"])
+def test_parts_cut_from_one_read_hold_the_rows_of_reading_a_part_at_a_time(tmp_path, layout):
+    """``iter_parts`` reads several parts at once and cuts the read into parts: the
+    cuts (slices with an offset into the read) must give each part its own rows,
+    nulls and bad rows, at the boundaries of reading ``part_rows`` at a time."""
+    from livetrain.actors.schema import iter_parts, read_rows
+
+    n, part = 1000, 64
+    x = _features(n)
+    x[[3, 64, 130, 999], 1] = np.nan
+    label = np.arange(n) % 3
+    null_row = 200
+    if layout == "columns":
+        cols = {name: x[:, j] for j, name in enumerate(FEATURES)}
+        cols["b"] = pa.array(np.where(np.arange(n) == null_row, None, x[:, 1]).tolist(), pa.float32())
+        schema = SCHEMA
+    else:
+        lists = [None if i == null_row else row for i, row in enumerate(x.tolist())]
+        cols = {"f": pa.array(lists, pa.list_(pa.float32(), 3) if layout == "fixed list" else pa.list_(pa.float32()))}
+        schema = LIST_SCHEMA
+    path = _write(tmp_path / "s.parquet", {**cols, "label": label}, row_group_size=300)
+    assert read_rows(part, schema) >= n  # the whole file is one read here, cut into 16 parts
+
+    parts = list(iter_parts(path, schema, part))
+    assert [(p.row_start, p.row_end) for p in parts] == [(lo, min(lo + part, n)) for lo in range(0, n, part)]
+    bad = {3, 64, 130, 999, null_row}
+    good = [i for i in range(n) if i not in bad]
+    np.testing.assert_array_equal(np.concatenate([p.x for p in parts]), x[good])
+    np.testing.assert_array_equal(np.concatenate([p.y for p in parts]), label[good])
+    assert sorted(r for p in parts if p.bad is not None for r in p.bad.column("label").to_pylist()) == sorted(
+        label[sorted(bad)].tolist())
+    whole = read_and_validate(path, schema)
+    np.testing.assert_array_equal(whole.x, x[good])
+    assert whole.reasons == {NULL_FEATURE: 1, NAN_FEATURE: 4}
