@@ -48,7 +48,17 @@ per 24 shards. With the driver's loop (~0.4 s: claims, waits, the buffer
 commit round trips), the raylet (~0.15 s) and the buffer actor (~0.1 s), the
 whole path uses ~2.3 s of CPU for what one process does in ~0.9 s: both
 cores are saturated, so the ratio is bounded by Ray's per-object cost on 2
-cores, not by waiting. Hashing every file for duplicate detection is BLAKE3
+cores, not by waiting. Validation's share got smaller on 2026-12-06: the
+feature columns go into the row-major block through a small staging buffer
+(``schema._interleave``: one transposed copy instead of a strided write per
+column, ~4.7 -> ~1.4 ms per 65,536 x 20 block), and a shard is read several
+blocks per record batch (``schema.read_rows``; each batch read costs ~2 ms of
+CPU on top of its rows). Read and validation of one 100k-row shard, in one
+process: ~24 -> ~20 ms of wall time, ~31 -> ~27 ms of CPU. The 2-actor
+ratio moved from 0.70-0.73 to 0.74-0.76 (cold) and from 0.64-0.67 to
+0.76-0.84 (full buffer) on that day's machine (two runs each); the actors'
+CPU per shard, measured around the timed loop, stayed ~41-50 ms either way,
+within the noise of the shared machine. Hashing every file for duplicate detection is BLAKE3
 on a thread of the driver (~4.4 GB/s; sha256 was ~1.8 GB/s inline in the
 loop and cost ~0.05-0.1 of the ratio). Arrow's threads inside the actors
 (``use_threads``) and a deeper generator backpressure made no measurable
