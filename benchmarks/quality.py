@@ -10,7 +10,8 @@ Learners, each answering every row before it learns from it:
 
       block (B rows) --> served.predict (scored) --> Registry.observe --> ReplayBuffer.add
         --> Learner.train_round on buffer.sample(...) blocks, fixed steps per block
-            (the newest block's held-out rows left out, ``gate.holdout_fraction``)
+            (the newest block's held-out rows left out, ``gate.holdout_fraction``;
+            down to ``gate.holdout_min_rows`` while the gate holds after an alarm)
         --> Registry.propose(weights): the gate decides what is served next
 
   One learner stands in for the DDP group: its batch is ``batch_size x
@@ -29,7 +30,9 @@ Learners, each answering every row before it learns from it:
   models, but each block is answered by their copy trained through two blocks
   back, the freshest model livetrain's gate can serve by default (one block
   back with ``gate.holdout_fraction`` and blocks of at least
-  ``gate.min_eval_rows / gate.holdout_fraction`` rows). The distance from
+  ``gate.min_eval_rows / gate.holdout_fraction`` rows, and for a candidate
+  that clears the bar of a drift alarm's hold on ``gate.holdout_min_rows``
+  held-out rows). The distance from
   ``logreg`` to ``logreg-lag`` is what the gate's lag alone costs
   (``arf-lag`` runs only when ``--learners`` names it: it is slow).
 
@@ -213,7 +216,7 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
                         recent_fraction=cfg.buffer.recent_fraction, window_rows=cfg.buffer.window_rows)
     buffer: ReplayBuffer[dict[str, np.ndarray]] = ReplayBuffer(cfg.buffer)
     steps_per_block = max(1, round(block_rows * samples_per_row / learner.batch_size))
-    holdout = Holdout(cfg.gate.holdout_fraction, cfg.gate.min_eval_rows)
+    holdout = Holdout(cfg.gate.holdout_fraction, cfg.gate.min_eval_rows, cfg.gate.holdout_min_rows)
     outcome = np.full(len(s.y), -1, dtype=np.int8)
     fresh_after, written_at, step, anchored, scoring = -1, 0.0, 0, None, 0.0
     t0 = time.perf_counter()
@@ -245,11 +248,13 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
             if newest.seq > fresh_after:
                 fresh_after, written_at = newest.seq, newest.written_at
             seqs = [e.meta.seq for e in entries]  # one block per seq here: the seq is its key
-            xy = holdout.training_rows([e.handle for e in entries], seqs, seqs, fresh_after)
+            xy = holdout.training_rows([e.handle for e in entries], seqs, seqs, fresh_after,
+                                       registry.small_holdout(fresh_after))  # as the trainer asks the registry
             loss = learner.train_round(*xy, steps).loss
             left, step = left - steps, step + steps
         cand = Candidate(weights=None, spec=spec, trained_through=fresh_after, data_written_at=written_at,
-                         train_step=step, proposed_at=clock[0], train_loss=loss)
+                         train_step=step, proposed_at=clock[0], train_loss=loss,
+                         small_holdout=registry.small_holdout(fresh_after))
         registry.propose(cand, state_dict_numpy(learner.model))
     seconds = time.perf_counter() - t0 - scoring
     st = registry.stats()

@@ -354,7 +354,16 @@ class GateConfig:
     can be served without waiting for the next shard; they are trained on
     once a newer shard arrives. Only blocks whose held-out rows alone could
     decide (``rows * holdout_fraction >= min_eval_rows``) hold any out:
-    smaller shards are judged by the next one. 0: judge on newer shards only."""
+    smaller shards are judged by the next one, except during a hold
+    (``holdout_min_rows``). 0: judge on newer shards only."""
+    holdout_min_rows: int = 50
+    """During an error-drift alarm's hold, smaller shards hold rows out too, when
+    their held-out share is at least this many rows: a candidate trained on
+    the new data can then be served one shard sooner. Those few rows can only
+    promote it, with the hold's bar (``alarm_min_gain`` and ``alarm_min_z``);
+    otherwise it is judged by the next shard as usual. The registry marks each
+    shard when it tests it (holding or not), and the trainer asks, so both
+    leave out the same rows; a candidate says whether it did."""
     window_rows: int = 5000
     """Rows in the sliding window of the served model's prequential metrics."""
     alarm_min_gain: float = 0.02
@@ -392,6 +401,8 @@ class GateConfig:
             raise ConfigError("gate.min_eval_rows: must be in [1, gate.max_eval_rows]")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError("gate.holdout_fraction: must be in [0, 1)")
+        if self.holdout_min_rows < 1:
+            raise ConfigError("gate.holdout_min_rows: must be >= 1")
 
 
 @dataclass

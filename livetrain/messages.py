@@ -67,6 +67,9 @@ class Candidate:
     train_step: int
     proposed_at: float
     train_loss: float
+    small_holdout: bool = False
+    """The weights never trained on the held-out rows of shard ``trained_through``
+    that only a hold makes shards hold out (``gate.holdout_min_rows``)."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@
         quarantine/ ; streams block refs (the driver owns them: it made the call)
         v
     ModelRegistry.observe(meta, [ref])   test: served model scores each block,
-        |                                drift detectors watch errors + features
+        |                                drift detectors watch errors + features;
+        |                                marks the shard if the gate holds (small_holdout)
         v
     ReplayBufferActor.add_shards(commits, refs)   then train: window + reservoir;
         |   the shards finished since the last call, in one call that also marks
@@ -29,13 +30,16 @@
         |                                   [TorchTrainer job, fit() in a driver thread]
         v
     train_loop_per_worker x2 (DDP/gloo): fetch blocks zero-copy, K steps
-        (the newest shard's held-out rows left out: gate.holdout_fraction),
+        (the newest shard's held-out rows left out: gate.holdout_fraction; on a
+        new newest shard rank 0 asks ModelRegistry.small_holdout(seq), all ranks
+        follow: during a hold, down to gate.holdout_min_rows),
         rank 0 -> ModelRegistry.propose(Candidate(weights ref))   (time cadence; when
                   a newer shard, or a new part of the newest one, was trained on)
         all    -> ray.train.report(checkpoint)                    (time cadence)
         v
     ModelRegistry: gate on unseen rows: newer shards, and the held-out rows of the
-        newest shard trained on (on hold after a drift alarm) -> promote /
+        newest shard trained on (on hold after a drift alarm; then a marked shard's
+        few held-out rows can promote a candidate that left them out) -> promote /
         reject / rollback -> decisions.jsonl, alarms.jsonl, served/vN/model.pt,
         ServedVersion(weights re-put, registry-owned); drift reactions ->
         ReplayBufferActor.set_mix (sampling mix) and, via report_train, the lr

@@ -195,3 +195,19 @@ def test_training_rows_leave_out_the_newest_shards_held_out_rows():
     assert len(Holdout(0.0, 0).training_rows(blocks, [0, 1, 2], ["a", "b", "c"], 2)[0]) == 900
     # a block whose held-out rows could not decide alone (300 x 0.3 < 100) keeps every row
     assert len(Holdout(0.3, min_rows=100).training_rows(blocks, [0, 1, 2], ["a", "b", "c"], 2)[0]) == 900
+
+
+def test_a_shard_tested_during_a_hold_holds_rows_out_down_to_holdout_min_rows():
+    """``small``: the registry tested the shard during a hold (``Registry.small_holdout``);
+    training then leaves out the same rows the registry judges on (``holdout_mask``)."""
+    from livetrain.training.gate import holdout_mask
+    from livetrain.training.learner import Holdout
+
+    rng = np.random.default_rng(2)
+    blocks = [{"x": rng.standard_normal((300, 3), dtype=np.float32), "y": np.full(300, seq)} for seq in range(2)]
+    holdout = Holdout(0.3, min_rows=100, small_min_rows=50)  # 300 x 0.3 = 90: small only
+    assert len(holdout.training_rows(blocks, [0, 1], ["a", "b"], 1)[0]) == 600
+    _, y = Holdout(0.3, 100, 50).training_rows(blocks, [0, 1], ["a", "b"], 1, small=True)
+    held = holdout_mask(blocks[1]["x"], 0.3)
+    assert (y == 0).sum() == 300 and (y == 1).sum() == 300 - held.sum() and held.any()
+    assert len(Holdout(0.3, 100, 100).training_rows(blocks, [0, 1], ["a", "b"], 1, small=True)[0]) == 600

@@ -428,3 +428,75 @@ def test_a_candidate_better_than_the_served_model_is_not_held_back_by_older_vers
     assert decision.action == "promote", decision.reason
     assert decision.candidate["accuracy"] == pytest.approx(0.5) and decision.served["accuracy"] == 0.0
     assert r.served.version == 3
+
+
+def flipped_after_a_good_run(rows: int = 200) -> tuple[Registry, int]:
+    """A good model served on 20 shards of ``rows`` rows, then the rule flips for
+    good (learnable): the gate holds. Returns the registry and the next seq.
+    ``rows * holdout_fraction`` (50) is under ``min_eval_rows`` (100): these shards
+    hold rows out only during a hold, down to ``holdout_min_rows`` (20)."""
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000,
+                            holdout_fraction=0.25, holdout_min_rows=20), 2)
+    r.propose(*cand_w(weights_threshold(1.0), -1))
+    for seq in range(20):
+        r.observe(*xor_block(seq, rows=rows))
+    seq = 20
+    while not r.holding:
+        assert seq < 40, "no drift alarm"
+        r.observe(*xor_block(seq, rows=rows, flip=True))
+        seq += 1
+    assert not r.small_holdout(19) and r.small_holdout(seq - 1)
+    return r, seq
+
+
+def small_cand(w, through: int, small: bool) -> tuple[Candidate, dict]:
+    return Candidate(None, SPEC, through, 0.0, 0, 0.0, 0.0, small_holdout=small), w
+
+
+def test_during_a_hold_a_small_shards_held_out_rows_promote_a_candidate_at_once():
+    """No newer shard needed: the candidate trained on the shard the hold marked
+    (leaving its held-out rows out) is promoted on those ~50 rows when it clears
+    the hold's bar, where the next shard could be minutes away."""
+    from livetrain.training.gate import holdout_mask
+
+    r, seq = flipped_after_a_good_run()
+    meta, x, y = xor_block(seq, rows=200, flip=True)
+    r.observe(meta, x, y)
+    assert r.small_holdout(seq)
+    _, decisions = r.propose(*small_cand(weights_threshold(-1.0), seq, small=True))
+    assert [d.action for d in decisions] == ["promote"] and r.served.version == 2
+    assert decisions[0].eval_rows == holdout_mask(x, 0.25).sum() < 100  # those rows alone
+    assert decisions[0].candidate["accuracy"] == 1.0
+
+
+def test_a_candidate_that_trained_on_the_held_out_rows_waits_for_the_next_shard():
+    """The registry uses a hold's small held-out share only when the candidate says
+    it left it out: a trainer that did not ask (or asked a restarted registry)
+    trained on those rows, and judging it on them would flatter it."""
+    r, seq = flipped_after_a_good_run()
+    r.observe(*xor_block(seq, rows=200, flip=True))
+    _, decisions = r.propose(*small_cand(weights_threshold(-1.0), seq, small=False))
+    assert decisions == [] and r.pending is not None and r.served.version == 1
+    (d,) = r.observe(*xor_block(seq + 1, rows=200, flip=True))  # judged on the next shard, as without
+    assert d.action == "promote" and d.eval_rows == 200
+
+
+def test_a_few_held_out_rows_never_reject_a_candidate():
+    """Not proven on ~50 rows is not disproven: the next shard judges it as usual."""
+    r, seq = flipped_after_a_good_run()
+    r.observe(*xor_block(seq, rows=200, flip=True))
+    _, decisions = r.propose(*small_cand(weights_threshold(1.0), seq, small=True))  # no better than served
+    assert decisions == [] and r.pending is not None
+    (d,) = r.observe(*xor_block(seq + 1, rows=200, flip=True))
+    assert d.action == "reject" and "holding needs" in d.reason and d.eval_rows > 200
+
+
+def test_outside_a_hold_small_shards_hold_nothing_out():
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000,
+                            holdout_fraction=0.25, holdout_min_rows=20), 2)
+    r.propose(*cand_w(weights_threshold(1.0), -1))
+    r.observe(*xor_block(0, rows=200))
+    r.observe(*xor_block(1, rows=200, flip=True))  # a change, but no alarm yet: no hold
+    assert not r.holding and not r.small_holdout(1)
+    _, decisions = r.propose(*small_cand(weights_threshold(-1.0), 1, small=True))
+    assert decisions == [] and r.pending is not None  # the flag alone does not make rows held out

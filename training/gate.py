@@ -90,8 +90,9 @@ def held_out(x: np.ndarray, fraction: float, min_rows: int) -> np.ndarray:
     """The rows of one block that training leaves out while its shard is the
     newest (``holdout_mask``), or none when the block is too small for its
     held-out rows alone to decide a candidate (``len(x) * fraction <
-    min_rows``, i.e. ``gate.min_eval_rows``): such a shard is judged by the
-    next one, as without held-out rows, and trains on every row."""
+    min_rows``, i.e. ``gate.min_eval_rows``; ``gate.holdout_min_rows`` for a
+    shard tested during a hold): such a shard is judged by the next one, as
+    without held-out rows, and trains on every row."""
     if len(x) * fraction < min_rows:
         return np.zeros(len(x), dtype=bool)
     return holdout_mask(x, fraction)

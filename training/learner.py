@@ -222,25 +222,30 @@ class Holdout:
     reused), since its blocks are drawn round after round; the cache empties
     when a newer shard arrives."""
 
-    def __init__(self, fraction: float, min_rows: int) -> None:
+    def __init__(self, fraction: float, min_rows: int, small_min_rows: int | None = None) -> None:
         self.fraction = fraction
         self.min_rows = min_rows
+        self.small_min_rows = min_rows if small_min_rows is None else small_min_rows
+        """``gate.holdout_min_rows``: for a shard the registry tested during a hold."""
         self._from = -1
         self._masks: dict[Any, np.ndarray] = {}
 
     def training_rows(self, blocks: list[dict[str, np.ndarray]], seqs: list[int], keys: list[Any],
-                      hold_from: int) -> tuple[np.ndarray, np.ndarray]:
+                      hold_from: int, small: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``small``: shard ``hold_from`` holds rows out down to ``small_min_rows``
+        (``Registry.small_holdout``); fixed while it is the newest."""
         if self.fraction <= 0:
             return concat_blocks(blocks)
         if hold_from != self._from:
             self._from, self._masks = hold_from, {}
+        min_rows = self.small_min_rows if small else self.min_rows
         xs, ys = [b["x"] for b in blocks], [b["y"] for b in blocks]
         for i, (seq, key) in enumerate(zip(seqs, keys)):
             if seq < hold_from:
                 continue
             held = self._masks.get(key)
             if held is None:
-                held = self._masks[key] = held_out(xs[i], self.fraction, self.min_rows)
+                held = self._masks[key] = held_out(xs[i], self.fraction, min_rows)
             if held.any():
                 xs[i], ys[i] = xs[i][~held], ys[i][~held]
         return np.concatenate(xs), np.concatenate(ys)

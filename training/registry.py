@@ -11,7 +11,11 @@ always on unseen data: rows of shards newer than both ``trained_through``,
 and, with ``gate.holdout_fraction``, the held-out rows of the newest of the
 two (training leaves them out while that shard is its newest; blocks too
 small to decide on alone hold none). A candidate can then be decided as
-soon as it is proposed, without waiting for the next shard.
+soon as it is proposed, without waiting for the next shard. During the hold
+after an error-drift alarm, shards tested then hold out rows even when too
+few to decide on (``gate.holdout_min_rows``): they can promote a candidate
+that clears the hold's bar on them, one shard sooner, and only that
+(``small_holdout``; the candidate says it left them out).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ModelSpec
 from livetrain.training.checkpoint import model_from_weights
 from livetrain.training.drift import DriftAlarm, DriftMonitor, ReactionState, decay, react
-from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, held_out, mcnemar_z
+from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, holdout_mask, mcnemar_z
 from livetrain.training.softmax import softmax
 
 
@@ -59,6 +63,8 @@ class Version:
     train_step: int
     promoted_at: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    small_holdout: bool = False
+    """Never trained on shard ``trained_through``'s held-out rows of a hold (``Candidate``)."""
 
     @torch.no_grad()
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -78,13 +84,18 @@ class _Block:
     """The served model's answers on it, when it was scored (``observe``)."""
     scored_by: int | None = None
     """The version that gave ``pred``: the gate reuses them while that version is served."""
-    _held: np.ndarray | None = None
+    small_holdout: bool = False
+    """Its shard was first tested during a hold: it holds rows out down to
+    ``gate.holdout_min_rows`` (``Registry.small_holdout``)."""
+    _mask: np.ndarray | None = None
 
     def held_out(self, fraction: float, min_rows: int) -> np.ndarray:
-        """The rows training leaves out while this block's shard is the newest (cached)."""
-        if self._held is None:
-            self._held = held_out(self.x, fraction, min_rows)
-        return self._held
+        """The rows training leaves out while this block's shard is the newest."""
+        if len(self.y) * fraction < min_rows:
+            return np.zeros(len(self.y), dtype=bool)
+        if self._mask is None:
+            self._mask = holdout_mask(self.x, fraction)
+        return self._mask
 
 
 class Registry:
@@ -124,6 +135,8 @@ class Registry:
         self.prequential = Prequential(num_classes, cfg.window_rows)
         self._recent: deque[_Block] = deque()
         self._recent_rows = 0
+        self._small_holdout: dict[int, bool] = {}
+        """Shard seq -> whether the gate held when its first block was tested (newest ones)."""
         self._unserved_shards: deque[tuple[int, float]] = deque(maxlen=KEEP_RECENT)
         """(seq, written_at) of shards no version trained on them has answered yet; with no
         traffic at all, only the newest are kept."""
@@ -147,7 +160,11 @@ class Registry:
             if self.previous is not None:
                 self.shadow.update(y, self.previous.predict(x))
         self._react(self.drift.observe(meta.seq, x, errors, self.clock()), len(y))
-        self._recent.append(_Block(meta, x, y, pred, None if pred is None else self.served.version))
+        small = self._small_holdout.setdefault(meta.seq, self.holding)  # every block of a shard alike
+        if len(self._small_holdout) > 2 * KEEP_RECENT:  # seqs arrive in order: keep the newest
+            for old in sorted(self._small_holdout)[:-KEEP_RECENT]:
+                del self._small_holdout[old]
+        self._recent.append(_Block(meta, x, y, pred, None if pred is None else self.served.version, small))
         self._recent_rows += len(y)
         while self._recent_rows - len(self._recent[0].y) >= self.cfg.max_eval_rows:
             self._recent_rows -= len(self._recent.popleft().y)
@@ -163,6 +180,12 @@ class Registry:
             if alarm.detector.startswith("error"):
                 self._rows_since_error_alarm = 0
                 self._served_at_alarm = self.served
+
+    def small_holdout(self, seq: int) -> bool:
+        """Whether shard ``seq`` holds rows out down to ``gate.holdout_min_rows``: the
+        gate held when it was tested. The trainer asks before it trains on a new
+        newest shard, and says in its candidate that it did leave them out."""
+        return self._small_holdout.get(seq, False)
 
     @property
     def holding(self) -> bool:
@@ -198,6 +221,7 @@ class Registry:
             data_written_at=cand.data_written_at,
             proposed_at=cand.proposed_at,
             train_step=cand.train_step,
+            small_holdout=cand.small_holdout,
         )
         return version, decisions + self._try_decide()
 
@@ -264,17 +288,26 @@ class Registry:
         xs, ys, answered = [], [], []
         frac = self.cfg.holdout_fraction
         served = self.served.version if self.served else None
+        # a hold's smaller held-out shares count only if every version trained through
+        # the floor shard says it left them out
+        small_ok = all(v.small_holdout for v in (cand, self.served) if v is not None and v.trained_through == floor)
+        newer = False
         for b in self._recent:  # oldest first: the newest rows are kept below
             if b.meta.seq > floor:
-                rows = slice(None)
+                rows, newer = slice(None), True
             elif b.meta.seq == floor and frac > 0:
-                rows = b.held_out(frac, self.cfg.min_eval_rows)
+                small = b.small_holdout and small_ok
+                rows = b.held_out(frac, self.cfg.holdout_min_rows if small else self.cfg.min_eval_rows)
             else:
                 continue
             xs.append(b.x[rows])
             ys.append(b.y[rows])
             answered.append(b.pred[rows] if b.scored_by is not None and b.scored_by == served else None)
-        if sum(len(y) for y in ys) < self.cfg.min_eval_rows:
+        n = sum(len(y) for y in ys)
+        # Fewer rows than min_eval_rows, all held out of the floor shard during a hold
+        # (whose bar is a significant gain): they may promote the candidate, no more.
+        early = n < self.cfg.min_eval_rows and not newer and self.holding and self.served is not None
+        if n == 0 or (n < self.cfg.min_eval_rows and not early):
             return []
         keep = slice(-self.cfg.max_eval_rows, None)
         x, y = np.concatenate(xs)[keep], np.concatenate(ys)[keep]
@@ -289,6 +322,8 @@ class Registry:
             verdict = self._release_hold(verdict, x, y, pc) or self._hold(verdict, y, pc, ps, cm, sm)
         if verdict.promote and sm is not None and cm[self.cfg.metric] < sm[self.cfg.metric]:
             verdict = self._no_ratchet(verdict, floor, x, y, cm)
+        if early and not verdict.promote:
+            return []  # not proven on those few rows: the next shard judges it as usual
         self.pending = None
         served_version = self.served.version if self.served else None
         if verdict.promote:

@@ -89,6 +89,11 @@ class ModelRegistry:
             self._apply(decisions)
         return version
 
+    def small_holdout(self, seq: int) -> bool:
+        """``Registry.small_holdout``: asked by the trainer when shard ``seq`` becomes
+        its newest. Without the lock (one dict read): observe may be scoring."""
+        return self._reg.small_holdout(seq)
+
     def report_train(self, stats: dict[str, Any]) -> dict[str, float]:
         """Rank 0's training figures in; the drift reactions' knobs out."""
         with self._lock:

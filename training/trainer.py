@@ -115,7 +115,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=device,
         amp_dtype=amp_dtype_for(tc.amp, device),
     )
-    holdout = Holdout(cfg.gate.holdout_fraction, cfg.gate.min_eval_rows)
+    holdout = Holdout(cfg.gate.holdout_fraction, cfg.gate.min_eval_rows, cfg.gate.holdout_min_rows)
+    small_holdout = (-1, False)  # (shard, does it hold rows out as during a hold): the registry's answer
     knobs: dict[str, float] = {"lr_scale": 1.0}
     knobs_ref: ray.ObjectRef | None = None
     anchor_version = -1
@@ -166,8 +167,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             # every rank leaves out the held-out rows of the newest shard any rank drew
             through = max(progress.trained_through, int(flags[NEWEST]))
+            if through != small_holdout[0]:  # the same on every rank: ask once, all ranks follow rank 0
+                asked = float(ray.get(registry.small_holdout.remote(through))) if rank == 0 else 0.0
+                small_holdout = (through, bool(max_over_ranks([asked], device)[0]))
             x, y = holdout.training_rows(ray.get(sample.refs), [m.seq for m in sample.metas],
-                                         [r.hex() for r in sample.refs], through)
+                                         [r.hex() for r in sample.refs], through, small_holdout[1])
             last_result = learner.train_round(x, y, tc.steps_per_round)
             last_result.seconds = time.perf_counter() - t0
             progress.step += tc.steps_per_round
@@ -202,6 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         train_step=progress.step,
                         proposed_at=time.time(),
                         train_loss=last_result.loss,
+                        small_holdout=small_holdout == (progress.trained_through, True),
                     )
                 )
                 progress.last_proposed_through, grown = progress.trained_through, False
