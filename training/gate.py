@@ -86,6 +86,12 @@ def holdout_mask(x: np.ndarray, fraction: float) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
 
 
+def holds_out(rows: int, fraction: float, min_rows: int) -> bool:
+    """Whether a block of ``rows`` rows holds any out: its held-out share is
+    at least ``min_rows``. The trainer and the registry decide by this alone."""
+    return rows * fraction >= min_rows
+
+
 def held_out(x: np.ndarray, fraction: float, min_rows: int) -> np.ndarray:
     """The rows of one block that training leaves out while its shard is the
     newest (``holdout_mask``), or none when the block is too small for its
@@ -93,7 +99,7 @@ def held_out(x: np.ndarray, fraction: float, min_rows: int) -> np.ndarray:
     min_rows``, i.e. ``gate.min_eval_rows``; ``gate.holdout_min_rows`` for a
     shard tested during a hold): such a shard is judged by the next one, as
     without held-out rows, and trains on every row."""
-    if len(x) * fraction < min_rows:
+    if not holds_out(len(x), fraction, min_rows):
         return np.zeros(len(x), dtype=bool)
     return holdout_mask(x, fraction)
 

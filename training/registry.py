@@ -33,7 +33,7 @@ from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ModelSpec
 from livetrain.training.checkpoint import model_from_weights
 from livetrain.training.drift import DriftAlarm, DriftMonitor, ReactionState, decay, react
-from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, holdout_mask, mcnemar_z
+from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, holdout_mask, holds_out, mcnemar_z
 from livetrain.training.softmax import softmax
 
 
@@ -90,8 +90,9 @@ class _Block:
     _mask: np.ndarray | None = None
 
     def held_out(self, fraction: float, min_rows: int) -> np.ndarray:
-        """The rows training leaves out while this block's shard is the newest."""
-        if len(self.y) * fraction < min_rows:
+        """The rows training leaves out while this block's shard is the newest
+        (``gate.held_out``, with the mask kept: it does not depend on ``min_rows``)."""
+        if not holds_out(len(self.y), fraction, min_rows):
             return np.zeros(len(self.y), dtype=bool)
         if self._mask is None:
             self._mask = holdout_mask(self.x, fraction)
