@@ -81,9 +81,17 @@ pages as the store's directory (``--plasma-directory``) took the count to ~300
 (cold) and ~20 (warm), but not the time in one try: the first write of new
 memory still has to zero it. One block per
 shard (``ingest.block_rows`` >= the shard's rows: one object, not two, per
-100k-row shard) takes the ratio from ~0.44 to ~0.55: the rest of the cost
-per object (creating and sealing it, reporting it to the driver, the buffer
-borrowing its ref) is ~5 ms of wall time on 2 cores.
+100k-row shard) takes the ratio from ~0.44 to ~0.55 (an earlier machine), and
+on 2026-12-06 from 0.75 to 0.84 (medians of four alternating runs in one Ray
+session, ``ingest.block_rows=131072``): the rest of the cost per object
+(creating and sealing it, reporting it to the driver, the buffer borrowing its
+ref) is ~5 ms of wall time on 2 cores. Bare Ray, an actor yielding ready-made
+blocks to the driver, which hands the refs to another actor: ~2.5-3.3 ms per
+65,536-row block, ~1.6 ms per 16,384-row one. The same day: deeper
+``ingest.max_in_flight`` (8, 16) made no difference (the two cores are busy,
+the loop is not waiting on the actors), and the driver's own Python (claims,
+commits, SQLite) is ~0.3 s of CPU per 48 shards, the rest of its wall time in
+``ray.wait``.
 
 Registry: a 65,536-row block (20 features) cost ~85 ms to score, ~30 ms of
 it binning every row for the PSI; the PSI now compares at most 16,384 rows

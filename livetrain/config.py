@@ -180,7 +180,12 @@ class IngestConfig:
     """Shards being read at once, over all ingest actors."""
     block_rows: int = 65_536
     """Most rows per buffer block: a larger shard streams in by record batches as
-    several blocks (also capped so one block fits the buffer's byte bound)."""
+    several blocks (also capped so one block fits the buffer's byte bound).
+    Each block is one object in Ray's store, and each costs a few ms of CPU to
+    create, hand over and free: for large shards into a buffer of many blocks,
+    larger blocks ingest faster (100k-row shards as one block instead of two:
+    ~0.84x instead of ~0.75x plain pyarrow's rate with 2 actors on 2 cores);
+    smaller ones let the sampler mix and evict at a finer grain."""
     commit_rows: int = 1_000_000
     """A shard with more rows enters the buffer in parts of about this many rows
     while it is read, instead of whole at its end: the loop lets go of each
