@@ -8,12 +8,14 @@ except a shard larger than ``ingest.commit_rows``, which goes in by parts
 (``ShardCommit.final`` False), each moving its row watermark in the manifest.
 
 ``buffer_snapshot.json`` in the state dir says which parts the buffer held
-(window and reservoir) and the newest shard it had committed. A restarted
-buffer re-reads exactly those parts from the shard files, plus every shard the
-manifest marked ingested after the snapshot (newest first, until capacity),
-and the parts below the watermark of each shard still going in by parts,
-so it never holds a part twice and never holds a part the manifest does not
-name as committed.
+(window and reservoir), the newest shard it had committed, and the shard it
+was taking by parts then, with its watermark. A restarted buffer re-reads
+exactly those parts from the shard files, plus every shard the manifest
+marked ingested after the snapshot (newest first, until capacity), and the
+parts committed since the snapshot of a shard that was going in by parts
+then (up to its watermark now, or to its end if it is ingested now), so it
+never holds a part twice and never holds a part the manifest does not name
+as committed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +100,9 @@ class Snapshot:
     newest_seq: int
     """Highest shard seq committed when the snapshot was taken."""
     saved_at: float = 0.0
+    open: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Shards going in by parts when the snapshot was taken: name -> (seq, row
+    watermark then). Their parts committed later are not in ``parts``."""
 
 
 def write_snapshot(state_dir: str | Path, snap: Snapshot) -> None:
@@ -105,7 +110,7 @@ def write_snapshot(state_dir: str | Path, snap: Snapshot) -> None:
     target = Path(state_dir) / SNAPSHOT_FILE
     tmp = target.with_name(f".{SNAPSHOT_FILE}.{os.getpid()}.tmp")
     body = {"version": SNAPSHOT_VERSION, "saved_at": time.time(), "newest_seq": snap.newest_seq,
-            "parts": [asdict(p) for p in snap.parts]}
+            "parts": [asdict(p) for p in snap.parts], "open": {k: list(v) for k, v in snap.open.items()}}
     tmp.write_text(json.dumps(body))
     os.replace(tmp, target)
 
@@ -116,7 +121,9 @@ def read_snapshot(state_dir: str | Path) -> Snapshot | None:
         body = json.loads((Path(state_dir) / SNAPSHOT_FILE).read_text())
         if body.get("version") != SNAPSHOT_VERSION:
             return None
-        return Snapshot([HeldPart(**p) for p in body["parts"]], int(body["newest_seq"]), body["saved_at"])
+        # "open" came later: a snapshot without it names no shard going in by parts
+        opened = {str(k): (int(v[0]), int(v[1])) for k, v in body.get("open", {}).items()}
+        return Snapshot([HeldPart(**p) for p in body["parts"]], int(body["newest_seq"]), body["saved_at"], opened)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -134,6 +141,9 @@ class RebuildShard:
     starts: dict[int, HeldPart] | None
     upto: int | None = None
     """A shard committed in parts, not yet whole: only its file rows before this one."""
+    tail_from: int | None = None
+    """Besides ``starts``: every file row from this one on (up to ``upto``), the parts
+    committed after the snapshot of a shard that was going in by parts then."""
 
     def file_unchanged(self) -> bool:
         """The file on disk is the one that was ingested (size and mtime as recorded)."""
@@ -148,19 +158,30 @@ def plan_rebuild(snapshot: Snapshot | None, ingested: list, capacity_rows: int,
     """Shards to re-read, oldest first. ``ingested``: the manifest's ingested ``ShardRecord``s;
     ``partly``: shards still being committed in parts (each re-read up to its watermark).
 
-    Snapshot parts are kept only if their shard is still ingested with the same
-    file (size and mtime unchanged); shards committed after the snapshot are
-    added newest first until ``capacity_rows`` good rows.
+    Snapshot parts are kept only if their shard is still ingested (or still
+    going in by parts) with the same file (size and mtime unchanged); a shard
+    that was going in by parts at the snapshot also gets the parts committed
+    since (``tail_from``); shards committed after the snapshot are added
+    newest first until ``capacity_rows`` good rows.
     """
-    by_name = {r.name: r for r in ingested}
+    partly = partly or []
+    by_name = {r.name: r for r in [*ingested, *partly]}
+    opened = snapshot.open if snapshot is not None else {}
+
+    def entry(rec) -> RebuildShard:
+        return plan.setdefault(rec.name, RebuildShard(rec.name, rec.path, rec.seq, rec.written_at, rec.size, rec.mtime_ns, {}))
+
     plan: dict[str, RebuildShard] = {}
     if snapshot is not None:
         for p in snapshot.parts:
             rec = by_name.get(p.shard)
             if rec is None or rec.seq != p.seq:
                 continue
-            entry = plan.setdefault(p.shard, RebuildShard(p.shard, rec.path, rec.seq, rec.written_at, rec.size, rec.mtime_ns, {}))
-            entry.starts[p.row_start] = p
+            entry(rec).starts[p.row_start] = p
+        for name, (seq, mark) in opened.items():
+            rec = by_name.get(name)
+            if rec is not None and rec.seq == seq:
+                plan[name] = replace(entry(rec), tail_from=mark)
     floor = snapshot.newest_seq if snapshot is not None else -1
     budget = capacity_rows
     for rec in sorted(ingested, key=lambda r: -r.seq):
@@ -168,9 +189,12 @@ def plan_rebuild(snapshot: Snapshot | None, ingested: list, capacity_rows: int,
             break
         plan[rec.name] = RebuildShard(rec.name, rec.path, rec.seq, rec.written_at, rec.size, rec.mtime_ns, None)
         budget -= rec.good_rows or 0
-    for rec in partly or []:
-        plan[rec.name] = RebuildShard(rec.name, rec.path, rec.seq, rec.written_at, rec.size, rec.mtime_ns, None,
-                                      rec.rows_committed)
+    for rec in partly:
+        if rec.name in plan and plan[rec.name].tail_from is not None:  # held parts, then the rest to the watermark
+            plan[rec.name] = replace(plan[rec.name], upto=rec.rows_committed)
+        else:  # no snapshot names it going in by parts: every part up to the watermark
+            plan[rec.name] = RebuildShard(rec.name, rec.path, rec.seq, rec.written_at, rec.size, rec.mtime_ns, None,
+                                          rec.rows_committed)
     return sorted(plan.values(), key=lambda s: s.seq)
 
 
@@ -193,8 +217,9 @@ def block_nbytes(block: dict[str, np.ndarray]) -> int:
 
 
 def read_back(shard: RebuildShard, schema: SchemaConfig, part_rows: int) -> Iterator[tuple[PartSpan, dict]]:
-    """Re-read the blocks the plan names: the snapshot's spans as they were held, or
-    every part of the file (up to ``shard.upto``: the part across it is cut there).
+    """Re-read the blocks the plan names: the snapshot's spans as they were held (and
+    every part from ``shard.tail_from`` on), or every part of the file; up to
+    ``shard.upto`` if set (the part across it is cut there).
 
     Spans are rebuilt from the file rows they name, whatever ``part_rows`` is now: a
     restart may change ``ingest.block_rows`` or the buffer's bounds, and a block cut at
@@ -203,28 +228,27 @@ def read_back(shard: RebuildShard, schema: SchemaConfig, part_rows: int) -> Iter
     from livetrain.actors.schema import Part, iter_parts
 
     spans = None if shard.starts is None else sorted((p.row_start, p.row_end) for p in shard.starts.values())
+    upto = shard.upto if shard.upto is not None else float("inf")
+    tail = 0 if spans is None else shard.tail_from  # every row from here on (to ``upto``)
     pieces: list[Part] = []  # of the span being assembled, when it crosses parts
     i = 0
     for part in iter_parts(shard.path, schema, part_rows):
-        if spans is None:
-            if shard.upto is not None and part.row_start >= shard.upto:
-                return
-            done = [part if shard.upto is None else part.between(part.row_start, shard.upto)]
-        else:
-            done = []
-            while i < len(spans) and spans[i][0] < part.row_end:
-                lo, hi = spans[i]
-                if hi > part.row_start:
-                    pieces.append(part.between(lo, hi))
-                if hi > part.row_end:
-                    break  # goes on in the next part
-                done.append(Part.join(pieces))
-                pieces, i = [], i + 1
+        done = []
+        while spans is not None and i < len(spans) and spans[i][0] < part.row_end:
+            lo, hi = spans[i]
+            if hi > part.row_start:
+                pieces.append(part.between(lo, hi))
+            if hi > part.row_end:
+                break  # goes on in the next part
+            done.append(Part.join(pieces))
+            pieces, i = [], i + 1
+        if tail is not None and part.row_end > tail and part.row_start < upto:
+            done.append(part.between(tail, upto))  # cut at either end, if they fall inside it
         for p in done:
             if p.good_rows:
                 block = block_of(p, schema.classes)
                 yield PartSpan(p.row_start, p.row_end, p.good_rows, block_nbytes(block)), block
-        if spans is not None and i == len(spans):
+        if (spans is None or i == len(spans)) and (tail is None or part.row_end >= upto):
             return
 
 

@@ -15,7 +15,9 @@ manifest, which already names those shards.) The actor restarts when it dies
 (``max_restarts``), and its calls are retried (``max_task_retries``): a new
 instance rebuilds itself in ``__init__`` from its last snapshot, the
 manifest and the shard files (``actors/blocks.py``), and owns the blocks it
-re-reads. Backpressure is the named limiter of ``actors/rate_limiter.py``.
+re-reads; a shard it cannot read back (damaged in place since) is left out and
+counted (``rebuilt_shards_unreadable``), so the buffer still comes up.
+Backpressure is the named limiter of ``actors/rate_limiter.py``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from livetrain.actors.blocks import (
 from livetrain.actors.manifest import Manifest
 from livetrain.actors.rate_limiter import make_limiter
 from livetrain.actors.replay_buffer import Entry, ReplayBuffer
+from livetrain.actors.schema import SchemaError
 from livetrain.config import BufferConfig, SchemaConfig, StorageConfig
 from livetrain.messages import BlockMeta, Sample
 from livetrain.storage import Store
@@ -87,8 +90,10 @@ class ReplayBufferActor:
         self._state_dir = state_dir
         self._manifest = Manifest(state_dir) if state_dir else None
         self._newest_seq = -1
+        self._open: dict[str, tuple[int, int]] = {}
+        """Shards going in by parts: name -> (seq, row watermark), for the snapshot."""
         self._last_snapshot = 0.0
-        self.rebuilt = {"shards": 0, "blocks": 0, "rows": 0, "rows_lost": 0}
+        self.rebuilt = {"shards": 0, "blocks": 0, "rows": 0, "rows_lost": 0, "shards_unreadable": 0}
         if state_dir and store is not None:
             store.restore(state_dir, only=(SNAPSHOT_FILE,))
         if state_dir and schema is not None:
@@ -141,6 +146,10 @@ class ReplayBufferActor:
                     meta = BlockMeta(c.shard, c.seq, span.rows, span.nbytes, c.written_at, time.time())
                     self._buf.add(BlockHandle(ref, c.shard, span.row_start, span.row_end), meta)
                 self._newest_seq = max(self._newest_seq, c.seq)
+                if c.final:
+                    self._open.pop(c.shard, None)
+                elif c.spans:
+                    self._open[c.shard] = (c.seq, c.spans[-1].row_end)
             if admitted:
                 self._grown.notify_all()
                 self._maybe_snapshot()
@@ -153,6 +162,7 @@ class ReplayBufferActor:
         in, so the buffer agrees with the manifest (and with a rebuild, which
         re-reads only ingested and claimed shards); the rows taken out."""
         with self._grown:
+            self._open.pop(shard, None)
             gone = self._buf.withdraw(shard)
             if gone:
                 self._maybe_snapshot(force=True)
@@ -226,7 +236,7 @@ class ReplayBufferActor:
         self._last_snapshot = now
         parts = [_held(e, False) for e in self._buf.window_entries()]
         parts += [_held(e, True) for e in self._buf.reservoir_entries()]
-        write_snapshot(self._state_dir, Snapshot(parts, self._newest_seq))
+        write_snapshot(self._state_dir, Snapshot(parts, self._newest_seq, open=dict(self._open)))
         if self._store is not None and self._pushing.acquire(blocking=False):
             # off the lock: samplers must not wait on the object store's latency
             threading.Thread(target=self._push_snapshot, name="push-snapshot", daemon=True).start()
@@ -247,22 +257,28 @@ class ReplayBufferActor:
         snap = read_snapshot(self._state_dir)
         ingested, partly = self._manifest.ingested(), self._manifest.partly_committed()
         self._newest_seq = max([r.seq for r in ingested + partly], default=-1)
+        self._open = {r.name: (r.seq, r.rows_committed) for r in partly}
         for shard in plan_rebuild(snap, ingested, self._cfg.capacity_rows, partly):
             if not shard.file_unchanged():
                 self.rebuilt["rows_lost"] += sum(p.rows for p in (shard.starts or {}).values())
                 continue
-            for span, block in read_back(shard, schema, rows_per_part):
-                meta = BlockMeta(shard.shard, shard.seq, span.rows, span.nbytes, shard.written_at, time.time())
-                handle = BlockHandle(ray.put(block), shard.shard, span.row_start, span.row_end)
-                held = shard.starts.get(span.row_start) if shard.starts is not None else None
-                if held is not None and held.in_reservoir:
-                    self._buf.restore_to_reservoir(handle, meta, held.sampled)
-                else:
-                    self._buf.add(handle, meta)
-                    if held is not None and held.sampled:
-                        self._buf.mark_seen(self._buf.window_entries()[-1])
-                self.rebuilt["blocks"] += 1
-                self.rebuilt["rows"] += span.rows
+            try:
+                for span, block in read_back(shard, schema, rows_per_part):
+                    meta = BlockMeta(shard.shard, shard.seq, span.rows, span.nbytes, shard.written_at, time.time())
+                    handle = BlockHandle(ray.put(block), shard.shard, span.row_start, span.row_end)
+                    held = shard.starts.get(span.row_start) if shard.starts is not None else None
+                    if held is not None and held.in_reservoir:
+                        self._buf.restore_to_reservoir(handle, meta, held.sampled)
+                    else:
+                        self._buf.add(handle, meta)
+                        if held is not None and held.sampled:
+                            self._buf.mark_seen(self._buf.window_entries()[-1])
+                    self.rebuilt["blocks"] += 1
+                    self.rebuilt["rows"] += span.rows
+            except (SchemaError, OSError) as e:  # unreadable now: the buffer comes up without the rest of it
+                self.rebuilt["shards_unreadable"] += 1
+                print(f"livetrain: buffer: could not read {shard.shard} back ({e}): rebuilt without it", file=sys.stderr)
+                continue
             self.rebuilt["shards"] += 1
         self._maybe_snapshot(force=True)
 

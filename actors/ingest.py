@@ -480,17 +480,7 @@ class IngestLoop:
         for reason, n in result.reasons.items():
             c.reasons[reason] = c.reasons.get(reason, 0) + n
         if result.error is not None:
-            reason = result.error
-            parts_in = max(f.committed_upto, rec.rows_committed)
-            if parts_in or f.parts_taken:
-                reason += (f" (its rows before file row {parts_in} had gone into the buffer in parts"
-                           " and were taken out again)")
-            self.manifest.mark_quarantined(rec.name, reason)
-            if parts_in or f.parts_taken:
-                # after the verdict is in the manifest, so a part still on its way is refused;
-                # not waited on: a buffer that restarts meanwhile rebuilds without them anyway
-                self.buffer.withdraw_shard.remote(rec.name)
-            c.shards_quarantined += 1
+            self._quarantine_whole(f, result.error)  # the actor wrote its quarantine record
             key = result.error.split(":")[0]
             c.reasons[key] = c.reasons.get(key, 0) + 1
         elif result.good_rows:
@@ -498,6 +488,23 @@ class IngestLoop:
         else:
             self.manifest.mark_ingested(rec.name, 0, result.bad_rows)
             self._count_ingested(result)
+
+    def _quarantine_whole(self, f: _InFlight, reason: str, record: bool = False) -> None:
+        """Mark ``f``'s shard quarantined whole (``record``: write its quarantine record
+        too); parts of it already in the buffer are taken out again."""
+        rec = f.record
+        parts_in = max(f.committed_upto, rec.rows_committed)
+        if parts_in or f.parts_taken:
+            reason += (f" (its rows before file row {parts_in} had gone into the buffer in parts"
+                       " and were taken out again)")
+        if record:
+            write_quarantine(self.cfg.state_dir, rec.name, None, reason, rec.path)
+        self.manifest.mark_quarantined(rec.name, reason)
+        if parts_in or f.parts_taken:
+            # after the verdict is in the manifest, so a part still on its way is refused;
+            # not waited on: a buffer that restarts meanwhile rebuilds without them anyway
+            self.buffer.withdraw_shard.remote(rec.name)
+        self.counters.shards_quarantined += 1
 
     def _advance_commit(self) -> None:
         """Answer the outstanding batch if the buffer has; start the next one when none is out."""
@@ -564,10 +571,8 @@ class IngestLoop:
             pass
         self._actors[f.actor] = self._new_actor()
         if self._attempts[name] >= MAX_ATTEMPTS:
-            reason = f"ingest failed {MAX_ATTEMPTS} times: {str(error).strip().splitlines()[0][:200]}"
-            write_quarantine(self.cfg.state_dir, name, None, reason, f.record.path)
-            self.manifest.mark_quarantined(name, reason)
-            self.counters.shards_quarantined += 1
+            self._quarantine_whole(f, f"ingest failed {MAX_ATTEMPTS} times: {str(error).strip().splitlines()[0][:200]}",
+                                   record=True)
             return
         # read it again at once, still claimed, from its watermark (parts committed stay), and
         # keep it at the head: arrival order holds

@@ -85,6 +85,39 @@ def test_buffer_actor_killed_restarts_rebuilt_from_snapshot_and_manifest(ray_ses
     close(loop, buffer)
 
 
+def test_a_shard_unreadable_at_a_rebuild_is_left_out_and_the_buffer_still_comes_up(ray_session, tmp_path):
+    """A shard file damaged in place (same size and mtime, so it looks unchanged)
+    cannot be read back when the buffer restarts: the buffer rebuilds without
+    it, says so, and takes the shards that come next."""
+    import ray
+
+    cfg, loop, buffer = make_loop(tmp_path)
+    landing = cfg.landing_dir
+    for i in range(3):
+        write_id_shard(landing / f"r-{i:03d}.parquet", i * 10_000, 500)
+    run_until_done(loop)
+    ray.get(buffer.close.remote())  # the snapshot names every block
+    damaged = landing / "r-001.parquet"
+    st = damaged.stat()
+    damaged.write_bytes(b"\0" * st.st_size)
+    os.utime(damaged, ns=(st.st_atime_ns, st.st_mtime_ns))
+    ray.kill(buffer, no_restart=False)
+
+    def restarted():
+        try:
+            s = ray.get(buffer.stats.remote(), timeout=30)
+        except ray.exceptions.RayError:  # the old instance may still answer first, or be on its way out
+            return None
+        return s if s["rebuilt_shards_unreadable"] else None
+
+    after = wait_until(restarted, 60, "the restarted buffer, rebuilt without the damaged shard")
+    assert after["rebuilt_shards"] == 2 and after["rebuilt_rows"] == 1000
+    write_id_shard(landing / "r-003.parquet", 30_000, 500)
+    run_until_done(loop)
+    assert sorted({i // 10_000 for i in buffer_ids(buffer)}) == [0, 2, 3]
+    close(loop, buffer)
+
+
 def test_same_shard_delivered_twice_is_ingested_once_and_recorded(ray_session, tmp_path):
     cfg, loop, buffer = make_loop(tmp_path, "source.recheck_every_s=0")  # a rewrite in place noticed at once
     landing = cfg.landing_dir

@@ -172,3 +172,71 @@ def test_a_shard_unreadable_after_parts_is_taken_out_and_reingested_once(ray_ses
     assert loop.manifest.get("big-000.parquet").status == "ingested"
     assert_exactly_once(all_ids, buffer_ids(buffer), quarantined_ids(tmp_path))
     close(loop, buffer)
+
+
+def test_buffer_killed_after_a_shard_finished_its_parts_rebuilds_the_parts_after_its_snapshot(ray_session, tmp_path):
+    """The buffer's last snapshot was taken while the big shard went in by parts;
+    the rest of its parts went in after it (snapshots come on a cadence,
+    ``buffer.snapshot_every_s``), then the buffer died. The rebuild re-reads the
+    parts the snapshot names and every part committed since."""
+    import ray
+
+    from livetrain.actors.blocks import SNAPSHOT_FILE, read_snapshot
+
+    cfg, loop, buffer = make_loop(tmp_path, *PARTS, "buffer.snapshot_every_s=0.001")  # a snapshot at every commit
+    all_ids = _big_shard(cfg)
+    _until_parts_committed(loop)
+    snap = wait_until(lambda: (s := read_snapshot(tmp_path)) and "big-000.parquet" in s.open and s, 30,
+                      "a snapshot naming the big shard going in by parts")
+    _, mark = snap.open["big-000.parquet"]
+    assert 0 < mark < ROWS
+    mid = (tmp_path / SNAPSHOT_FILE).read_bytes()
+    run_until_done(loop)
+    assert loop.manifest.get("big-000.parquet").status == "ingested"
+    (tmp_path / SNAPSHOT_FILE).write_bytes(mid)  # no snapshot since: the buffer died before its next one
+    ray.kill(buffer, no_restart=False)
+
+    def rebuilt():
+        try:
+            return ray.get(buffer.stats.remote(), timeout=30)["rebuilt_rows"] > 0
+        except ray.exceptions.RayError:  # ray.kill is asynchronous: the old instance may still answer first
+            return False
+
+    wait_until(rebuilt, 60, "the buffer rebuilt")
+    in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
+    assert_exactly_once(all_ids, in_buffer, quarantined)  # the parts after the mark were lost before
+    print(f"snapshot at watermark {mark}; rows: {len(in_buffer)} buffered + {len(quarantined)} quarantined")
+    close(loop, buffer)
+
+
+def test_a_shard_whose_reads_keep_failing_after_parts_is_quarantined_and_taken_out(ray_session, tmp_path):
+    """Its reader dies on every attempt (``MAX_ATTEMPTS``) after its first parts went
+    in: the shard is quarantined whole, its parts leave the buffer, and a re-ingest
+    once the cause is fixed puts every row in once."""
+    import ray
+
+    from livetrain.actors.quarantine import list_quarantine, reingest
+
+    cfg, loop, buffer = make_loop(tmp_path, *PARTS)
+    all_ids = _big_shard(cfg)
+    _until_parts_committed(loop)
+
+    def given_up():  # the reader of the head shard dies before the loop takes any more of it
+        ray.kill(loop.actors[0])
+        loop.step(0.2)
+        return loop.manifest.get("big-000.parquet").status == "quarantined"
+
+    wait_until(given_up, 60, "the big shard quarantined after its reads failed", interval_s=0)
+    big = loop.manifest.get("big-000.parquet")
+    assert big.reason.startswith("ingest failed") and "taken out again" in big.reason, big.reason
+    run_until_done(loop)
+    wait_until(lambda: not any(i < ROWS for i in buffer_ids(buffer)), 30, "the big shard's parts taken out")
+    assert [e.shard for e in list_quarantine(tmp_path) if e.shard == "big-000.parquet"]
+
+    for e in list_quarantine(tmp_path):  # the cause is gone (no more kills): every shard set aside goes back
+        if e.error is not None:
+            reingest(tmp_path, cfg.landing_dir, e, loop.manifest)
+    run_until_done(loop)
+    assert loop.manifest.get("big-000.parquet").status == "ingested"
+    assert_exactly_once(all_ids, buffer_ids(buffer), quarantined_ids(tmp_path))
+    close(loop, buffer)

@@ -3,12 +3,14 @@ the rebuild plan, rewritten-in-place detection."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 
 from _ingest_util import write_id_shard
 from livetrain.actors.blocks import (
+    SNAPSHOT_FILE,
     HeldPart,
     RebuildShard,
     Snapshot,
@@ -123,6 +125,36 @@ def test_rebuild_of_a_shard_going_in_by_parts_stops_exactly_at_its_watermark(tmp
         shard = RebuildShard("s.parquet", str(path), 0, 0.0, 0, 0, None, upto=4500)
         ids = [i for _, block in read_back(shard, SCHEMA, rows_now) for i in block["id"].tolist()]
         assert ids == [i for i in range(4500) if i not in bad], rows_now
+
+
+def test_rebuild_of_a_shard_going_in_by_parts_at_the_snapshot_adds_the_parts_committed_since(tmp_path):
+    """The snapshot held two of its parts (one in the reservoir) at watermark 4,500
+    and named it open; since then it went on to 7,500 (still by parts), or to its
+    end (ingested). Every row it has committed comes back once; a snapshot from
+    before ``open`` existed still reads."""
+    path = tmp_path / "s.parquet"
+    bad = write_id_shard(path, 0, 10_000, bad_every=700)
+    with Manifest(tmp_path) as m:
+        m.discover([path])
+        (rec,) = m.claim("me", 1)
+        m.mark_ingested_many([], [(rec.name, 7500)])
+        partly = m.partly_committed()
+        m.mark_ingested(rec.name, 10_000 - len(bad), len(bad))
+        ingested = m.ingested()
+    held = [HeldPart(rec.name, rec.seq, 0, 1500, 1, 1, 0.0, False, 0),
+            HeldPart(rec.name, rec.seq, 3000, 4500, 1, 1, 0.0, True, 2)]  # 1,500-3,000: evicted
+    write_snapshot(tmp_path, Snapshot(held, newest_seq=rec.seq, open={rec.name: (rec.seq, 4500)}))
+    snap = read_snapshot(tmp_path)
+    for recs, now, end in (([], partly, 7500), (ingested, [], 10_000)):
+        (shard,) = plan_rebuild(snap, recs, capacity_rows=100_000, partly=now)
+        assert (sorted(shard.starts), shard.tail_from) == ([0, 3000], 4500)
+        for rows_now in (1500, 1000, 4096):
+            ids = [i for _, block in read_back(shard, SCHEMA, rows_now) for i in block["id"].tolist()]
+            assert ids == [i for i in [*range(1500), *range(3000, end)] if i not in bad], (end, rows_now)
+    body = json.loads((tmp_path / SNAPSHOT_FILE).read_text())
+    del body["open"]
+    (tmp_path / SNAPSHOT_FILE).write_text(json.dumps(body))
+    assert read_snapshot(tmp_path).open == {} and len(read_snapshot(tmp_path).parts) == 2
 
 
 def test_a_poll_stats_only_new_files_until_the_recheck_is_due(tmp_path):
