@@ -1,5 +1,6 @@
 """Exactly once, by row id, with real Ray: ingest actor killed mid-shard,
-buffer actor killed (restart + rebuild), duplicate deliveries, parallel ingest.
+buffer actor killed (restart + rebuild), both killed at random steps while
+shards of mixed sizes go in, duplicate deliveries, parallel ingest.
 
 The ingest loop is stepped by the test (no trainer): what the buffer holds is
 read back block by block and every id is accounted for.
@@ -115,6 +116,52 @@ def test_a_shard_unreadable_at_a_rebuild_is_left_out_and_the_buffer_still_comes_
     write_id_shard(landing / "r-003.parquet", 30_000, 500)
     run_until_done(loop)
     assert sorted({i // 10_000 for i in buffer_ids(buffer)}) == [0, 2, 3]
+    close(loop, buffer)
+
+
+@pytest.mark.slow
+def test_random_kills_of_ingest_actors_and_the_buffer_lose_and_repeat_no_row(ray_session, tmp_path):
+    """Shards of mixed sizes (some going in by parts) land while ingest actors and
+    the buffer are killed at random steps of the loop. At the end every row is in
+    the buffer or quarantined, once; a shard whose reader died ``MAX_ATTEMPTS``
+    times counts as quarantined whole. Seeded: the kills fall at the same steps
+    each run, the timing of the actors around them does not."""
+    import random
+
+    import ray
+
+    cfg, loop, buffer = make_loop(tmp_path, "ingest.block_rows=200", "ingest.commit_rows=600", "ingest.num_actors=2",
+                                  "ingest.max_in_flight=3", "buffer.snapshot_every_s=0.2")
+    rnd = random.Random(1)
+    sizes: dict[str, int] = {}
+    kills = {"ingest": 0, "buffer": 0}
+
+    def settled() -> bool:
+        if len(sizes) < 16 and rnd.random() < 0.3:
+            name, rows = f"k-{len(sizes):03d}.parquet", rnd.choice([150, 700, 1500, 3000])
+            write_id_shard(cfg.landing_dir / name, len(sizes) * 10_000, rows, bad_every=rnd.choice([0, 37, 101]))
+            sizes[name] = rows
+        loop.step(0.05)
+        r = rnd.random()
+        if r < 0.03:
+            ray.kill(rnd.choice(loop.actors), no_restart=False)
+            kills["ingest"] += 1
+        elif r < 0.045:
+            ray.kill(buffer, no_restart=False)  # restarts, rebuilt from its snapshot and the manifest
+            kills["buffer"] += 1
+        return len(sizes) == 16 and loop.manifest.pending_count() == 0 and not loop.in_flight() and not loop.unregistered()
+
+    wait_until(settled, 240, "every shard ingested or quarantined under random kills", interval_s=0)
+    assert kills["ingest"] and kills["buffer"]
+    run_until_done(loop, 120)  # the buffer may still be restarting: its calls are retried
+    whole = {r.name for r in loop.manifest.records("quarantined")}
+    all_ids = {int(name[2:5]) * 10_000 + i for name, rows in sizes.items() for i in range(rows)}
+    quarantined = [i for i in quarantined_ids(tmp_path) if f"k-{i // 10_000:03d}.parquet" not in whole]
+    quarantined += [int(name[2:5]) * 10_000 + i for name in whole for i in range(sizes[name])]
+    in_buffer = buffer_ids(buffer)
+    assert_exactly_once(all_ids, in_buffer, quarantined)
+    print(f"kills {kills}; rows: {len(all_ids)} = {len(in_buffer)} buffered + {len(quarantined)} quarantined "
+          f"({len(whole)} shards whole)")
     close(loop, buffer)
 
 
