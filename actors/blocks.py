@@ -167,11 +167,11 @@ def plan_rebuild(snapshot: Snapshot | None, ingested: list, capacity_rows: int,
     partly = partly or []
     by_name = {r.name: r for r in [*ingested, *partly]}
     opened = snapshot.open if snapshot is not None else {}
+    plan: dict[str, RebuildShard] = {}
 
     def entry(rec) -> RebuildShard:
         return plan.setdefault(rec.name, RebuildShard(rec.name, rec.path, rec.seq, rec.written_at, rec.size, rec.mtime_ns, {}))
 
-    plan: dict[str, RebuildShard] = {}
     if snapshot is not None:
         for p in snapshot.parts:
             rec = by_name.get(p.shard)
