@@ -120,6 +120,9 @@ def test_after_a_drift_alarm_the_newest_small_shard_serves_the_new_concept_alone
             lambda: [e for e in history("decision") if e["action"] == "promote" and e["trained_through"] == first],
             120, "a version trained on the flipped shard served, with no shard after it")
         assert landed[0] == n_landed and promoted[0]["eval_rows"] < cfg.gate.min_eval_rows  # its held-out rows alone
-        assert promoted[0]["candidate"]["accuracy"] > 0.8 > promoted[0]["served"]["accuracy"]
+        cand, served = promoted[0]["candidate"]["accuracy"], promoted[0]["served"]["accuracy"]
+        # the old concept's model fails the flipped labels; the candidate clears the hold's bar on
+        # them (how far it got in its few steps depends on the machine: 0.73 to 0.9 seen)
+        assert served < 0.5 and cand > served + max(cfg.gate.alarm_min_gain, 0.15), (cand, served)
     finally:
         p.stop()
