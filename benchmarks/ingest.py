@@ -1,7 +1,10 @@
 """Ingest and sampling throughput (one JSON line per figure).
 
     python benchmarks/ingest.py [--shards 48] [--rows 100000] [--features 20] [--repeat 3]
-                                [--large-rows 4000000] [--commit-rows 500000]
+                                [--large-rows 4000000] [--commit-rows 500000] [--set KEY=VALUE ...]
+
+``--set`` applies config overrides to the ingest figures 1 and 2b (for example
+``--set ingest.block_rows=131072``: one block per 100k-row shard).
 
 1. Rows/s and MB/s (Parquet bytes on disk) from shard files into the replay
    buffer through the real path (manifest, ingest actors, validation, buffer
@@ -397,6 +400,8 @@ def main() -> None:
                     help="times the buffer is filled (untimed, by other shards) before figure 2b (0: skip it)")
     ap.add_argument("--no-full-buffer", dest="fill_rounds", action="store_const", const=0,
                     help="skip figure 2b (--fill-rounds 0)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the ingest figures 1 and 2b (repeatable)")
     args = ap.parse_args()
     import ray
 
@@ -415,14 +420,15 @@ def main() -> None:
         for run in range(args.repeat):  # interleaved, so a noisy spell hits every figure alike
             base_runs.append(pyarrow_baseline(paths, args.features))
             for actors in (1, 2):
-                s, buf, f = ingest_seconds(paths, args.features, actors, root, run)
+                s, buf, f = ingest_seconds(paths, args.features, actors, root, run, overrides=tuple(args.overrides))
                 runs[actors].append(s)
                 faults[actors].append(f)
                 if buffer is not None:
                     ray.kill(buffer)
                 buffer = buf
             if fill:
-                s, buf, f = ingest_seconds(paths, args.features, 2, root, f"full-{run}", fill=fill)
+                s, buf, f = ingest_seconds(paths, args.features, 2, root, f"full-{run}", fill=fill,
+                                           overrides=tuple(args.overrides))
                 full_runs.append(s)
                 faults["full"].append(f)
                 ray.kill(buf)
@@ -433,12 +439,12 @@ def main() -> None:
             s = statistics.median(runs[actors])
             emit(f"ingest_{actors}_actor_rows_per_s", rows / s, "rows/s", baseline=rows / base_s, mb_per_s=mb / s,
                  baseline_mb_per_s=mb / base_s, runs=[round(rows / t) for t in runs[actors]],
-                 page_faults_per_shard=_median(faults[actors]))
+                 page_faults_per_shard=_median(faults[actors]), overrides=args.overrides)
         if full_runs:
             s = statistics.median(full_runs)
             emit("ingest_2_actor_rows_per_s_full_buffer", rows / s, "rows/s", baseline=rows / base_s,
                  mb_per_s=mb / s, runs=[round(rows / t) for t in full_runs], fill_rounds=args.fill_rounds,
-                 page_faults_per_shard=_median(faults["full"]),
+                 page_faults_per_shard=_median(faults["full"]), overrides=args.overrides,
                  note=f"the same shards into a buffer already filled {args.fill_rounds} times over (by other "
                       "shards, untimed, through the same actors): it evicts as they go in, and the actors "
                       "have written into the object store's memory before")
