@@ -1,8 +1,11 @@
 """ReplayBufferActor: the thin Ray actor around ``ReplayBuffer``.
 
-It stores ObjectRefs that the ingest loop (their owner) hands over inside a
-list, so Ray passes them through unresolved; the rows never enter this
-process. Trainers get a ``Sample`` of refs and fetch the blocks themselves.
+It stores ``BlockRef``s (a chunk's ObjectRef and the block's rows in it)
+that the ingest loop (the chunks' owner) hands over inside a list, so Ray
+passes them through unresolved; the rows never enter this process. Trainers
+get a ``Sample`` of them and fetch the blocks themselves. The blocks of one
+chunk are added together and leave the reservoir together (``ReplayBuffer``'s
+``chunk``), so a chunk does not outlive its blocks in the object store.
 Threaded, so a trainer waiting for data does not block inserts.
 
 Exactly once: ``add_shards`` marks a batch of shards ingested in the
@@ -49,7 +52,7 @@ from livetrain.actors.rate_limiter import make_limiter
 from livetrain.actors.replay_buffer import Entry, ReplayBuffer
 from livetrain.actors.schema import SchemaError
 from livetrain.config import BufferConfig, SchemaConfig, StorageConfig
-from livetrain.messages import BlockMeta, Sample
+from livetrain.messages import BlockMeta, BlockRef, Sample
 from livetrain.storage import Store
 from livetrain.storage import configure as configure_storage
 
@@ -58,9 +61,9 @@ BUFFER_NAME = "livetrain_buffer"
 
 @dataclass(frozen=True)
 class BlockHandle:
-    """What the buffer keeps per block: the ref and where its rows came from."""
+    """What the buffer keeps per block: where it is in the store and where its rows came from."""
 
-    ref: Any
+    block: BlockRef
     shard: str
     row_start: int
     row_end: int
@@ -101,8 +104,8 @@ class ReplayBufferActor:
 
     # --- from the ingest loop ---------------------------------------------------
 
-    def add_shards(self, commits: list[ShardCommit], refs: list[list[ray.ObjectRef]], wait_s: float = 0.5) -> list[AddResult]:
-        """Insert several shards' blocks (``refs[i]`` for ``commits[i]``) in order, and mark
+    def add_shards(self, commits: list[ShardCommit], refs: list[list[BlockRef]], wait_s: float = 0.5) -> list[AddResult]:
+        """Insert several shards' blocks (``refs[i]`` for ``commits[i]``, one per span) in order, and mark
         them ingested in one manifest transaction before the blocks go in.
 
         The limiter may make the first shard wait (up to ``wait_s``); a later one it
@@ -140,11 +143,11 @@ class ReplayBufferActor:
                 )
             by_shard = {c.shard: r for c, r in zip(commits, refs)}
             for c in (c for c in admitted if c.shard not in refused):
-                for span, ref in zip(c.spans, by_shard[c.shard]):
+                for span, b in zip(c.spans, by_shard[c.shard]):
                     if span.row_end <= marks.get(c.shard, 0):
                         continue
                     meta = BlockMeta(c.shard, c.seq, span.rows, span.nbytes, c.written_at, time.time())
-                    self._buf.add(BlockHandle(ref, c.shard, span.row_start, span.row_end), meta)
+                    self._buf.add(BlockHandle(b, c.shard, span.row_start, span.row_end), meta, chunk=b.ref)
                 self._newest_seq = max(self._newest_seq, c.seq)
                 if c.final:
                     self._open.pop(c.shard, None)
@@ -168,14 +171,14 @@ class ReplayBufferActor:
                 self._maybe_snapshot(force=True)
             return sum(e.meta.rows for e in gone)
 
-    def add_shard(self, commit: ShardCommit, refs: list[ray.ObjectRef], wait_s: float = 0.5) -> AddResult:
+    def add_shard(self, commit: ShardCommit, refs: list[BlockRef], wait_s: float = 0.5) -> AddResult:
         """``add_shards`` for one shard."""
         return self.add_shards([commit], [refs], wait_s)[0]
 
     # --- from trainers ----------------------------------------------------------
 
     def sample(self, n_blocks: int, fresh_after: int, min_rows: int, wait_s: float) -> Sample:
-        """Refs of ``n_blocks`` blocks once the buffer holds ``min_rows`` rows
+        """``n_blocks`` blocks once the buffer holds ``min_rows`` rows
         (waits up to ``wait_s``); an empty sample if it still does not."""
         deadline = time.monotonic() + wait_s
         with self._grown:
@@ -189,7 +192,7 @@ class ReplayBufferActor:
             if picked:
                 self._grown.notify_all()  # unseen rows may have dropped: a waiting insert may go
             return Sample(
-                refs=[e.handle.ref for e in picked],
+                blocks=[e.handle.block for e in picked],
                 metas=[e.meta for e in picked],
                 buffer_rows=rows,
                 closed=self._closed,
@@ -197,10 +200,10 @@ class ReplayBufferActor:
 
     # --- views and lifecycle ----------------------------------------------------
 
-    def held_blocks(self) -> list[tuple[BlockMeta, list[ray.ObjectRef]]]:
-        """Every block held, window then reservoir, as (meta, [ref]) (tests, benchmarks)."""
+    def held_blocks(self) -> list[tuple[BlockMeta, BlockRef]]:
+        """Every block held, window then reservoir, as (meta, block) (tests, benchmarks)."""
         with self._lock:
-            return [(e.meta, [e.handle.ref]) for e in self._buf.entries()]
+            return [(e.meta, e.handle.block) for e in self._buf.entries()]
 
     def set_mix(self, recent_fraction: float, window_rows_scale: float) -> None:
         """Drift reactions from the registry: sampling mix and window length."""
@@ -265,7 +268,7 @@ class ReplayBufferActor:
             try:
                 for span, block in read_back(shard, schema, rows_per_part):
                     meta = BlockMeta(shard.shard, shard.seq, span.rows, span.nbytes, shard.written_at, time.time())
-                    handle = BlockHandle(ray.put(block), shard.shard, span.row_start, span.row_end)
+                    handle = BlockHandle(BlockRef(ray.put(block)), shard.shard, span.row_start, span.row_end)
                     held = shard.starts.get(span.row_start) if shard.starts is not None else None
                     if held is not None and held.in_reservoir:
                         self._buf.restore_to_reservoir(handle, meta, held.sampled)

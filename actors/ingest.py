@@ -2,11 +2,16 @@
 IngestLoop that drives it.
 
 Ownership: the loop calls ``IngestActor.read_shard`` (a streaming generator:
-one block per record batch, then the verdict) and keeps the yielded block
-references, so the loop's process (the driver) owns every block, not the
-ingest actor: an ingest actor may die without taking blocks with it. The
-refs then travel to the registry (test) and the buffer (train) inside a
-list, unresolved.
+one *chunk* object per read of the file, holding the good rows of up to
+``CHUNK_BLOCKS`` blocks, each followed by a small ``Chunk`` item naming
+them; then the verdict) and keeps the yielded references, so the loop's
+process (the driver) owns every chunk, not the ingest actor: an ingest actor
+may die without taking blocks with it. Each block travels as a ``BlockRef``
+(the chunk's ref and its rows in it) to the registry (test) and the buffer
+(train), unresolved. One object per read, not per block: each object costs
+Ray ~1-1.5 ms of CPU across the actor, the driver, the raylet and the
+buffer (created, sealed, reported, borrowed), which on 2 cores was ~10% of
+the ingest rate.
 
 Discovery: each polled file is hashed on one thread of the loop's process
 (the manifest's content hash releases the GIL), a few shards ahead, and
@@ -24,15 +29,15 @@ the shard ``claimed``; ``Manifest.requeue_claimed`` at start-up puts it back,
 watermark kept. Arrival order: shards are finished in claim (``seq``) order,
 whatever actor read them.
 
-Memory: the actor streams blocks at most ``BACKPRESSURE_PARTS`` ahead of
-the loop. A shard with more than ``ingest.commit_rows`` rows is committed in
-parts while it is read: the actor yields a ``Progress`` after every k blocks
-(k fixed per read, so the loop knows which items they are without fetching
-any block); when nothing older waits for the buffer, the head shard's parts
-read so far go to the buffer, which moves the shard's row watermark in the
-manifest in the same call, and the loop lets go of their refs. So the
-driver holds about ``commit_rows`` rows of a shard at a time, not the whole
-shard. A re-read validates the whole file again (its quarantine file covers
+Memory: the actor streams chunks at most ``BACKPRESSURE_PARTS`` items
+ahead of the loop. A shard with more than ``ingest.commit_rows`` rows is
+committed in parts while it is read: a chunk ends after every k blocks (k
+fixed per read) and its ``Chunk`` says a part ends there; when nothing older
+waits for the buffer, the head shard's parts read so far go to the buffer,
+which moves the shard's row watermark in the manifest in the same call, and
+the loop lets go of their refs. So the driver holds about ``commit_rows``
+rows of a shard at a time, not the whole shard, and no chunk spans two
+parts. A re-read validates the whole file again (its quarantine file covers
 the whole shard) but yields only the blocks past the watermark, and the
 buffer skips any block below it (a retried call after its restart). A shard
 that turns unreadable after parts went in is quarantined whole: the buffer
@@ -63,10 +68,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from livetrain.actors.blocks import PartSpan, ShardCommit, block_nbytes, block_of, label_index, part_rows
 from livetrain.actors.manifest import Manifest, ShardRecord
 from livetrain.actors.quarantine import list_quarantine, reingest, write_quarantine
-from livetrain.actors.schema import SchemaError, iter_parts, warm_up
+from livetrain.actors.schema import Part, SchemaError, iter_reads, warm_up
 from livetrain.actors.sources import DirectorySource
 from livetrain.config import Config, SchemaConfig, StorageConfig
-from livetrain.messages import BlockMeta
+from livetrain.messages import BlockMeta, BlockRef
 from livetrain.storage import configure as configure_storage
 from livetrain.storage import shard_name, shard_path
 
@@ -80,15 +85,21 @@ HASH_POLL_S = 0.005
 KEEP_READERS = 10_000
 """``IngestCounters.readers`` entries kept."""
 BACKPRESSURE_PARTS = 4
-"""Blocks an ingest actor may yield ahead of the loop taking them: bounds its object-store use."""
+"""Items (two per chunk) an ingest actor may yield ahead of the loop taking them: bounds its object-store use."""
+CHUNK_BLOCKS = 8
+"""Blocks one chunk object holds at most: a chunk stays in the object store until its
+last block leaves the buffer, so this bounds what the buffer's byte count may miss."""
 
 
 @dataclass(frozen=True)
-class Progress:
-    """An item of ``read_shard``'s stream after every ``progress_blocks`` blocks: their spans.
-    The loop may commit those blocks as a part (a large shard) before the shard ends."""
+class Chunk:
+    """The item after each chunk object of ``read_shard``'s stream: the blocks in it, in
+    order (block i is the chunk's rows after those of blocks 0..i-1), and whether a part
+    ends with it (``progress_blocks``: the loop may commit the blocks so far before the
+    shard ends). Small: it travels inline with the stream's report."""
 
     spans: list[PartSpan]
+    part_end: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,13 +111,34 @@ class IngestResult:
     """The whole file's, also when the read resumed after committed parts."""
     bad_rows: int
     spans: list[PartSpan]
-    """One per block yielded after the last ``Progress`` (or from the start), in order."""
+    """Of the blocks that go to the buffer with this verdict, in order: the loop fills it
+    in from the ``Chunk`` items (the actor sends it empty)."""
     reasons: dict[str, int] = field(default_factory=dict)
     """Per-row quarantine reason -> rows."""
     error: str | None = None
     """Set when the shard was quarantined whole; the yielded blocks are void."""
     reader: str = ""
     """Which actor read it (``host:pid``)."""
+
+
+def chunks_of(read: Part, rows_per_part: int, resume_from: int = 0, progress_blocks: int = 0,
+              blocks_before: int = 0) -> list[tuple[list[Part], bool]]:
+    """How ``read_shard`` sends one validated read: its parts (blocks) with good rows from
+    file row ``resume_from`` on, grouped into chunks of at most ``CHUNK_BLOCKS``, a chunk
+    ending where a part does (every ``progress_blocks`` blocks of the stream, counting
+    the ``blocks_before`` sent before this read); each with whether a part ends there."""
+    # from the watermark on (cut inside a part when the part layout changed since)
+    parts = [p.from_row(resume_from) for p in read.split(rows_per_part) if p.row_end > resume_from]
+    parts = [p for p in parts if p.good_rows]
+    out: list[tuple[list[Part], bool]] = []
+    chunk: list[Part] = []
+    for i, part in enumerate(parts):
+        chunk.append(part)
+        part_end = bool(progress_blocks) and (blocks_before + i + 1) % progress_blocks == 0
+        if part_end or len(chunk) == CHUNK_BLOCKS or i == len(parts) - 1:
+            out.append((chunk, part_end))
+            chunk = []
+    return out
 
 
 @ray.remote(num_cpus=0.25, max_restarts=-1)
@@ -123,35 +155,29 @@ class IngestActor:
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE_PARTS)
     def read_shard(self, path: str, name: str, resume_from: int = 0, progress_blocks: int = 0):
-        """Yield one block per record batch of good rows from file row ``resume_from`` on
-        (the rows before it were committed in parts), a ``Progress`` after every
-        ``progress_blocks`` blocks (0: never), then an ``IngestResult``.
+        """Yield the good rows from file row ``resume_from`` on (the rows before it were
+        committed in parts) as chunks: one object per read (``schema.iter_reads``) holding
+        its blocks (at most ``CHUNK_BLOCKS``; a chunk ends where a part of
+        ``progress_blocks`` blocks does, 0: no parts), each followed by its ``Chunk``;
+        then an ``IngestResult``.
 
         Validation covers the whole file whatever ``resume_from``: bad rows are
         written to quarantine at the end (one file per shard, replaced on a
         retry); a shard that cannot be used at all is quarantined whole.
         """
-        spans: list[PartSpan] = []
         bad: list[pa.Table] = []
         reasons: dict[str, int] = {}
-        good = 0
+        good = blocks = 0
         try:
-            for part in iter_parts(path, self._schema, self._rows_per_part):
-                if part.bad is not None:
-                    bad.append(part.bad)
-                    for r, n in part.reasons.items():
+            for read in iter_reads(path, self._schema, self._rows_per_part):
+                if read.bad is not None:
+                    bad.append(read.bad)
+                    for r, n in read.reasons.items():
                         reasons[r] = reasons.get(r, 0) + n
-                good += part.good_rows
-                if part.row_end <= resume_from:
-                    continue  # committed before: in the buffer already
-                part = part.from_row(resume_from)  # only when the part layout changed since
-                if part.good_rows:
-                    block = block_of(part, self._schema.classes)
-                    spans.append(PartSpan(part.row_start, part.row_end, part.good_rows, block_nbytes(block)))
-                    yield block
-                    if progress_blocks and len(spans) == progress_blocks:
-                        yield Progress(spans)
-                        spans = []
+                good += read.good_rows
+                for chunk, part_end in chunks_of(read, self._rows_per_part, resume_from, progress_blocks, blocks):
+                    blocks += len(chunk)
+                    yield from self._chunk(read, chunk, part_end)
         except SchemaError as e:
             write_quarantine(self._state, name, None, str(e), shard_path(path))
             yield IngestResult(name, 0, 0, [], {}, str(e), self._me)
@@ -159,7 +185,14 @@ class IngestActor:
         table = pa.concat_tables(bad) if bad else None
         if table is not None:
             write_quarantine(self._state, name, table, None, shard_path(path))
-        yield IngestResult(name, good, 0 if table is None else table.num_rows, spans, reasons, None, self._me)
+        yield IngestResult(name, good, 0 if table is None else table.num_rows, [], reasons, None, self._me)
+
+    def _chunk(self, read: Part, parts: list[Part], part_end: bool):
+        """One object for ``parts`` (adjacent views of ``read``: no copy), then its ``Chunk``."""
+        block = block_of(read.between(parts[0].row_start, parts[-1].row_end), self._schema.classes)
+        per_row = block_nbytes(block) // len(block["y"])
+        yield block
+        yield Chunk([PartSpan(p.row_start, p.row_end, p.good_rows, p.good_rows * per_row) for p in parts], part_end)
 
 
 @dataclass
@@ -187,14 +220,15 @@ class _InFlight:
     record: ShardRecord
     gen: Any  # ObjectRefGenerator
     actor: int
-    progress_every: int = 0
-    """Blocks between two ``Progress`` items of the stream (0: none)."""
     committed_upto: int = 0
     """The shard's row watermark: file rows before it are in the buffer (parts committed)."""
     items: list[Any] = field(default_factory=list)
-    """Block refs since the last ``Progress`` (and, at the end, the verdict)."""
-    parts: list[tuple[Any, list[Any]]] = field(default_factory=list)
-    """(``Progress`` ref, its block refs) not committed yet."""
+    """Refs of the stream not taken apart yet: a chunk waiting for its ``Chunk``, or the verdict."""
+    blocks: list[BlockRef] = field(default_factory=list)
+    spans: list[PartSpan] = field(default_factory=list)
+    """The blocks read since the last part ended, and where they came from."""
+    parts: list[tuple[list[BlockRef], list[PartSpan]]] = field(default_factory=list)
+    """Parts read whole (blocks, spans), not committed yet."""
     parts_taken: bool = False
     """Some parts went to the buffer (answered or not)."""
     finished: bool = False
@@ -331,13 +365,13 @@ class IngestLoop:
         return len(self._landed) + len(self._hashing) + (self._listing is not None)
 
     def held_refs(self) -> int:
-        """Block refs the loop holds now, read or waiting for the buffer (tests: memory bound)."""
-        return (sum(len(f.items) + sum(len(bs) for _, bs in f.parts) for f in self._in_flight.values())
+        """Blocks the loop holds now, read or waiting for the buffer (tests: memory bound)."""
+        return (sum(len(f.blocks) + sum(len(bs) for bs, _ in f.parts) for f in self._in_flight.values())
                 + sum(len(r.blocks) for r in self._waiting()))
 
     def in_flight(self) -> dict[str, int]:
         """Shard -> blocks taken so far, for shards being read (tests)."""
-        return {n: len(f.items) for n, f in self._in_flight.items()}
+        return {n: len(f.blocks) + sum(len(bs) for bs, _ in f.parts) for n, f in self._in_flight.items()}
 
     # --- internals ---------------------------------------------------------------
 
@@ -415,22 +449,34 @@ class IngestLoop:
         upto = rec.rows_committed if resume_from is None else resume_from
         every = -(-self.cfg.ingest.commit_rows // self._rows_per_part) if self.cfg.ingest.commit_rows else 0
         gen = self._actors[i].read_shard.remote(str(rec.path), rec.name, upto, every)
-        self._in_flight[rec.name] = _InFlight(rec, gen, i, every, upto)
+        self._in_flight[rec.name] = _InFlight(rec, gen, i, upto)
 
     def _drain(self, f: _InFlight) -> None:
         # a part waiting for the buffer stops the draining: the actor then stops
-        # BACKPRESSURE_PARTS blocks ahead, and the shard's blocks in the store stay ~2 parts
+        # BACKPRESSURE_PARTS items ahead, and the shard's blocks in the store stay ~2 parts
         while not f.finished and not f.parts and f.gen.next_ready():
             try:
                 item = next(f.gen)
             except StopIteration:  # next_ready() can be True at the end of the stream
                 f.finished = True
                 break
-            if f.progress_every and len(f.items) == f.progress_every:
-                f.parts.append((item, f.items))  # by position: a Progress follows every k blocks
-                f.items = []
-            else:
-                f.items.append(item)
+            f.items.append(item)
+            if len(f.items) < 2:
+                continue  # a chunk (its Chunk follows) or the verdict (the stream ends)
+            try:
+                chunk = ray.get(item)  # ready, small: it came inline with the stream's report
+            except ray.exceptions.RayError:  # the actor died or raised: _finish retries
+                f.finished = True
+                break
+            ref, lo = f.items[0], 0
+            for span in chunk.spans:
+                f.blocks.append(BlockRef(ref, lo, lo + span.rows))
+                lo += span.rows
+            f.spans += chunk.spans
+            f.items = []
+            if chunk.part_end:
+                f.parts.append((f.blocks, f.spans))
+                f.blocks, f.spans = [], []
         f.finished = f.finished or f.gen.is_finished()
 
     def _waiting(self) -> list[_Ready]:
@@ -449,12 +495,8 @@ class IngestLoop:
         f = next(iter(self._in_flight.values()))
         if not f.parts:
             return
-        try:
-            progress = ray.get([p for p, _ in f.parts])
-        except ray.exceptions.RayError:  # the actor died: _finish retries from the watermark
-            return
-        spans = [s for p in progress for s in p.spans]
-        blocks = [b for _, bs in f.parts for b in bs]
+        spans = [s for _, ss in f.parts for s in ss]
+        blocks = [b for bs, _ in f.parts for b in bs]
         f.parts, f.parts_taken = [], True
         result = IngestResult(f.record.name, sum(s.rows for s in spans), 0, spans)
         self._ready.append(_Ready(f.record, result, blocks, part=True))
@@ -462,17 +504,17 @@ class IngestLoop:
     def _finish(self, f: _InFlight) -> None:
         rec, c = f.record, self.counters
         try:
-            if not f.items:
+            if len(f.items) != 1:
                 raise RuntimeError("the stream ended without a verdict")
-            # the verdict, and the parts read but not committed yet (they go in with the rest)
-            result, *progress = ray.get([f.items[-1], *(p for p, _ in f.parts)])
+            result = ray.get(f.items[0])
             if not isinstance(result, IngestResult):
                 raise RuntimeError("the stream ended without a verdict")
         except (ray.exceptions.RayError, RuntimeError) as e:  # the ingest actor died mid-shard
             self._retry(f, e)
             return
-        blocks = [b for _, bs in f.parts for b in bs] + f.items[:-1]
-        result = dataclasses.replace(result, spans=[s for p in progress for s in p.spans] + result.spans)
+        # with the parts read but not committed yet (they go in with the rest)
+        blocks = [b for bs, _ in f.parts for b in bs] + f.blocks
+        result = dataclasses.replace(result, spans=[s for _, ss in f.parts for s in ss] + f.spans)
         c.readers[rec.name] = result.reader
         if len(c.readers) > 2 * KEEP_READERS:  # a run may last months: keep the newest (dicts keep order)
             c.readers = dict(list(c.readers.items())[-KEEP_READERS:])
@@ -541,8 +583,8 @@ class IngestLoop:
         for r in (r for r in shards if not r.observed):
             r.observed = True
             calls += [
-                self.registry.observe.remote(BlockMeta(r.record.name, r.record.seq, s.rows, s.nbytes, r.record.written_at, now), [ref])
-                for s, ref in zip(r.result.spans, r.blocks)
+                self.registry.observe.remote(BlockMeta(r.record.name, r.record.seq, s.rows, s.nbytes, r.record.written_at, now), b)
+                for s, b in zip(r.result.spans, r.blocks)
             ]
         return calls
 

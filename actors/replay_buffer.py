@@ -26,6 +26,7 @@ import itertools
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 from livetrain.config import BufferConfig
@@ -43,6 +44,8 @@ class Entry(Generic[H]):
     handle: H
     meta: BlockMeta
     sampled: int = 0
+    chunk: Hashable | None = None
+    """Blocks that live in one object together (added one after another) share it."""
 
 
 @dataclass
@@ -86,6 +89,8 @@ class ReplayBuffer(Generic[H]):
         self._reservoir_rows = 0
         self._reservoir_bytes = 0
         self._tie = itertools.count()
+        self._last_key: tuple[Hashable | None, float] = (None, 0.0)
+        """The chunk the last block into the reservoir came from, and its key."""
         self.rows_added = 0
         self.rows_evicted = 0
         self.rows_evicted_unseen = 0
@@ -95,14 +100,18 @@ class ReplayBuffer(Generic[H]):
 
     # --- insertion -----------------------------------------------------------
 
-    def add(self, handle: H, meta: BlockMeta) -> list[Entry[H]]:
-        """Insert a block; returns the entries that left the buffer for good."""
+    def add(self, handle: H, meta: BlockMeta, chunk: Hashable | None = None) -> list[Entry[H]]:
+        """Insert a block; returns the entries that left the buffer for good.
+
+        ``chunk``: the blocks of one chunk (added one after another) leave the
+        window one after another and share one reservoir key, so they also leave
+        the reservoir together and the chunk's memory goes with its last block."""
         if meta.rows > self.cfg.capacity_rows or meta.nbytes > self.cfg.capacity_bytes:
             raise BlockTooLarge(
                 f"block of shard {meta.shard} ({meta.rows} rows, {meta.nbytes} bytes) exceeds "
                 f"buffer capacity ({self.cfg.capacity_rows} rows, {self.cfg.capacity_bytes} bytes)"
             )
-        self._window.append(Entry(handle, meta))
+        self._window.append(Entry(handle, meta, chunk=chunk))
         self._window_rows += meta.rows
         self._window_bytes += meta.nbytes
         self.rows_added += meta.rows
@@ -166,7 +175,9 @@ class ReplayBuffer(Generic[H]):
         return e
 
     def _to_reservoir(self, e: Entry[H]) -> None:
-        heapq.heappush(self._reservoir, _Kept(-self._rng.random(), next(self._tie), e))
+        if e.chunk is None or e.chunk != self._last_key[0]:
+            self._last_key = (e.chunk, self._rng.random())
+        heapq.heappush(self._reservoir, _Kept(-self._last_key[1], next(self._tie), e))
         self._reservoir_rows += e.meta.rows
         self._reservoir_bytes += e.meta.nbytes
 

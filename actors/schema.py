@@ -449,15 +449,23 @@ class Part:
         return self.between(row, self.row_end)
 
     def between(self, lo: int, hi: int) -> Part:
-        """The good rows at file rows ``[lo, hi)`` within this part (bad rows stay with the whole part)."""
+        """The good rows at file rows ``[lo, hi)`` within this part (bad rows stay with the whole part).
+
+        Views, not copies: good rows keep file order, so those in a row range are
+        contiguous in ``x``, ``y`` and ``ids``."""
         lo, hi = max(lo, self.row_start), min(hi, self.row_end)
         if (lo, hi) == (self.row_start, self.row_end):
             return self
         where = np.arange(self.row_end - self.row_start) if self.kept is None else self.kept
-        keep = np.flatnonzero((where >= lo - self.row_start) & (where < hi - self.row_start))
-        return Part(lo, hi, self.x.take(keep, axis=0), self.y.take(keep),
-                    None if self.ids is None else self.ids.take(keep), self.bad, self.reasons,
-                    where[keep] - (lo - self.row_start))
+        a, b = np.searchsorted(where, [lo - self.row_start, max(lo, hi) - self.row_start])
+        return Part(lo, max(lo, hi), self.x[a:b], self.y[a:b], None if self.ids is None else self.ids[a:b],
+                    self.bad, self.reasons, where[a:b] - (lo - self.row_start))
+
+    def split(self, part_rows: int) -> list[Part]:
+        """This part cut every ``part_rows`` file rows (views); its bad rows go with the first."""
+        cuts = range(self.row_start, self.row_end, part_rows)
+        out = [self.between(lo, lo + part_rows) for lo in cuts]
+        return [out[0]] + [dataclasses.replace(p, bad=None, reasons={}) for p in out[1:]]
 
     @staticmethod
     def join(parts: list[Part]) -> Part:
@@ -477,18 +485,27 @@ def read_rows(part_rows: int, schema: SchemaConfig) -> int:
 
 
 def iter_parts(path: str | Path, schema: SchemaConfig, part_rows: int):
-    """Validate ``path`` ``part_rows`` rows at a time (the last part may be shorter).
+    """Validate ``path`` ``part_rows`` rows at a time (the last part may be shorter):
+    ``iter_reads``, each read cut into parts (views of it)."""
+    for read in iter_reads(path, schema, part_rows):
+        yield from read.split(part_rows)
 
-    Whole-shard problems raise ``SchemaError`` (before the first part for the
+
+def iter_reads(path: str | Path, schema: SchemaConfig, part_rows: int):
+    """Validate ``path`` one read at a time: each a ``Part`` of a whole multiple of
+    ``part_rows`` file rows (``read_rows``; the last may be shorter).
+
+    Whole-shard problems raise ``SchemaError`` (before the first read for the
     footer and columns; mid-file for corrupt pages), so a caller must treat the
     parts it already got as void when that happens. Part boundaries depend only
     on the file and ``part_rows``: reading again yields the same parts.
 
-    The file is read several parts at a time (``read_rows``: a multiple of
-    ``part_rows`` within ``BATCH_BYTES``) and each read is cut into parts:
-    every record batch read costs ~2 ms of CPU on top of decoding its rows,
-    so a 100k-row shard of 20 features read as one batch instead of two takes
-    ~13.5 instead of ~16 ms. Record batches run across row groups, so the
+    The file is read several parts at a time (within ``BATCH_BYTES``) and each
+    read validated at once: every record batch read costs ~2 ms of CPU on top
+    of decoding its rows, so a 100k-row shard of 20 features read as one batch
+    instead of two takes ~13.5 instead of ~16 ms; and an ingest actor sends
+    the good rows of a read's parts to the object store as one object (a chunk,
+    ``actors/ingest.py``). Record batches run across row groups, so the
     boundaries are those of reading ``part_rows`` at a time.
     """
     try:
@@ -506,10 +523,8 @@ def iter_parts(path: str | Path, schema: SchemaConfig, part_rows: int):
             for batch in pf.iter_batches(batch_size=read_rows(part_rows, schema), columns=_columns(schema)):
                 if read + batch.num_rows > total:
                     raise SchemaError(f"more rows than the footer declares ({total})")
-                for lo in range(0, batch.num_rows, part_rows):
-                    part = batch.slice(lo, part_rows)
-                    yield _validate_batch(part, schema, classes, read)
-                    read += part.num_rows
+                yield _validate_batch(batch, schema, classes, read)
+                read += batch.num_rows
         except (pa.ArrowException, OSError) as e:  # corrupt pages, truncated row groups
             raise SchemaError(f"unreadable parquet data: {_first_line(e)}") from None
         if read != total:

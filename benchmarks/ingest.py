@@ -349,6 +349,7 @@ def sampling(buffer, d: int, seconds: float, blocks: int = 8, slices: int = 10):
     ``seconds / slices`` each, so a noisy spell on the shared machine hits both alike."""
     import ray
 
+    from livetrain.messages import fetch_blocks
     from livetrain.training.learner import concat_blocks
 
     pending = [buffer.sample.remote(blocks, 1 << 60, 1, 0.0)]
@@ -356,7 +357,7 @@ def sampling(buffer, d: int, seconds: float, blocks: int = 8, slices: int = 10):
     def draw() -> int:  # as the trainer draws: the next call goes out before this draw is used
         s = ray.get(pending.pop())
         pending.append(buffer.sample.remote(blocks, 1 << 60, 1, 0.0))
-        return len(concat_blocks(ray.get(s.refs))[1])
+        return len(concat_blocks(fetch_blocks(s.blocks))[1])
 
     rows = draw()
     block_rows = rows // blocks

@@ -181,11 +181,12 @@ class IngestConfig:
     block_rows: int = 65_536
     """Most rows per buffer block: a larger shard streams in by record batches as
     several blocks (also capped so one block fits the buffer's byte bound).
-    Each block is one object in Ray's store, and each costs a few ms of CPU to
-    create, hand over and free: for large shards into a buffer of many blocks,
-    larger blocks ingest faster (100k-row shards as one block instead of two:
-    ~0.84x instead of ~0.75x plain pyarrow's rate with 2 actors on 2 cores);
-    smaller ones let the sampler mix and evict at a finer grain."""
+    The block is the unit the buffer samples, evicts and snapshots; smaller
+    blocks let the sampler mix and evict at a finer grain, larger ones cost
+    the buffer and the loop less per row. The blocks an ingest actor reads
+    together (one read of ~32 MB, at most 8 blocks) share one object in Ray's
+    store, so the size of a block does not change how many objects ingest
+    creates."""
     commit_rows: int = 1_000_000
     """A shard with more rows enters the buffer in parts of about this many rows
     while it is read, instead of whole at its end: the loop lets go of each

@@ -5,8 +5,11 @@ these messages; the messages themselves stay small. A ref nested in a
 dataclass is not resolved by Ray when the message is passed to or returned
 from an actor method, so the receiver decides when (and whether) to fetch.
 
-Blocks are ``{"x": float32[n, d], "y": int64[n]}``; ``ray.get`` of a block
-returns numpy arrays backed by the object store (zero-copy).
+Blocks are ``{"x": float32[n, d], "y": int64[n]}`` (and ``"id"`` with
+``schema.id_column``). One object in the store holds the blocks an ingest
+actor read together (a *chunk*), so a block travels as a ``BlockRef``: the
+chunk's ref and the block's rows in it. ``fetch_blocks`` returns numpy views
+of the object store's memory (zero-copy).
 Weights are ``{name: numpy array}`` state dicts.
 """
 
@@ -14,6 +17,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One block: rows ``[lo, hi)`` of the chunk object ``ref`` (``hi`` None: to its end)."""
+
+    ref: Any
+    lo: int = 0
+    hi: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Names the block while its chunk lives (ObjectRef ids are never reused)."""
+        return f"{self.ref.hex()}:{self.lo}"
+
+
+def slice_block(chunk: dict[str, Any], b: BlockRef) -> dict[str, Any]:
+    """Block ``b`` of its fetched ``chunk``: views, no copy."""
+    if b.lo == 0 and b.hi is None:
+        return chunk
+    return {k: v[b.lo : b.hi] for k, v in chunk.items()}
+
+
+def fetch_blocks(blocks: list[BlockRef]) -> list[dict[str, Any]]:
+    """``ray.get`` of the chunks, each block sliced out of its chunk (a chunk named twice is fetched once)."""
+    import ray
+
+    refs = list({b.ref: None for b in blocks})
+    chunks = dict(zip(refs, ray.get(refs)))
+    return [slice_block(chunks[b.ref], b) for b in blocks]
 
 
 @dataclass(frozen=True)
@@ -36,8 +69,8 @@ class BlockMeta:
 class Sample:
     """The buffer's answer to a trainer: references, never the data."""
 
-    refs: list[Any]
-    """ObjectRefs of the sampled blocks."""
+    blocks: list[BlockRef]
+    """The sampled blocks (``fetch_blocks``)."""
     metas: list[BlockMeta]
     """Lineage of those blocks, in the same order."""
     buffer_rows: int

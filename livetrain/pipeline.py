@@ -14,22 +14,23 @@
         |
         v
     IngestActor xN (beside the driver): read by row group -> validate ->
-        quarantine/ ; streams block refs (the driver owns them: it made the call)
+        quarantine/ ; streams one chunk object per read (up to 8 blocks) and a
+        Chunk item naming its blocks (the driver owns them: it made the call)
         v
-    ModelRegistry.observe(meta, [ref])   test: served model scores each block,
+    ModelRegistry.observe(meta, BlockRef)   test: served model scores each block,
         |                                drift detectors watch errors + features;
         |                                marks the shard if the gate holds (small_holdout)
         v
-    ReplayBufferActor.add_shards(commits, refs)   then train: window + reservoir;
+    ReplayBufferActor.add_shards(commits, BlockRefs)   then train: window + reservoir;
         |   the shards finished since the last call, in one call that also marks
         |   them ingested (exactly once); a shard over ingest.commit_rows goes
         |   in by parts as it is read (row watermark in the manifest; withdraw_shard takes
         |   the parts out again if the rest turns out unreadable); may make ingest wait
         |   (buffer.backpressure: coverage) ; snapshot for restarts
-        |  Sample(refs): unseen blocks oldest first, then the window/reservoir mix
+        |  Sample(BlockRefs): unseen blocks oldest first, then the window/reservoir mix
         |                                   [TorchTrainer job, fit() in a driver thread]
         v
-    train_loop_per_worker x2 (DDP/gloo): fetch blocks zero-copy, K steps
+    train_loop_per_worker x2 (DDP/gloo): fetch blocks zero-copy (slices of chunks), K steps
         (the newest shard's held-out rows left out: gate.holdout_fraction; on a
         new newest shard rank 0 asks ModelRegistry.small_holdout(seq), all ranks
         follow: during a hold, down to gate.holdout_min_rows),

@@ -46,8 +46,10 @@ def quarantined_ids(state: Path) -> list[int]:
 def buffer_ids(buffer) -> list[int]:
     import ray
 
+    from livetrain.messages import fetch_blocks
+
     held = ray.get(buffer.held_blocks.remote())
-    blocks = ray.get([refs[0] for _, refs in held])
+    blocks = fetch_blocks([b for _, b in held])
     return [int(i) for b in blocks for i in b["id"]]
 
 

@@ -26,7 +26,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
 def test_each_part_of_a_large_shard_can_be_served_without_waiting_for_another(ray_session, serve_port, tmp_path: Path):
     """One large shard goes in by parts, paced by training (``coverage``): the
     versions trained on its later parts are proposed and served too, though
-    they share its seq, not only the one trained on its first part."""
+    they share its seq, not only the one trained on its first part.
+
+    Once training starts, the parts go in within ~0.5 s (each is admitted as soon
+    as the trainer drew the one before): proposals every 0.1 s, so that several
+    fall inside that span."""
     from livetrain.pipeline import Pipeline
 
     landing, state = tmp_path / "landing", tmp_path / "state"
@@ -36,7 +40,7 @@ def test_each_part_of_a_large_shard_can_be_served_without_waiting_for_another(ra
     (landing / ".big.tmp").rename(landing / "big.parquet")
     cfg = load_config(None, [
         f"state_dir={state}", "live_view=false", "tracking.wandb=disabled", f"serve.port={serve_port}",
-        "source.kind=directory", f"source.path={landing}", "train.min_buffer_rows=500", "train.propose_every_s=0.5",
+        "source.kind=directory", f"source.path={landing}", "train.min_buffer_rows=500", "train.propose_every_s=0.1",
         "ingest.block_rows=500", "ingest.commit_rows=1000", "buffer.backpressure=coverage", "buffer.max_unseen_rows=1000",
         "gate.holdout_fraction=0.25", "gate.min_eval_rows=100",
     ])

@@ -79,7 +79,7 @@ def test_buffer_actor_killed_restarts_rebuilt_from_snapshot_and_manifest(ray_ses
         write_id_shard(landing / f"b-{i:03d}.parquet", i * 10_000, 1000, bad_every=40)
         all_ids |= set(range(i * 10_000, i * 10_000 + 1000))
     run_until_done(loop)
-    assert ray.get(buffer.sample.remote(4, -1, 1, 0)).refs, "sampling works after the restart"
+    assert ray.get(buffer.sample.remote(4, -1, 1, 0)).blocks, "sampling works after the restart"
     in_buffer, quarantined = buffer_ids(buffer), quarantined_ids(tmp_path)
     assert_exactly_once(all_ids, in_buffer, quarantined)
     print(f"rows: {len(all_ids)} = {len(in_buffer)} buffered + {len(quarantined)} quarantined; rebuilt {after['rebuilt_rows']}")

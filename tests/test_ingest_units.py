@@ -23,7 +23,8 @@ from livetrain.actors.blocks import (
 from livetrain.actors.manifest import Manifest
 from livetrain.actors.rate_limiter import CoverageLimiter, FreshnessPolicy
 from livetrain.actors.replay_buffer import ReplayBuffer
-from livetrain.actors.schema import iter_parts
+from livetrain.actors.ingest import CHUNK_BLOCKS, chunks_of
+from livetrain.actors.schema import iter_parts, iter_reads
 from livetrain.actors.sources import DirectorySource
 from livetrain.config import BufferConfig, SchemaConfig
 from livetrain.messages import BlockMeta
@@ -188,3 +189,27 @@ def test_rewritten_in_place_is_reported_again_and_recorded_by_content(tmp_path):
         events = m.redelivered(src.poll())
         assert [(e.name, e.same_content) for e in events] == [("a.parquet", False)]
         assert m.get("a.parquet").status == "discovered"  # not read twice, not replaced
+
+
+def test_a_read_goes_out_as_chunks_of_adjacent_blocks_that_end_where_parts_do(tmp_path):
+    """``read_shard`` sends each read as chunks: one object of up to CHUNK_BLOCKS blocks,
+    a view of the read (no copy), never across a part's end; from a watermark on."""
+    bad = write_id_shard(tmp_path / "s.parquet", 0, 10_000, bad_every=97)
+    for resume_from, every in ((0, 0), (0, 7), (2_550, 7)):
+        ids, blocks, ends = [], 0, []
+        for read in iter_reads(tmp_path / "s.parquet", SCHEMA, 100):
+            for chunk, part_end in chunks_of(read, 100, resume_from, every, blocks):
+                assert 1 <= len(chunk) <= CHUNK_BLOCKS
+                assert [p.row_start for p in chunk[1:]] == [p.row_end for p in chunk[:-1]]
+                whole = read.between(chunk[0].row_start, chunk[-1].row_end)
+                assert np.shares_memory(whole.x, read.x), "a chunk is a copy, not a view of its read"
+                assert np.array_equal(whole.ids, np.concatenate([p.ids for p in chunk]))
+                blocks += len(chunk)
+                assert part_end == (every > 0 and blocks % every == 0)
+                if part_end:
+                    ends.append(blocks)
+                ids += whole.ids.tolist()
+        expected = [i for i in range(resume_from, 10_000) if i not in bad]
+        assert ids == expected
+        assert ends == list(range(every, blocks + 1, every)) if every else not ends
+        assert blocks == len(range(resume_from - resume_from % 100, 10_000, 100))

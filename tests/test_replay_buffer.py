@@ -203,3 +203,18 @@ def test_withdraw_takes_a_shards_blocks_out_of_window_and_reservoir():
     assert after.unseen_rows == sum(e.meta.rows for e in buf.entries() if e.sampled == 0)
     buf.add(8, meta(8))  # and it goes on within its bounds
     assert buf.stats().rows <= 1000 and buf.withdraw("no-such-shard") == []
+
+
+def test_the_blocks_of_one_chunk_leave_the_reservoir_together():
+    """A chunk object lives while any of its blocks is held: its blocks share one
+    reservoir key, so at most one chunk is ever held in part (the store holds no
+    more than the buffer counts, give or take that one chunk)."""
+    buf: ReplayBuffer[int] = ReplayBuffer(cfg(capacity_rows=2000, window_rows=400))
+    gone: set[int] = set()
+    for k in range(300):
+        for half in range(2):
+            gone |= {e.handle for e in buf.add(2 * k + half, meta(k, 50), chunk=k)}
+        held = {e.handle for e in buf.entries()}
+        in_part = {h // 2 for h in held if (h ^ 1) in gone}
+        assert len(in_part) <= 1, f"chunks held in part after chunk {k}: {sorted(in_part)}"
+    assert len(gone) == 560 and buf.stats().reservoir_blocks > 20

@@ -21,7 +21,7 @@ import torch
 
 from _util import arrow_bytes, http, parquet_bytes, wait_until
 from livetrain.config import load_config, shipped_config
-from livetrain.messages import BlockMeta, Candidate, ModelSpec
+from livetrain.messages import BlockMeta, BlockRef, Candidate, ModelSpec
 from livetrain.training.checkpoint import model_from_weights, state_dict_numpy
 from livetrain.training.models import build_model
 
@@ -54,7 +54,7 @@ class Promoter:
         self.seq += 1
         x = self._rng.random((self.rows, self.spec.kwargs["num_features"]), dtype=np.float32)
         meta = BlockMeta(f"shard-{self.seq}", self.seq, self.rows, x.nbytes, now, now)
-        ray.get(self.registry.observe.remote(meta, [ray.put({"x": x, "y": (x[:, 0] > 0.5).astype(np.int64)})]))
+        ray.get(self.registry.observe.remote(meta, BlockRef(ray.put({"x": x, "y": (x[:, 0] > 0.5).astype(np.int64)}))))
         info = ray.get(self.registry.served_info.remote())
         assert info["model_version"] == version, f"v{version} was not promoted: {info}"
         self.weights[version] = w

@@ -218,7 +218,7 @@ class Holdout:
     """The rows training leaves out for the gate (``gate.holdout_fraction``):
     the held-out rows (``gate.held_out``) of blocks whose shard seq is
     ``hold_from`` or newer, i.e. of the newest shard trained on. The masks of
-    that shard's blocks are cached by block key (an ObjectRef's hex: never
+    that shard's blocks are cached by block key (``BlockRef.key``: never
     reused), since its blocks are drawn round after round; the cache empties
     when a newer shard arrives."""
 

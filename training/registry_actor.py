@@ -23,7 +23,7 @@ import ray
 import torch
 
 from livetrain.config import DriftConfig, GateConfig
-from livetrain.messages import BlockMeta, Candidate, Decision, ServedVersion
+from livetrain.messages import BlockMeta, BlockRef, Candidate, Decision, ServedVersion, fetch_blocks
 from livetrain.storage import Store
 from livetrain.training.drift import DriftAlarm
 from livetrain.training.checkpoint import (
@@ -75,8 +75,8 @@ class ModelRegistry:
 
     # --- from the ingest loop and the trainer ----------------------------------
 
-    def observe(self, meta: BlockMeta, block: list[ray.ObjectRef]) -> None:
-        data = ray.get(block[0])
+    def observe(self, meta: BlockMeta, block: BlockRef) -> None:
+        data = fetch_blocks([block])[0]
         with self._lock:
             self._apply(self._reg.observe(meta, data["x"], data["y"]))
             self._log_alarms()

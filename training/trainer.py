@@ -32,7 +32,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from livetrain.config import Config
-from livetrain.messages import Candidate, ModelSpec
+from livetrain.messages import Candidate, ModelSpec, fetch_blocks
 from livetrain.storage import Store
 from livetrain.training.checkpoint import (
     CheckpointData,
@@ -140,11 +140,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while True:
         sample = ray.get(next_sample)
         flags = [0.0] * 7
-        flags[NO_DATA] = float(not sample.refs)
+        flags[NO_DATA] = float(not sample.blocks)
         flags[NEWEST] = max((m.seq for m in sample.metas), default=-1)
         if flags[NEWEST] > newest_blocks[0]:
             newest_blocks = (int(flags[NEWEST]), set())
-        keys = {r.hex() for r, m in zip(sample.refs, sample.metas) if m.seq == newest_blocks[0]}
+        keys = {b.key for b, m in zip(sample.blocks, sample.metas) if m.seq == newest_blocks[0]}
         flags[NEW_BLOCKS] = float(bool(keys - newest_blocks[1]))
         newest_blocks[1].update(keys)
         if rank == 0:
@@ -170,8 +170,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if through != small_holdout[0]:  # the same on every rank: ask once, all ranks follow rank 0
                 asked = float(ray.get(registry.small_holdout.remote(through))) if rank == 0 else 0.0
                 small_holdout = (through, bool(max_over_ranks([asked], device)[0]))
-            x, y = holdout.training_rows(ray.get(sample.refs), [m.seq for m in sample.metas],
-                                         [r.hex() for r in sample.refs], through, small_holdout[1])
+            x, y = holdout.training_rows(fetch_blocks(sample.blocks), [m.seq for m in sample.metas],
+                                         [b.key for b in sample.blocks], through, small_holdout[1])
             last_result = learner.train_round(x, y, tc.steps_per_round)
             last_result.seconds = time.perf_counter() - t0
             progress.step += tc.steps_per_round
