@@ -96,6 +96,21 @@ the loop is not waiting on the actors), and the driver's own Python (claims,
 commits, SQLite) is ~0.3 s of CPU per 48 shards, the rest of its wall time in
 ``ray.wait``.
 
+Chunks (later on 2026-12-06): an ingest actor now sends each read of a shard
+(~32 MB, at most 8 blocks) as one object and a small item naming its blocks,
+instead of one object per block; the buffer still keeps, samples and evicts
+blocks (a ``BlockRef``: the chunk's ref and the block's rows in it). Per
+100k-row shard, 2 actors, 96 shards, psutil around the timed loop (medians of
+6 runs, 3 per process, alternating with the code before; now vs before):
+ingest actors ~31.6 vs ~34.6 ms of CPU, raylet ~1.3 vs ~2.2 ms, driver ~11 ms
+either way; ~25.4 vs ~27.1 ms of wall time per shard. Three alternating runs of
+``--repeat 2 --large-rows 0 --old-shards 0 --fill-rounds 0``: 2 actors
+3.47/3.53/3.36M rows/s against 3.26/3.31/3.25M before (+5%); the ratio moved
+less than the baseline's own spread between runs (4.3-5.2M rows/s). Inside one
+actor, reading and validating a shard costs ~19-22 ms of CPU with or without
+Ray; streaming the blocks to the driver adds ~2-4 ms per shard into store
+memory the actor wrote before, ~9 ms into fresh memory (~2,200 page faults).
+
 Registry: a 65,536-row block (20 features) cost ~85 ms to score, ~30 ms of
 it binning every row for the PSI; the PSI now compares at most 16,384 rows
 strided over the chunk, and the block stays float32: ~0.7-0.85 M -> ~1.4-1.8
