@@ -156,6 +156,8 @@ class Pipeline:
         self._thread_error: tuple[str, BaseException] | None = None
         self._decisions_seen = 0
         self._alarms_seen = 0
+        self._counted_on: dict[str, str | None] = {"decisions": None, "alarms": None}
+        """The registry instance whose decisions / alarms those counts are (it restarts when it dies)."""
         self._probe = {"ok": 0, "no_model": 0, "failed": 0}
         """Probe answers; ``no_model``: 503 "no model has been promoted yet" (not a drop)."""
         self.started_at = time.time()
@@ -438,7 +440,12 @@ class Pipeline:
         return out
 
     def _log_decisions(self) -> None:
-        new = ray.get(self.registry.decisions.remote(self._decisions_seen))
+        new, instance = ray.get(self.registry.decisions.remote(self._decisions_seen))
+        if instance != self._counted_on["decisions"]:  # the registry restarted: its count began again
+            self._counted_on["decisions"] = instance
+            if self._decisions_seen:
+                self._decisions_seen = 0
+                new, _ = ray.get(self.registry.decisions.remote(0))
         for d in new:
             if d.action != "supersede":
                 self.tracker.event(d.action, **{k: v for k, v in asdict(d).items() if k != "action"})
@@ -446,7 +453,12 @@ class Pipeline:
                     self._log_model(d)
                 self._last_decision = f"v{d.version} {d.action}: {d.reason}"
             self._decisions_seen += 1  # seen once logged: an error half-way logs the rest next time
-        alarms = ray.get(self.registry.alarms.remote(self._alarms_seen))
+        alarms, instance = ray.get(self.registry.alarms.remote(self._alarms_seen))
+        if instance != self._counted_on["alarms"]:
+            self._counted_on["alarms"] = instance
+            if self._alarms_seen:
+                self._alarms_seen = 0
+                alarms, _ = ray.get(self.registry.alarms.remote(0))
         for a in alarms:
             self.tracker.event("drift_alarm", **asdict(a))
             self._last_decision = f"drift alarm ({a.detector}) at shard seq {a.seq}"

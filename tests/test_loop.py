@@ -20,6 +20,7 @@ import torch
 from _util import http, wait_until
 from livetrain.actors.synthetic import SyntheticStream
 from livetrain.config import load_config, shipped_config
+from livetrain.tracking import read_metrics
 from livetrain.training.checkpoint import load_checkpoint, load_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
@@ -203,6 +204,63 @@ def latest_checkpoint_step(state: Path) -> int:
     if not latest:
         return -1
     return load_checkpoint(snapshot.parent / latest["checkpoint_dir_name"]).meta["progress"]["step"]
+
+
+def _served_in_log(state_dir: Path) -> int | None:
+    """The version the decision log says is served (the registry's rule on restart)."""
+    served = None
+    for line in (state_dir / "decisions.jsonl").read_text().splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:  # a line torn by the kill
+            continue
+        served = d["version"] if d["action"] in ("promote", "rollback") else d.get("served_version", served)
+    return served
+
+
+def test_killed_registry_restarts_serving_the_version_its_log_served_while_the_loop_goes_on(loop):
+    """The registry's process dies: Ray restarts it, it comes up serving the version
+    the decision log last served (not an older one, not an unjudged candidate), no
+    request fails meanwhile, and ingestion, training and promotions go on."""
+    import ray
+
+    wait_until(lambda: model_info(loop).get("model_version"), 120, "a served version")
+    failures: list[object] = []
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            status, body = http("POST", loop.url + "/predict", {"instances": [[0.5, 0.5, 0.5]]})
+            (answers if status == 200 else failures).append(body.get("model_version") if status == 200 else (status, body))
+
+    t = threading.Thread(target=hammer, daemon=True)
+    t.start()
+    try:
+        pid = ray.get(loop.registry.__ray_call__.remote(lambda _: os.getpid()))
+        rows = loop.snapshot()["rows_ingested"]
+        loop._log_decisions()
+        assert loop._decisions_seen > 0
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, "the registry's process gone")
+        logged = _served_in_log(loop.state_dir)  # the dead process writes no more
+        # the call is retried until the restarted instance answers
+        assert ray.get(loop.registry.__ray_call__.remote(lambda _: os.getpid()), timeout=120) != pid
+        first = ray.get(loop.registry.served_info.remote())["model_version"]
+        promoted_since = {json.loads(line)["version"] for line in (loop.state_dir / "decisions.jsonl").read_text().splitlines()
+                          if '"promote"' in line}
+        assert first == logged or (first > logged and first in promoted_since), (first, logged)
+        newer = wait_until(lambda: (v := model_info(loop)["model_version"]) > first and v, 180,
+                           "a promotion by the restarted registry")
+        # the pipeline forwards the restarted registry's decisions (to W&B, the live view), counting anew
+        loop._log_decisions()  # Pipeline.run's step (this test drives start() only)
+        logged = {r["version"] for r in read_metrics(loop.state_dir) if r.get("event") == "promote"}
+        assert newer in logged, f"v{newer} was not logged (promotions logged: {sorted(logged)})"
+        wait_until(lambda: loop.snapshot()["rows_ingested"] > rows, 60, "ingestion to go on")
+    finally:
+        stop.set()
+        t.join(10)
+    assert failures == [] and len(answers) > 20
 
 
 def test_killed_training_worker_resumes_from_checkpoint_while_serving_continues(loop):

@@ -6,6 +6,15 @@ guards the plain registry. Promoted weights are re-put into the object store
 by this actor, so the served version outlives the training worker that
 proposed it, and written to ``<state_dir>/served/v<N>/model.pt`` (and pushed
 to ``storage.uri`` when set) so a restart serves the last promoted version at once.
+
+The actor restarts when it dies (``max_restarts``) and its calls are retried
+(``max_task_retries``): the new instance comes up serving the version the
+decision log last served (never a candidate nothing judged), with the version
+numbers going on from the log's highest. What lived only in memory starts
+again: the prequential figures, the drift detectors, the previous version's
+shadow scores (automatic rollback needs a promotion first; ``livetrain
+rollback V`` reads any served version from disk), and the counts behind
+``decisions``/``alarms`` (their callers see a new ``instance`` and start over).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import json
 import sys
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,7 +52,7 @@ ALARMS_FILE = "alarms.jsonl"
 SERVED_DIR = "served"
 
 
-@ray.remote(num_cpus=0.1, max_concurrency=16)
+@ray.remote(num_cpus=0.1, max_concurrency=16, max_restarts=-1, max_task_retries=-1)
 class ModelRegistry:
     def __init__(
         self,
@@ -71,6 +81,8 @@ class ModelRegistry:
         self._log = (self._state / DECISIONS_FILE).open("a")
         self._train_stats: dict[str, Any] = {}
         self._weight_refs: dict[int, ray.ObjectRef] = {}
+        self.instance = uuid.uuid4().hex
+        """Names this incarnation of the actor (it restarts when it dies)."""
         self._restore_last_served()
 
     # --- from the ingest loop and the trainer ----------------------------------
@@ -152,18 +164,21 @@ class ModelRegistry:
         with self._lock:
             return self._reg.live_report()
 
-    def alarms(self, since: int = 0) -> list[DriftAlarm]:
+    def alarms(self, since: int = 0) -> tuple[list[DriftAlarm], str]:
+        """The alarms from the ``since``-th this instance raised on, and which instance it is."""
         with self._lock:
-            return self._reg.drift.alarms_since(since)
+            return self._reg.drift.alarms_since(since), self.instance
 
     def served_info(self) -> dict[str, Any] | None:
         with self._lock:
             s = self._served
             return None if s is None else _describe(s)
 
-    def decisions(self, since: int = 0) -> list[Decision]:
+    def decisions(self, since: int = 0) -> tuple[list[Decision], str]:
+        """The decisions from the ``since``-th this instance made on, and which instance it
+        is: a restarted registry counts from zero again, so a caller starts over then."""
         with self._lock:
-            return self._reg.decisions_since(since)
+            return self._reg.decisions_since(since), self.instance
 
     # --- internals -------------------------------------------------------------
 
