@@ -2,7 +2,7 @@
 Train job (2 workers, gloo DDP), Ray Serve over HTTP, Parquet, SQLite.
 
 One pipeline serves every test in this module (start-up costs ~30 s); the
-worker-kill test runs last because it disturbs the loop.
+kill tests (registry, training worker) run last because they disturb the loop.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +207,27 @@ def latest_checkpoint_step(state: Path) -> int:
     return load_checkpoint(snapshot.parent / latest["checkpoint_dir_name"]).meta["progress"]["step"]
 
 
+@contextmanager
+def requests_meanwhile(loop):
+    """/predict called in a loop while the block runs: (answers' versions, failures)."""
+    failures: list[object] = []
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            status, body = http("POST", loop.url + "/predict", {"instances": [[0.5, 0.5, 0.5]]})
+            (answers if status == 200 else failures).append(body.get("model_version") if status == 200 else (status, body))
+
+    t = threading.Thread(target=hammer, daemon=True)
+    t.start()
+    try:
+        yield answers, failures
+    finally:
+        stop.set()
+        t.join(10)
+
+
 def _served_in_log(state_dir: Path) -> int | None:
     """The version the decision log says is served (the registry's rule on restart)."""
     served = None
@@ -225,18 +247,7 @@ def test_killed_registry_restarts_serving_the_version_its_log_served_while_the_l
     import ray
 
     wait_until(lambda: model_info(loop).get("model_version"), 120, "a served version")
-    failures: list[object] = []
-    answers: list[int] = []
-    stop = threading.Event()
-
-    def hammer():
-        while not stop.is_set():
-            status, body = http("POST", loop.url + "/predict", {"instances": [[0.5, 0.5, 0.5]]})
-            (answers if status == 200 else failures).append(body.get("model_version") if status == 200 else (status, body))
-
-    t = threading.Thread(target=hammer, daemon=True)
-    t.start()
-    try:
+    with requests_meanwhile(loop) as (answers, failures):
         pid = ray.get(loop.registry.__ray_call__.remote(lambda _: os.getpid()))
         rows = loop.snapshot()["rows_ingested"]
         loop._log_decisions()
@@ -254,30 +265,16 @@ def test_killed_registry_restarts_serving_the_version_its_log_served_while_the_l
                            "a promotion by the restarted registry")
         # the pipeline forwards the restarted registry's decisions (to W&B, the live view), counting anew
         loop._log_decisions()  # Pipeline.run's step (this test drives start() only)
-        logged = {r["version"] for r in read_metrics(loop.state_dir) if r.get("event") == "promote"}
-        assert newer in logged, f"v{newer} was not logged (promotions logged: {sorted(logged)})"
+        forwarded = {r["version"] for r in read_metrics(loop.state_dir) if r.get("event") == "promote"}
+        assert newer in forwarded, f"v{newer} was not forwarded (promotions forwarded: {sorted(forwarded)})"
         wait_until(lambda: loop.snapshot()["rows_ingested"] > rows, 60, "ingestion to go on")
-    finally:
-        stop.set()
-        t.join(10)
     assert failures == [] and len(answers) > 20
 
 
 def test_killed_training_worker_resumes_from_checkpoint_while_serving_continues(loop):
     wait_until(lambda: latest_checkpoint_step(loop.state_dir) > 0, 120, "a first train checkpoint")
     workers = wait_until(lambda: len(w := train_workers()) == 2 and w, 60, "two train workers")
-    failures: list[object] = []
-    answers: list[int] = []
-    stop = threading.Event()
-
-    def hammer():
-        while not stop.is_set():
-            status, body = http("POST", loop.url + "/predict", {"instances": [[0.5, 0.5, 0.5]]})
-            (answers if status == 200 else failures).append(body.get("model_version") if status == 200 else (status, body))
-
-    t = threading.Thread(target=hammer, daemon=True)
-    t.start()
-    try:
+    with requests_meanwhile(loop) as (answers, failures):
         ckpt_step = latest_checkpoint_step(loop.state_dir)
         assert loop.snapshot()["train_resumed_from_step"] == 0
         victim = next(iter(workers))
@@ -288,7 +285,4 @@ def test_killed_training_worker_resumes_from_checkpoint_while_serving_continues(
         assert resumed >= ckpt_step > 0, "training did not resume from the registered checkpoint"
         steps = loop.snapshot()["train_steps"]
         wait_until(lambda: loop.snapshot()["train_steps"] > steps, 60, "training to continue after the restart")
-    finally:
-        stop.set()
-        t.join(10)
     assert failures == [] and len(answers) > 20
