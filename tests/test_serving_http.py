@@ -345,3 +345,25 @@ def http_text(url: str) -> tuple[int, str]:
 
     with urllib.request.urlopen(url, timeout=10) as r:
         return r.status, r.read().decode()
+
+
+def test_a_restarted_registry_comes_back_with_the_versions_served_before(ray_session, tmp_path):
+    """Killed and restarted, the registry serves its last version and still knows the
+    ones served before it: ``rollback`` (no version) goes back to the one before,
+    and the gate keeps comparing candidates with them."""
+    import ray
+
+    cfg = serving_config(tmp_path, 0)
+    registry = start_registry(cfg, "livetrain_restarted_registry", "livetrain-tests")
+    promoter = Promoter(registry)
+    versions = [promoter.promote() for _ in range(3)]
+    first = ray.get(registry.__ray_call__.remote(lambda r: r.instance))
+    ray.kill(registry, no_restart=False)
+    wait_until(lambda: ray.get(registry.__ray_call__.remote(lambda r: r.instance), timeout=60) != first, 60,
+               "the restarted registry")
+    assert ray.get(registry.served_info.remote())["model_version"] == versions[-1]
+    assert ray.get(registry.__ray_call__.remote(lambda r: [v.version for v in r._reg.history])) == versions
+    assert ray.get(registry.__ray_call__.remote(lambda r: r._reg.previous.version)) == versions[-2]
+    decision = ray.get(registry.rollback.remote())
+    assert (decision.action, decision.version) == ("rollback", versions[-2])
+    ray.kill(registry)

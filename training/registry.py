@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -250,10 +251,13 @@ class Registry:
         self.live = Prequential(self.num_classes, self.cfg.window_rows)
         self.shadow = Prequential(self.num_classes, self.cfg.window_rows)
 
-    def restore_served(self, v: Version) -> None:
-        """Serve ``v`` again after a restart (no gate: it passed one before)."""
-        self._serve(v, previous=None)
-        self.history.append(v)
+    def restore_served(self, v: Version, earlier: Sequence[Version] = (), previous: Version | None = None) -> None:
+        """Serve ``v`` again after a restart (no gate: it passed one before); ``earlier``:
+        versions served before it, oldest first (the gate's ``compare_versions`` and
+        ``rollback``'s default); ``previous``: the one ``v`` replaced, shadow-scored for
+        the automatic rollback (None after a rollback)."""
+        self._serve(v, previous=previous)
+        self.history.extend([*earlier, v])
         self.next_version = max(self.next_version, v.version + 1)
 
     def rollback(self, target: Version | None = None, reason: str = "requested") -> Decision:

@@ -9,12 +9,14 @@ to ``storage.uri`` when set) so a restart serves the last promoted version at on
 
 The actor restarts when it dies (``max_restarts``) and its calls are retried
 (``max_task_retries``): the new instance comes up serving the version the
-decision log last served (never a candidate nothing judged), with the version
-numbers going on from the log's highest. What lived only in memory starts
-again: the prequential figures, the drift detectors, the previous version's
-shadow scores (automatic rollback needs a promotion first; ``livetrain
-rollback V`` reads any served version from disk), and the counts behind
-``decisions``/``alarms`` (their callers see a new ``instance`` and start over).
+decision log last served (never a candidate nothing judged), with the
+versions served before it (the gate's ``compare_versions``, ``rollback``'s
+default, the replaced version's shadow scoring) read back from disk, and the
+version numbers going on from the log's highest. A whole-process restart of
+``livetrain run`` comes up the same way. What lived only in memory starts
+again: the prequential figures and shadow scores, the drift detectors, and
+the counts behind ``decisions``/``alarms`` (their callers see a new
+``instance`` and start over).
 """
 
 from __future__ import annotations
@@ -272,8 +274,12 @@ class ModelRegistry:
         return _version_from_checkpoint(path) if path.exists() else None
 
     def _restore_last_served(self) -> None:
+        """Serve what the decision log last served, with the versions served before it
+        (``gate.compare_versions`` of them: the gate compares candidates with them, and
+        ``rollback`` goes back to the newest) and, after a promotion, the one it replaced
+        (shadow-scored for the automatic rollback)."""
         latest = sorted((self._state / SERVED_DIR).glob("v*/model.pt"))
-        last_decision, max_version = _read_decisions(self._state / DECISIONS_FILE)
+        last_decision, max_version, order = _read_decisions(self._state / DECISIONS_FILE)
         if last_decision is not None:
             self._reg.next_version = max_version + 1
             served = last_decision.get("served_version")
@@ -284,8 +290,13 @@ class ModelRegistry:
         if not latest:
             return
         v = _version_from_checkpoint(latest[-1])
+        before = list(dict.fromkeys(reversed([n for n in order if n != v.version])))  # newest first, once each
+        earlier = [e for e in map(self._from_disk, before[: max(1, self._reg.cfg.compare_versions)]) if e is not None]
+        replaced = None
+        if last_decision is not None and last_decision["action"] == "promote" and last_decision["version"] == v.version:
+            replaced = next((e for e in earlier if e.version == last_decision.get("served_version")), None)
         with self._lock:
-            self._reg.restore_served(v)
+            self._reg.restore_served(v, earlier[::-1], replaced)
             self._publish(v)
 
 
@@ -307,18 +318,21 @@ def _version_from_checkpoint(path: Path) -> Version:
     )
 
 
-def _read_decisions(path: Path) -> tuple[dict[str, Any] | None, int]:
-    """The last complete decision (a crash may leave a torn line) and the highest version."""
+def _read_decisions(path: Path) -> tuple[dict[str, Any] | None, int, list[int]]:
+    """The last complete decision (a crash may leave a torn line), the highest version,
+    and the versions in the order they were served (promoted or rolled back to)."""
     if not path.exists():
-        return None, 0
-    last, top = None, 0
+        return None, 0, []
+    last, top, order = None, 0, []
     for line in path.read_text().splitlines():
         try:
-            last = json.loads(line)
+            d = json.loads(line)
         except ValueError:
             continue
-        top = max(top, int(last["version"]))
-    return last, top
+        last, top = d, max(top, int(d["version"]))
+        if d["action"] in ("promote", "rollback"):
+            order.append(int(d["version"]))
+    return last, top, order
 
 
 def _describe(s: ServedVersion) -> dict[str, Any]:
