@@ -158,6 +158,29 @@ def test_mcnemar_z_separates_signal_from_label_noise():
     assert mcnemar_z(y, served, served) == 0.0
 
 
+def test_all_the_tests_of_one_hold_pass_random_labels_no_more_often_than_three_tests():
+    """A poisoned burst is tested on nearly every shard of a hold: with one fixed
+    z bar the chances of a lucky promotion add up; the rising bar keeps all the
+    tests of a hold together under 2.61 times one test's."""
+    from livetrain.training.gate import hold_z_bar
+
+    assert hold_z_bar(3.0, 1) == pytest.approx(3.0)
+    bars = [hold_z_bar(3.0, k) for k in range(1, 31)]
+    assert all(a < b for a, b in zip(bars, bars[1:]))
+    with pytest.raises(ValueError, match="counts from 1"):
+        hold_z_bar(3.0, 0)
+    # McNemar on random labels: of the rows where two models disagree, each is right on half
+    rng = np.random.default_rng(0)
+    holds, tests, disagree = 40_000, 30, 200
+    b = rng.binomial(disagree, 0.5, size=(holds, tests))
+    z = (2 * b - disagree) / np.sqrt(disagree)
+    one_test = float((z[:, 0] >= 3.0).mean())
+    fixed = float((z >= 3.0).any(axis=1).mean())
+    rising = float((z >= np.array(bars)).any(axis=1).mean())
+    assert fixed > 10 * one_test  # what the hole was: 30 chances at the same bar
+    assert rising <= 2.7 * one_test + 0.001, (rising, one_test)
+
+
 def test_holdout_mask_is_a_stable_share_picked_by_content():
     from livetrain.training.gate import holdout_mask
 

@@ -310,6 +310,30 @@ def test_a_modest_win_while_holding_promotes_once_but_keeps_the_hold():
     assert d.action == "reject" and "holding needs" in d.reason and r.holding
 
 
+def test_each_test_of_the_same_hold_needs_a_larger_z():
+    def win_by(seq: int, flipped_rows: int):
+        """Labels of the flipped rule on ``flipped_rows`` of 500: the flipped model
+        beats the served one with z = (2 * flipped_rows - 500) / sqrt(500)."""
+        meta, x, y = xor_block(seq)
+        return meta, x, np.where(np.arange(len(y)) < flipped_rows, 1 - y, y)
+
+    r, rng = holding_after_noise(holdout_fraction=0.0)
+    r.propose(*cand_w(weights_threshold(-1.0), 25))
+    (d,) = r.observe(*win_by(26, 289))  # z 3.49, gain 0.156: the hold's first test passes
+    assert d.action == "promote" and "test 1 of the drift alarm's hold" in d.reason
+
+    r, rng = holding_after_noise(holdout_fraction=0.0)
+    for seq in (26, 27, 28):  # three candidates no better than the served model
+        r.propose(*cand_w(weights_threshold(1.0), seq - 1))
+        meta, x, _ = xor_block(seq)
+        (d,) = r.observe(meta, x, rng.integers(0, 2, len(x)))
+        assert d.action == "reject" and f"test {seq - 25} of the hold" in d.reason
+    r.propose(*cand_w(weights_threshold(-1.0), 28))
+    (d,) = r.observe(*win_by(29, 289))  # the same win, as the fourth test: the bar is 3.58
+    assert d.action == "reject" and "z >= 3.58 (test 4 of the hold)" in d.reason
+    assert r.served.version == 1 and r.holding
+
+
 def test_served_version_is_rolled_back_when_previous_beats_it_on_live_rows():
     r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000, rollback_margin=0.05, tolerance=1.0), 2)
     r.propose(*cand_w(weights_threshold(1.0), -1))

@@ -34,7 +34,7 @@ from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ModelSpec
 from livetrain.training.checkpoint import model_from_weights
 from livetrain.training.drift import DriftAlarm, DriftMonitor, ReactionState, decay, react
-from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, holdout_mask, holds_out, mcnemar_z
+from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, hold_z_bar, holdout_mask, holds_out, mcnemar_z
 from livetrain.training.softmax import softmax
 
 
@@ -118,6 +118,8 @@ class Registry:
         self._rows_since_error_alarm: int | None = None
         self._served_at_alarm: Version | None = None
         """The version served when the last error alarm fired (the hold's reference)."""
+        self._hold_tests = 0
+        """Candidates tested against the hold's bar since the last error alarm (``hold_z_bar``)."""
         self.previous: Version | None = None
         """The version served before the current one, shadow-scored for rollback."""
         self.live: Prequential | None = None
@@ -182,6 +184,7 @@ class Registry:
             if alarm.detector.startswith("error"):
                 self._rows_since_error_alarm = 0
                 self._served_at_alarm = self.served
+                self._hold_tests = 0
 
     def small_holdout(self, seq: int) -> bool:
         """Whether shard ``seq`` holds rows out down to ``gate.holdout_min_rows``: the
@@ -370,16 +373,20 @@ class Registry:
 
     def _hold(self, verdict: Verdict, y: np.ndarray, pc: np.ndarray, ps: np.ndarray,
               cm: dict[str, float], sm: dict[str, float]) -> Verdict:
-        """While holding, a candidate must beat the served model, and significantly."""
+        """While holding, a candidate must beat the served model, and significantly:
+        the hold's k-th test needs McNemar z >= ``hold_z_bar(alarm_min_z, k)``, so a
+        poisoned burst gets no more chances to slip through by luck than one test."""
+        self._hold_tests += 1
         gain = cm[self.cfg.metric] - sm[self.cfg.metric]
-        z = mcnemar_z(y, pc, ps)
-        if gain >= self.cfg.alarm_min_gain and z >= self.cfg.alarm_min_z:
-            return verdict
+        z, bar = mcnemar_z(y, pc, ps), hold_z_bar(self.cfg.alarm_min_z, self._hold_tests)
+        if gain >= self.cfg.alarm_min_gain and z >= bar:
+            return Verdict(True, f"{verdict.reason}; beats it by {gain:+.4f} with McNemar z {z:.2f} >= "
+                                 f"{bar:.2f} (test {self._hold_tests} of the drift alarm's hold)")
         return Verdict(
             False,
             f"drift alarm {self._rows_since_error_alarm} rows ago: {self.cfg.metric} gain "
             f"{gain:+.4f} (McNemar z {z:.2f}); holding needs >= {self.cfg.alarm_min_gain} "
-            f"and z >= {self.cfg.alarm_min_z}",
+            f"and z >= {bar:.2f} (test {self._hold_tests} of the hold)",
         )
 
     def _record(
