@@ -8,7 +8,7 @@
         |  DirectorySource.poll            [IngestLoop thread, driver process;
         |  at most every source.poll_interval_s, stats new names only]
         v
-        |  BLAKE3 content hash on a hashing thread, in landing order
+        |  XXH3-128 content hash on a hashing thread, in landing order
         v
     Manifest (SQLite) -- discover (same bytes: recorded as a duplicate) -> claim
         |

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import random
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
+import xxhash
 import pytest
 
 from livetrain.actors.manifest import HASH_KEY, Manifest, ManifestError, file_hash
@@ -53,8 +55,8 @@ def test_discovery_assigns_increasing_seq_in_the_order_given(manifest, tmp_path)
     assert all(r.status == "discovered" for r in records)
     first = records[0]
     assert first.size == order[0].stat().st_size and first.mtime_ns == order[0].stat().st_mtime_ns
-    assert first.content_hash == file_hash(order[0]) == blake3.blake3(order[0].read_bytes()).hexdigest()
-    assert manifest.hash_algorithm == "blake3" and manifest.get_meta(HASH_KEY) == "blake3"
+    assert first.content_hash == file_hash(order[0]) == xxhash.xxh3_128(order[0].read_bytes()).hexdigest()
+    assert manifest.hash_algorithm == "xxh3_128" and manifest.get_meta(HASH_KEY) == "xxh3_128"
     assert manifest.path == tmp_path / "state" / "manifest.sqlite"
 
 
@@ -119,6 +121,32 @@ def test_a_state_dir_from_before_blake3_keeps_sha256_and_still_finds_duplicates(
         new = {r.name: r for r in m.discover([b, copy])}
         assert new["copy-of-a.parquet"].status == "duplicate" and new["copy-of-a.parquet"].duplicate_of == a.name
         assert new[b.name].content_hash == hashlib.sha256(b.read_bytes()).hexdigest()
+
+
+def test_a_state_dir_that_pinned_blake3_keeps_it_and_still_finds_duplicates(tmp_path):
+    state = tmp_path / "state"
+    a, b = _shards(tmp_path / "landing", 2)
+    with Manifest(state) as m:  # made by a livetrain that pinned BLAKE3
+        m.set_meta(HASH_KEY, "blake3")
+    with Manifest(state) as m:
+        m.discover([a])
+    copy = tmp_path / "landing" / "copy-of-a.parquet"
+    copy.write_bytes(a.read_bytes())
+    with Manifest(state) as m:
+        assert m.hash_algorithm == "blake3"
+        new = {r.name: r for r in m.discover([b, copy])}
+        assert new["copy-of-a.parquet"].status == "duplicate" and new["copy-of-a.parquet"].duplicate_of == a.name
+        assert new[b.name].content_hash == blake3.blake3(b.read_bytes()).hexdigest()
+
+
+def test_file_hash_reads_any_size_the_same_as_hashing_the_bytes_whole(tmp_path):
+    p = tmp_path / "f.bin"
+    for size in (0, 1, 1 << 20, (1 << 20) + 7, 3 * (1 << 20) - 1):
+        data = random.Random(size).randbytes(size)
+        p.write_bytes(data)
+        assert file_hash(p, "xxh3_128") == xxhash.xxh3_128(data).hexdigest()
+        assert file_hash(p, "blake3", chunk_bytes=4096) == blake3.blake3(data).hexdigest()
+        assert file_hash(p, "sha256") == hashlib.sha256(data).hexdigest()
 
 
 def test_an_unknown_hash_algorithm_is_refused_by_name(tmp_path):
