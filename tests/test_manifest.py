@@ -104,39 +104,39 @@ def test_digests_computed_by_the_caller_are_recorded_as_given(manifest, tmp_path
     assert [r.content_hash for r in records] == ["given-by-the-caller", file_hash(b)]
 
 
-def test_a_state_dir_from_before_blake3_keeps_sha256_and_still_finds_duplicates(tmp_path):
-    state = tmp_path / "state"
-    a, b = _shards(tmp_path / "landing", 2)
-    with Manifest(state) as m:  # an old state dir: sha256 digests and no pinned algorithm
+def _made_before_any_pinned_hash(state: Path, a: Path) -> None:
+    """A state dir from before the algorithm was pinned: sha256 digests, no ``meta`` key."""
+    with Manifest(state) as m:
         m.discover([a])
         db = sqlite3.connect(m.path)
         with db:
             db.execute("UPDATE shards SET content_hash = ?", (hashlib.sha256(a.read_bytes()).hexdigest(),))
             db.execute("DELETE FROM meta WHERE key = ?", (HASH_KEY,))
         db.close()
-    copy = tmp_path / "landing" / "copy-of-a.parquet"
-    copy.write_bytes(a.read_bytes())
+
+
+def _made_when_blake3_was_pinned(state: Path, a: Path) -> None:
     with Manifest(state) as m:
-        assert m.hash_algorithm == "sha256"
-        new = {r.name: r for r in m.discover([b, copy])}
-        assert new["copy-of-a.parquet"].status == "duplicate" and new["copy-of-a.parquet"].duplicate_of == a.name
-        assert new[b.name].content_hash == hashlib.sha256(b.read_bytes()).hexdigest()
-
-
-def test_a_state_dir_that_pinned_blake3_keeps_it_and_still_finds_duplicates(tmp_path):
-    state = tmp_path / "state"
-    a, b = _shards(tmp_path / "landing", 2)
-    with Manifest(state) as m:  # made by a livetrain that pinned BLAKE3
         m.set_meta(HASH_KEY, "blake3")
     with Manifest(state) as m:
         m.discover([a])
+
+
+@pytest.mark.parametrize("made, algorithm, digest", [
+    (_made_before_any_pinned_hash, "sha256", hashlib.sha256),
+    (_made_when_blake3_was_pinned, "blake3", blake3.blake3),
+])
+def test_an_older_state_dir_keeps_its_hash_and_still_finds_duplicates(tmp_path, made, algorithm, digest):
+    state = tmp_path / "state"
+    a, b = _shards(tmp_path / "landing", 2)
+    made(state, a)
     copy = tmp_path / "landing" / "copy-of-a.parquet"
     copy.write_bytes(a.read_bytes())
     with Manifest(state) as m:
-        assert m.hash_algorithm == "blake3"
+        assert m.hash_algorithm == algorithm
         new = {r.name: r for r in m.discover([b, copy])}
         assert new["copy-of-a.parquet"].status == "duplicate" and new["copy-of-a.parquet"].duplicate_of == a.name
-        assert new[b.name].content_hash == blake3.blake3(b.read_bytes()).hexdigest()
+        assert new[b.name].content_hash == digest(b.read_bytes()).hexdigest()
 
 
 def test_file_hash_reads_any_size_the_same_as_hashing_the_bytes_whole(tmp_path):
