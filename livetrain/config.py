@@ -382,7 +382,11 @@ class GateConfig:
     one-sided p of this z divided by k**1.5 (3.0, 3.30, 3.47, ... 3.93 at the
     tenth), so a long hold is no likelier to pass random labels than ~2.6 tests."""
     alarm_hold_rows: int = 5000
-    """Rows after an error-drift alarm during which ``alarm_min_gain`` applies."""
+    """Rows after an error-drift alarm during which the hold's bar (``alarm_min_gain``,
+    ``alarm_min_z``) applies at least; past them the hold lasts while the served
+    model still errs on its newest ``min_eval_rows`` rows at least halfway from its
+    error rate before the alarm to the alarm block's (a poisoned burst longer than
+    this still going on). 0: no hold."""
     alarm_release_z: float = 6.0
     """The hold ends early when a promoted candidate beats the version served at
     the alarm with McNemar z at least this: the new rows are learnable, so the

@@ -3,8 +3,9 @@
 Random labels make every model score ~50% on them, so a gate comparing on
 them would promote whatever comes (a coin toss within the tolerance). The
 error-drift alarm puts the gate on hold instead: no promotion while the
-burst lasts, and every version promoted afterwards is as good on clean data
-as the one served when the burst began. Real Ray, Ray Train, Serve; a
+burst lasts (longer than ``gate.alarm_hold_rows``: the hold outlasts it), and
+every version promoted afterwards is as good on clean data as the one served
+when the burst began. Real Ray, Ray Train, Serve; a
 directory source fed by this test."""
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from livetrain.training.checkpoint import load_model
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
 
 ROWS = 500
+BURST = 16
+"""Shards of random labels: 8,000 rows, longer than ``gate.alarm_hold_rows`` (5,000)."""
 CLEAN = SyntheticConfig(generator="sea", variant=2, seed=11, rows_per_shard=ROWS)
 
 
@@ -78,7 +81,7 @@ def test_poisoned_burst_never_reaches_the_endpoint(ray_session, serve_port, tmp_
         baseline = clean_accuracy(state / "served" / f"v{before:06d}", hold_x, hold_y)
         poison.set()
         start = seq[0]
-        wait_until(lambda: seq[0] >= start + 10, 60, "a 10-shard burst of random labels")
+        wait_until(lambda: seq[0] >= start + BURST, 60, f"a {BURST}-shard burst of random labels")
         poison.clear()
         end = seq[0]
         wait_until(lambda: p.ingest.counters.shards_ingested >= end, 60, "the whole burst ingested")

@@ -263,6 +263,40 @@ def holding_after_noise(**gate) -> tuple[Registry, np.random.Generator]:
     return r, rng
 
 
+def test_a_burst_longer_than_alarm_hold_rows_is_held_until_it_ends():
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000,
+                            alarm_hold_rows=2000), 2)
+    r.propose(*cand_w(weights_threshold(1.0), -1))
+    for seq in range(20):
+        r.observe(*xor_block(seq))
+    rng = np.random.default_rng(1)
+    decisions = []
+    for seq in range(20, 40):  # 10,000 rows of random labels: 5x alarm_hold_rows
+        r.propose(*cand_w(weights_threshold(-1.0 if seq % 2 else 1.0), seq - 1))  # coin tosses on these rows
+        meta, x, _ = xor_block(seq)
+        decisions += r.observe(meta, x, rng.integers(0, 2, len(x)))
+        assert r.holding, f"the hold ended {seq - 20} blocks into the burst"
+    assert len(decisions) == 20 and all(d.action == "reject" for d in decisions)
+    assert r.served.version == 1
+    for seq in range(40, 46):  # clean again: the served model errs as before the alarm
+        r.observe(*xor_block(seq))
+    assert not r.holding
+    r.propose(*cand_w(weights_threshold(1.0), 45))  # the ordinary gate again: an equal candidate passes
+    (d,) = r.observe(*xor_block(46))
+    assert d.action == "promote"
+
+
+def test_alarm_hold_rows_0_means_no_hold():
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000,
+                            alarm_hold_rows=0), 2)
+    r.propose(*cand_w(weights_threshold(1.0), -1))
+    for seq in range(20):
+        r.observe(*xor_block(seq))
+    for seq in range(20, 26):
+        r.observe(*xor_block(seq, flip=True))
+    assert r.drift.alarms and not r.holding
+
+
 def test_equal_candidate_is_not_promoted_while_holding_after_alarm():
     r, rng = holding_after_noise(holdout_fraction=0.0)
     r.propose(*cand_w(weights_threshold(1.0), 25))

@@ -120,6 +120,12 @@ class Registry:
         """The version served when the last error alarm fired (the hold's reference)."""
         self._hold_tests = 0
         """Candidates tested against the hold's bar since the last error alarm (``hold_z_bar``)."""
+        self._hold_error_bar: float | None = None
+        """Past ``alarm_hold_rows``, the hold lasts while the served model errs on at least
+        this share of the newest rows: halfway from its error rate before the alarm to
+        the alarm block's (a poisoned burst still going on)."""
+        self._served_errors: deque[tuple[int, float]] = deque()
+        """(rows, errors) of the served model on the newest blocks, at least ``min_eval_rows``."""
         self.previous: Version | None = None
         """The version served before the current one, shadow-scored for rollback."""
         self.live: Prequential | None = None
@@ -164,6 +170,7 @@ class Registry:
             if self.previous is not None:
                 self.shadow.update(y, self.previous.predict(x))
         self._react(self.drift.observe(meta.seq, x, errors, self.clock()), len(y))
+        self._watch_hold(errors)
         small = self._small_holdout.setdefault(meta.seq, self.holding)  # every block of a shard alike
         if len(self._small_holdout) > 2 * KEEP_RECENT:  # seqs arrive in order: keep the newest
             for old in sorted(self._small_holdout)[:-KEEP_RECENT]:
@@ -181,10 +188,27 @@ class Registry:
             self._rows_since_error_alarm += rows
         for alarm in alarms:
             self.reaction = react(alarm, self.reaction, self.drift.cfg)
-            if alarm.detector.startswith("error"):
+            if alarm.detector.startswith("error") and self.cfg.alarm_hold_rows > 0:
                 self._rows_since_error_alarm = 0
                 self._served_at_alarm = self.served
                 self._hold_tests = 0
+                before, block = alarm.detail.get("error_rate_before"), alarm.detail.get("error_rate_block")
+                self._hold_error_bar = (before + block) / 2 if before is not None and block is not None and block > before else None
+
+    def _watch_hold(self, errors: np.ndarray | None) -> None:
+        """End a hold past ``alarm_hold_rows`` once the served model no longer errs as it
+        did at the alarm. A burst of random labels longer than ``alarm_hold_rows`` keeps
+        the served model erring, so the hold (and its bar) lasts until the burst ends."""
+        if errors is not None:
+            self._served_errors.append((len(errors), float(errors.sum())))
+            while sum(n for n, _ in self._served_errors) - self._served_errors[0][0] >= self.cfg.min_eval_rows:
+                self._served_errors.popleft()
+        if self._rows_since_error_alarm is None or self._rows_since_error_alarm < self.cfg.alarm_hold_rows:
+            return
+        rows = sum(n for n, _ in self._served_errors)
+        recent = sum(e for _, e in self._served_errors) / rows if rows else 0.0
+        if self._hold_error_bar is None or recent < self._hold_error_bar:
+            self._rows_since_error_alarm = self._served_at_alarm = self._hold_error_bar = None
 
     def small_holdout(self, seq: int) -> bool:
         """Whether shard ``seq`` holds rows out down to ``gate.holdout_min_rows``: the
@@ -194,8 +218,10 @@ class Registry:
 
     @property
     def holding(self) -> bool:
-        """True shortly after an error-drift alarm: promotion then needs a gain."""
-        return self._rows_since_error_alarm is not None and self._rows_since_error_alarm < self.cfg.alarm_hold_rows
+        """True after an error-drift alarm: promotion then needs a significant gain.
+        For ``alarm_hold_rows`` rows, then while the served model still errs as at the
+        alarm (``_watch_hold``), unless a candidate ends it first (``_release_hold``)."""
+        return self._rows_since_error_alarm is not None
 
     def _maybe_roll_back(self) -> list[Decision]:
         if self.previous is None or self.live.window_rows_seen < self.cfg.rollback_min_rows:
@@ -367,7 +393,7 @@ class Registry:
         z = mcnemar_z(y, pc, anchor.predict(x))
         if z < self.cfg.alarm_release_z:
             return None
-        self._rows_since_error_alarm = self._served_at_alarm = None
+        self._rows_since_error_alarm = self._served_at_alarm = self._hold_error_bar = None
         return Verdict(True, f"{verdict.reason}; beats v{anchor.version} (served at the drift alarm) with "
                              f"McNemar z {z:.2f} >= {self.cfg.alarm_release_z}: the hold ends")
 
