@@ -263,12 +263,16 @@ def holding_after_noise(**gate) -> tuple[Registry, np.random.Generator]:
     return r, rng
 
 
-def test_a_burst_longer_than_alarm_hold_rows_is_held_until_it_ends():
-    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000,
-                            alarm_hold_rows=2000), 2)
+def served_well_for_20_blocks(**gate) -> Registry:
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, **gate), 2)
     r.propose(*cand_w(weights_threshold(1.0), -1))
     for seq in range(20):
         r.observe(*xor_block(seq))
+    return r
+
+
+def test_a_burst_longer_than_alarm_hold_rows_is_held_until_it_ends():
+    r = served_well_for_20_blocks(alarm_hold_rows=2000)
     rng = np.random.default_rng(1)
     decisions = []
     for seq in range(20, 40):  # 10,000 rows of random labels: 5x alarm_hold_rows
@@ -287,11 +291,7 @@ def test_a_burst_longer_than_alarm_hold_rows_is_held_until_it_ends():
 
 
 def test_alarm_hold_rows_0_means_no_hold():
-    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000,
-                            alarm_hold_rows=0), 2)
-    r.propose(*cand_w(weights_threshold(1.0), -1))
-    for seq in range(20):
-        r.observe(*xor_block(seq))
+    r = served_well_for_20_blocks(alarm_hold_rows=0)
     for seq in range(20, 26):
         r.observe(*xor_block(seq, flip=True))
     assert r.drift.alarms and not r.holding
