@@ -72,7 +72,7 @@ import torch
 from _common import emit
 from livetrain.actors.replay_buffer import ReplayBuffer
 from livetrain.config import Config, load_config
-from livetrain.messages import BlockMeta, Candidate
+from livetrain.messages import BlockMeta, Candidate, Decision
 from livetrain.training.checkpoint import state_dict_numpy
 from livetrain.training.learner import Holdout, Learner, make_optimizer
 from livetrain.training.models import build_model, model_spec
@@ -208,7 +208,10 @@ def _learner(cfg: Config, s: Stream, seed: int) -> tuple[Learner, Any]:
     return Learner(model, opt, batch, seed=seed, anchor_l2=cfg.train.anchor_l2), spec
 
 
-def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: float, seed: int) -> Run:
+def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: float, seed: int,
+                  decisions: list[tuple[int, Decision]] | None = None) -> Run:
+    """``decisions``, when given, gets every gate decision with the row count ingested
+    when it was taken (``benchmarks/poison.py``)."""
     tc = cfg.train
     learner, spec = _learner(cfg, s, seed)
     clock = [0.0]  # simulated: rows arrive at the synthetic stream's rate
@@ -228,7 +231,9 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
             outcome[lo : lo + len(y)] = registry.served.predict(x) == y
             scoring += time.perf_counter() - t
         meta = BlockMeta(f"block-{seq:06d}", seq, len(y), x.nbytes + y.nbytes, clock[0], clock[0])
-        registry.observe(meta, x, y)
+        taken = registry.observe(meta, x, y)
+        if decisions is not None:
+            decisions += [(lo + len(y), d) for d in taken]
         buffer.add({"x": x, "y": y}, meta)
         if buffer.stats().rows < tc.min_buffer_rows:
             continue
@@ -255,7 +260,9 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
         cand = Candidate(weights=None, spec=spec, trained_through=fresh_after, data_written_at=written_at,
                          train_step=step, proposed_at=clock[0], train_loss=loss,
                          small_holdout=registry.small_holdout(fresh_after))
-        registry.propose(cand, state_dict_numpy(learner.model))
+        taken = registry.propose(cand, state_dict_numpy(learner.model))[1]
+        if decisions is not None:
+            decisions += [(lo + len(y), d) for d in taken]
     seconds = time.perf_counter() - t0 - scoring
     st = registry.stats()
     answered = np.flatnonzero(outcome >= 0)

@@ -96,3 +96,25 @@ def test_parquet_replay_prints_a_line_per_learner_and_a_summary(tmp_path):
     assert lines[f"quality/{name}/livetrain"]["interleaved_with"] == "arf"
     assert list(lines)[0] == f"quality/{name}/livetrain"  # reported first, as before
     assert lines[f"quality/{name}/summary"]["rows_per_s_vs_arf"] > 0
+
+
+def test_poison_replay_counts_the_bursts_that_reached_the_endpoint():
+    """benchmarks/poison.py: every gate decision of the replay is seen (as many
+    promotions as the registry counted), none promoted on the burst, and the
+    gate serves fresh models again after it."""
+    import poison
+    from livetrain.config import load_config
+
+    s, lo, hi = poison.poisoned_sea(seed=1, block_rows=500, burst=6)
+    clean, _, _ = poison.poisoned_sea(seed=1, block_rows=500, burst=0)  # the same rows, none poisoned
+    assert (s.y[:lo] == clean.y[:lo]).all() and 0.4 < (s.y[lo:hi] == clean.y[lo:hi]).mean() < 0.6
+    decisions: list = []
+    run = quality.run_livetrain(s, load_config(None, []), 500, 5.0, 1, decisions)
+    promoted = [row for row, d in decisions if d.action == "promote"]
+    assert len(promoted) == run.extra["versions_promoted"] >= 2
+    assert not [row for row in promoted if lo < row <= hi] and max(promoted) > hi
+    out = subprocess.run([sys.executable, str(BENCH / "poison.py"), "--seeds", "1", "--bursts", "4",
+                          "--samples-per-row", "5"], capture_output=True, text=True, check=True, timeout=300)
+    (line,) = map(json.loads, out.stdout.splitlines())
+    assert line["name"] == "poison/bursts_reaching_endpoint/4_shards" and line["bursts"] == 1
+    assert line["value"] == line["promotions_during"] == 0 and line["burst_rows"] == 2000
