@@ -76,7 +76,7 @@ from livetrain.messages import BlockMeta, Candidate, Decision
 from livetrain.training.checkpoint import state_dict_numpy
 from livetrain.training.learner import Holdout, Learner, make_optimizer
 from livetrain.training.models import build_model, model_spec
-from livetrain.training.registry import Registry
+from livetrain.training.registry import Registry, Version
 
 STREAMS = ("sea", "hyperplane", "rbf", "rbf-fast", "shuttle")
 LEARNERS = ("livetrain", "static", "arf", "hat", "logreg", "arf-lag", "logreg-lag")
@@ -209,9 +209,9 @@ def _learner(cfg: Config, s: Stream, seed: int) -> tuple[Learner, Any]:
 
 
 def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: float, seed: int,
-                  decisions: list[tuple[int, Decision]] | None = None) -> Run:
+                  decisions: list[tuple[int, Decision, Version | None]] | None = None) -> Run:
     """``decisions``, when given, gets every gate decision with the row count ingested
-    when it was taken (``benchmarks/poison.py``)."""
+    when it was taken and the version served right after it (``benchmarks/poison.py``)."""
     tc = cfg.train
     learner, spec = _learner(cfg, s, seed)
     clock = [0.0]  # simulated: rows arrive at the synthetic stream's rate
@@ -233,7 +233,7 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
         meta = BlockMeta(f"block-{seq:06d}", seq, len(y), x.nbytes + y.nbytes, clock[0], clock[0])
         taken = registry.observe(meta, x, y)
         if decisions is not None:
-            decisions += [(lo + len(y), d) for d in taken]
+            decisions += [(lo + len(y), d, registry.served) for d in taken]
         buffer.add({"x": x, "y": y}, meta)
         if buffer.stats().rows < tc.min_buffer_rows:
             continue
@@ -262,7 +262,7 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
                          small_holdout=registry.small_holdout(fresh_after))
         taken = registry.propose(cand, state_dict_numpy(learner.model))[1]
         if decisions is not None:
-            decisions += [(lo + len(y), d) for d in taken]
+            decisions += [(lo + len(y), d, registry.served) for d in taken]
     seconds = time.perf_counter() - t0 - scoring
     st = registry.stats()
     answered = np.flatnonzero(outcome >= 0)

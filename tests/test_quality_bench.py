@@ -100,21 +100,26 @@ def test_parquet_replay_prints_a_line_per_learner_and_a_summary(tmp_path):
 
 def test_poison_replay_counts_the_bursts_that_reached_the_endpoint():
     """benchmarks/poison.py: every gate decision of the replay is seen (as many
-    promotions as the registry counted), none promoted on the burst, and the
-    gate serves fresh models again after it."""
+    promotions as the registry counted, each with the version then served), none
+    promoted on the burst, and the gate serves fresh models again after it."""
     import poison
     from livetrain.config import load_config
 
-    s, lo, hi = poison.poisoned_sea(seed=1, block_rows=500, burst=6)
-    clean, _, _ = poison.poisoned_sea(seed=1, block_rows=500, burst=0)  # the same rows, none poisoned
-    assert (s.y[:lo] == clean.y[:lo]).all() and 0.4 < (s.y[lo:hi] == clean.y[lo:hi]).mean() < 0.6
+    s, lo, hi, clean = poison.poisoned_sea(seed=1, block_rows=500, burst=6)
+    unpoisoned, _, _, _ = poison.poisoned_sea(seed=1, block_rows=500, burst=0)  # the same rows, none poisoned
+    assert (s.y[:lo] == unpoisoned.y[:lo]).all() and 0.4 < (s.y[lo:hi] == unpoisoned.y[lo:hi]).mean() < 0.6
+    mixed, _, _, _ = poison.poisoned_sea(seed=1, block_rows=500, burst=6, every=3)  # shards 12 and 15 only
+    same = [(mixed.y[r : r + 500] == unpoisoned.y[r : r + 500]).all() for r in range(lo, hi, 500)]
+    assert same == [False, True, True, False, True, True] and len(clean.y) == poison.CLEAN_ROWS
     decisions: list = []
     run = quality.run_livetrain(s, load_config(None, []), 500, 5.0, 1, decisions)
-    promoted = [row for row, d in decisions if d.action == "promote"]
+    promoted = [(row, v) for row, d, v in decisions if d.action == "promote"]
     assert len(promoted) == run.extra["versions_promoted"] >= 2
-    assert not [row for row in promoted if lo < row <= hi] and max(promoted) > hi
+    assert all(v.version == d.version for (row, d, v) in decisions if d.action == "promote")
+    assert not [row for row, _ in promoted if lo < row <= hi] and max(row for row, _ in promoted) > hi
     out = subprocess.run([sys.executable, str(BENCH / "poison.py"), "--seeds", "1", "--bursts", "4",
                           "--samples-per-row", "5"], capture_output=True, text=True, check=True, timeout=300)
     (line,) = map(json.loads, out.stdout.splitlines())
     assert line["name"] == "poison/bursts_reaching_endpoint/4_shards" and line["bursts"] == 1
     assert line["value"] == line["promotions_during"] == 0 and line["burst_rows"] == 2000
+    assert line["worst_drop"] <= poison.MAX_DROP
