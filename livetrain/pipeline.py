@@ -41,7 +41,7 @@
     ModelRegistry: gate on unseen rows: newer shards, and the held-out rows of the
         newest shard trained on (on hold after a drift alarm; then a marked shard's
         few held-out rows can promote a candidate that left them out) -> promote /
-        reject / rollback -> decisions.jsonl, alarms.jsonl, served/vN/model.pt,
+        reject / rollback -> decisions.jsonl, alarms.jsonl, hold.json, served/vN/model.pt,
         ServedVersion(weights re-put, registry-owned); drift reactions ->
         ReplayBufferActor.set_mix (sampling mix) and, via report_train, the lr
         |  wait_for_version (long-poll)

@@ -12,6 +12,7 @@ it stopped:
     ray_train/ (checkpoints)      Ray Train, directly        (no local copy)
     served/v<N>/model.pt          ModelRegistry              at promotion
     decisions.jsonl, alarms.jsonl ModelRegistry              each record
+    hold.json                     ModelRegistry              each change of a drift alarm's hold
     buffer_snapshot.json          ReplayBufferActor          each snapshot
     manifest.sqlite               driver (SQLite backup)     every storage.sync_interval_s, at stop
     wandb_run_id                  Tracker                    at start

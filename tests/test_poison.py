@@ -10,6 +10,9 @@ directory source fed by this test."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -47,7 +50,20 @@ def clean_accuracy(model_dir: Path, x: np.ndarray, y: np.ndarray) -> float:
         return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
-def test_poisoned_burst_never_reaches_the_endpoint(ray_session, serve_port, tmp_path: Path):
+def hold_started(state: Path) -> bool:
+    try:
+        return json.loads((state / "hold.json").read_text())["active"]
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.parametrize("kill_registry", [False, True], ids=["", "registry-killed-in-the-burst"])
+def test_poisoned_burst_never_reaches_the_endpoint(ray_session, serve_port, tmp_path: Path, kill_registry: bool):
+    """With ``kill_registry``, the registry's process is killed once the hold has
+    started: Ray restarts it, and it must hold on (``hold.json``), since its fresh
+    drift detector sees nothing change in the rest of the burst."""
+    import ray
+
     from livetrain.pipeline import Pipeline
 
     landing, state = tmp_path / "landing", tmp_path / "state"
@@ -81,6 +97,13 @@ def test_poisoned_burst_never_reaches_the_endpoint(ray_session, serve_port, tmp_
         baseline = clean_accuracy(state / "served" / f"v{before:06d}", hold_x, hold_y)
         poison.set()
         start = seq[0]
+        if kill_registry:
+            wait_until(lambda: hold_started(state), 60, "the hold to start")
+            pid = ray.get(p.registry.__ray_call__.remote(lambda _: os.getpid()))
+            os.kill(pid, signal.SIGKILL)
+            assert ray.get(p.registry.__ray_call__.remote(lambda _: os.getpid()), timeout=120) != pid
+            back = seq[0]  # the burst goes on for 4 more shards at least, seen by the restarted registry
+            wait_until(lambda: seq[0] >= back + 4, 60, "poisoned shards after the restart")
         wait_until(lambda: seq[0] >= start + BURST, 60, f"a {BURST}-shard burst of random labels")
         poison.clear()
         end = seq[0]

@@ -290,6 +290,34 @@ def test_a_burst_longer_than_alarm_hold_rows_is_held_until_it_ends():
     assert d.action == "promote"
 
 
+def test_a_registry_restarted_during_a_burst_holds_on():
+    r = served_well_for_20_blocks(alarm_hold_rows=2000)
+    rng = np.random.default_rng(1)
+    for seq in range(20, 26):
+        meta, x, _ = xor_block(seq)
+        r.observe(meta, x, rng.integers(0, 2, len(x)))
+    r.propose(*cand_w(weights_threshold(1.0), 25))
+    meta, x, _ = xor_block(26)
+    (d,) = r.observe(meta, x, rng.integers(0, 2, len(x)))
+    state = r.hold_state()
+    assert d.action == "reject" and state == {"served_at_alarm": 1, "error_bar": state["error_bar"], "tests": 1}
+    assert 0.2 < state["error_bar"] < 0.5
+    # as the registry actor comes back: the version its log served, a fresh drift detector
+    again = Registry(r.cfg, 2)
+    again.restore_served(r.served)
+    again.resume_hold(state, anchor=r.served)
+    assert again.holding and again.hold_state() == state
+    for seq in range(27, 37):  # the burst goes on: no alarm from the fresh detector, still no promotion
+        again.propose(*cand_w(weights_threshold(-1.0 if seq % 2 else 1.0), seq - 1))
+        meta, x, _ = xor_block(seq)
+        (d,) = again.observe(meta, x, rng.integers(0, 2, len(x)))
+        assert d.action == "reject" and again.holding
+    assert again.hold_state()["tests"] > state["tests"] and not again.drift.alarms  # counted on from the saved tests
+    for seq in range(37, 42):
+        again.observe(*xor_block(seq))
+    assert not again.holding and again.hold_state() is None
+
+
 def test_alarm_hold_rows_0_means_no_hold():
     r = served_well_for_20_blocks(alarm_hold_rows=0)
     for seq in range(20, 26):

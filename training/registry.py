@@ -24,7 +24,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -288,6 +288,30 @@ class Registry:
         self._serve(v, previous=previous)
         self.history.extend([*earlier, v])
         self.next_version = max(self.next_version, v.version + 1)
+
+    def hold_state(self) -> dict[str, Any] | None:
+        """The drift alarm's hold, as ``resume_hold`` takes it back after a restart
+        (None: no hold). The registry actor writes it down whenever it changes."""
+        if self._rows_since_error_alarm is None:
+            return None
+        return {
+            "served_at_alarm": self._served_at_alarm.version if self._served_at_alarm else None,
+            "error_bar": self._hold_error_bar,
+            "tests": self._hold_tests,
+        }
+
+    def resume_hold(self, state: dict[str, Any], anchor: Version | None) -> None:
+        """Hold again after a restart, as ``hold_state`` left it: a registry that came
+        back in the middle of a poisoned burst must not take it for the normal state
+        (its drift detector starts afresh, so no new alarm would come). The hold's
+        ``alarm_hold_rows`` start over; ``anchor``: the version served at the alarm,
+        if it could be loaded (else the hold ends only by ``_watch_hold``)."""
+        if self.cfg.alarm_hold_rows <= 0:
+            return
+        self._rows_since_error_alarm = 0
+        self._served_at_alarm = anchor
+        self._hold_error_bar = state.get("error_bar")
+        self._hold_tests = int(state.get("tests", 0))
 
     def rollback(self, target: Version | None = None, reason: str = "requested") -> Decision:
         """Serve ``target`` (default: the version served before the current one)."""

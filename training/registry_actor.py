@@ -52,6 +52,8 @@ REGISTRY_NAME = "livetrain_registry"
 DECISIONS_FILE = "decisions.jsonl"
 ALARMS_FILE = "alarms.jsonl"
 SERVED_DIR = "served"
+HOLD_FILE = "hold.json"
+"""The drift alarm's hold (``Registry.hold_state``), rewritten whenever it changes."""
 
 
 @ray.remote(num_cpus=0.1, max_concurrency=16, max_restarts=-1, max_task_retries=-1)
@@ -71,7 +73,7 @@ class ModelRegistry:
         self._state = Path(state_dir)
         self._store = store
         if store is not None:  # a fresh node: served versions and logs come from shared storage
-            store.restore(self._state, only=(SERVED_DIR, DECISIONS_FILE, ALARMS_FILE))
+            store.restore(self._state, only=(SERVED_DIR, DECISIONS_FILE, ALARMS_FILE, HOLD_FILE))
         self._reg = Registry(cfg, num_classes, drift=drift, recent_fraction=recent_fraction, window_rows=window_rows)
         self._last_alarm: DriftAlarm | None = None
         self._buffer = buffer
@@ -85,7 +87,9 @@ class ModelRegistry:
         self._weight_refs: dict[int, ray.ObjectRef] = {}
         self.instance = uuid.uuid4().hex
         """Names this incarnation of the actor (it restarts when it dies)."""
+        self._saved_hold: dict[str, Any] | None = None
         self._restore_last_served()
+        self._resume_hold()
 
     # --- from the ingest loop and the trainer ----------------------------------
 
@@ -95,12 +99,14 @@ class ModelRegistry:
             self._apply(self._reg.observe(meta, data["x"], data["y"]))
             self._log_alarms()
             self._push_mix()
+            self._save_hold()
 
     def propose(self, cand: Candidate) -> int:
         weights = ray.get(cand.weights)
         with self._lock:
             version, decisions = self._reg.propose(cand, weights)
             self._apply(decisions)
+            self._save_hold()
         return version
 
     def small_holdout(self, seq: int) -> bool:
@@ -213,6 +219,33 @@ class ModelRegistry:
                 f.write(json.dumps(dataclasses.asdict(a)) + "\n")
         self._last_alarm = alarms[-1]
         self._push(ALARMS_FILE)
+
+    def _save_hold(self) -> None:
+        """Write the hold down when it changed (started, tested, ended): a restarted
+        registry holds on (``_resume_hold``) instead of taking a poisoned burst it came
+        back in for the normal state."""
+        state = self._reg.hold_state()
+        if state == self._saved_hold:
+            return
+        path = self._state / HOLD_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"active": state is not None, **(state or {})}) + "\n")
+        tmp.replace(path)
+        self._saved_hold = state
+        self._push(HOLD_FILE)
+
+    def _resume_hold(self) -> None:
+        try:
+            state = json.loads((self._state / HOLD_FILE).read_text())
+        except (OSError, ValueError):
+            return  # never held, or a file torn by a crash: no hold (the next alarm starts one)
+        if not state.get("active") or self._reg.served is None:
+            return
+        n = state.get("served_at_alarm")
+        anchor = None if n is None else (self._reg.find(n) or self._from_disk(n))
+        with self._lock:
+            self._reg.resume_hold(state, anchor)
+            self._saved_hold = self._reg.hold_state()
 
     def _push(self, rel: str) -> None:
         """Mirror one state file to shared storage; a failed push is reported, never fatal."""
