@@ -208,7 +208,10 @@ class Registry:
         rows = sum(n for n, _ in self._served_errors)
         recent = sum(e for _, e in self._served_errors) / rows if rows else 0.0
         if self._hold_error_bar is None or recent < self._hold_error_bar:
-            self._rows_since_error_alarm = self._served_at_alarm = self._hold_error_bar = None
+            self._end_hold()
+
+    def _end_hold(self) -> None:
+        self._rows_since_error_alarm = self._served_at_alarm = self._hold_error_bar = None
 
     def small_holdout(self, seq: int) -> bool:
         """Whether shard ``seq`` holds rows out down to ``gate.holdout_min_rows``: the
@@ -417,7 +420,7 @@ class Registry:
         z = mcnemar_z(y, pc, anchor.predict(x))
         if z < self.cfg.alarm_release_z:
             return None
-        self._rows_since_error_alarm = self._served_at_alarm = self._hold_error_bar = None
+        self._end_hold()
         return Verdict(True, f"{verdict.reason}; beats v{anchor.version} (served at the drift alarm) with "
                              f"McNemar z {z:.2f} >= {self.cfg.alarm_release_z}: the hold ends")
 
@@ -425,7 +428,8 @@ class Registry:
               cm: dict[str, float], sm: dict[str, float]) -> Verdict:
         """While holding, a candidate must beat the served model, and significantly:
         the hold's k-th test needs McNemar z >= ``hold_z_bar(alarm_min_z, k)``, so a
-        poisoned burst gets no more chances to slip through by luck than one test."""
+        poisoned burst gets no more chances to slip through by luck than ~2.6 tests,
+        however long it holds."""
         self._hold_tests += 1
         gain = cm[self.cfg.metric] - sm[self.cfg.metric]
         z, bar = mcnemar_z(y, pc, ps), hold_z_bar(self.cfg.alarm_min_z, self._hold_tests)
