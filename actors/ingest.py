@@ -70,6 +70,7 @@ from livetrain.actors.manifest import Manifest, ShardRecord
 from livetrain.actors.quarantine import list_quarantine, reingest, write_quarantine
 from livetrain.actors.schema import Part, SchemaError, iter_reads, warm_up
 from livetrain.actors.sources import DirectorySource
+from livetrain.actors.store_memory import prefault_object_store
 from livetrain.config import Config, SchemaConfig, StorageConfig
 from livetrain.messages import BlockMeta, BlockRef
 from livetrain.storage import configure as configure_storage
@@ -144,7 +145,7 @@ def chunks_of(read: Part, rows_per_part: int, resume_from: int = 0, progress_blo
 @ray.remote(num_cpus=0.25, max_restarts=-1)
 class IngestActor:
     def __init__(self, schema: SchemaConfig, state_dir: str, rows_per_part: int,
-                 storage: StorageConfig | None = None) -> None:
+                 storage: StorageConfig | None = None, prefault_bytes: int = 0) -> None:
         if storage is not None:
             configure_storage(storage)  # shards on s3://: this process opens them with the cluster's endpoint
         self._schema = schema
@@ -152,6 +153,8 @@ class IngestActor:
         self._rows_per_part = rows_per_part
         self._me = f"{socket.gethostname()}:{os.getpid()}"
         warm_up()
+        self.prefaulted = prefault_object_store(prefault_bytes)
+        """Bytes of the object store mapped in at start (``ingest.prefault_store``)."""
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE_PARTS)
     def read_shard(self, path: str, name: str, resume_from: int = 0, progress_blocks: int = 0):
@@ -305,7 +308,8 @@ class IngestLoop:
         # unless they live on shared storage
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         return IngestActor.options(scheduling_strategy=here).remote(
-            self.cfg.schema, state, self._rows_per_part, self.cfg.storage
+            self.cfg.schema, state, self._rows_per_part, self.cfg.storage,
+            int(self.cfg.ingest.prefault_store * self.cfg.buffer.capacity_bytes),
         )
 
     @property
