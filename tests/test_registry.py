@@ -300,7 +300,8 @@ def test_a_registry_restarted_during_a_burst_holds_on():
     meta, x, _ = xor_block(26)
     (d,) = r.observe(meta, x, rng.integers(0, 2, len(x)))
     state = r.hold_state()
-    assert d.action == "reject" and state == {"served_at_alarm": 1, "error_bar": state["error_bar"], "tests": 1}
+    assert d.action == "reject" and state == {"served_at_alarm": 1, "error_bar": state["error_bar"], "tests": 1,
+                                              "rows": state["rows"]}
     assert 0.2 < state["error_bar"] < 0.5
     # as the registry actor comes back: the version its log served, a fresh drift detector
     again = Registry(r.cfg, 2)
@@ -316,6 +317,30 @@ def test_a_registry_restarted_during_a_burst_holds_on():
     for seq in range(37, 42):
         again.observe(*xor_block(seq))
     assert not again.holding and again.hold_state() is None
+
+
+def test_a_restarted_registrys_hold_ends_when_the_one_not_restarted_would():
+    """The hold's rows go on after a restart: a registry that came back two blocks into
+    a 5,000-row hold does not hold 5,000 rows more (clean data: its bar would pass
+    candidates that are good, but not as much better as the hold asks)."""
+    r = served_well_for_20_blocks(alarm_hold_rows=5000)
+    rng = np.random.default_rng(1)
+    for seq in range(20, 26):
+        meta, x, _ = xor_block(seq)
+        r.observe(meta, x, rng.integers(0, 2, len(x)))
+    state = r.hold_state()
+    assert r.holding and 0 < state["rows"] < 5000 and state["rows"] % 500 == 0
+    again = Registry(r.cfg, 2)
+    again.restore_served(r.served)
+    again.resume_hold(state, anchor=r.served)
+    assert again.hold_state() == state
+    ended = {}
+    for seq in range(26, 40):  # clean data from here on
+        for reg in (r, again):
+            reg.observe(*xor_block(seq))
+            if not reg.holding:
+                ended.setdefault(id(reg), seq)
+    assert ended[id(again)] == ended[id(r)], ended
 
 
 def test_alarm_hold_rows_0_means_no_hold():

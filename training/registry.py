@@ -44,6 +44,8 @@ KEEP_RECENT = 10_000
 """Decisions and freshness samples kept in memory (a run may last months: the
 decisions are all in ``decisions.jsonl``; freshness percentiles are over the
 newest ones)."""
+HOLD_ROWS_STEPS = 10
+"""``hold_state`` counts a hold's rows in steps of ``alarm_hold_rows / HOLD_ROWS_STEPS``."""
 
 
 class RollbackError(ValueError):
@@ -206,7 +208,9 @@ class Registry:
         if self._rows_since_error_alarm is None or self._rows_since_error_alarm < self.cfg.alarm_hold_rows:
             return
         rows = sum(n for n, _ in self._served_errors)
-        recent = sum(e for _, e in self._served_errors) / rows if rows else 0.0
+        if rows < self.cfg.min_eval_rows:
+            return  # too few rows since a restart to tell
+        recent = sum(e for _, e in self._served_errors) / rows
         if self._hold_error_bar is None or recent < self._hold_error_bar:
             self._end_hold()
 
@@ -297,21 +301,26 @@ class Registry:
         (None: no hold). The registry actor writes it down whenever it changes."""
         if self._rows_since_error_alarm is None:
             return None
+        step = max(1, self.cfg.alarm_hold_rows // HOLD_ROWS_STEPS)
         return {
             "served_at_alarm": self._served_at_alarm.version if self._served_at_alarm else None,
             "error_bar": self._hold_error_bar,
             "tests": self._hold_tests,
+            # rounded down (the hold resumes no later than it was), and not counted past
+            # alarm_hold_rows: the state changes ~HOLD_ROWS_STEPS times a hold, not every block
+            "rows": min(self._rows_since_error_alarm, self.cfg.alarm_hold_rows) // step * step,
         }
 
     def resume_hold(self, state: dict[str, Any], anchor: Version | None) -> None:
         """Hold again after a restart, as ``hold_state`` left it: a registry that came
         back in the middle of a poisoned burst must not take it for the normal state
         (its drift detector starts afresh, so no new alarm would come). The hold's
-        ``alarm_hold_rows`` start over; ``anchor``: the version served at the alarm,
-        if it could be loaded (else the hold ends only by ``_watch_hold``)."""
+        rows go on from the saved count (a state without one: from 0); ``anchor``: the
+        version served at the alarm, if it could be loaded (else the hold ends only by
+        ``_watch_hold``)."""
         if self.cfg.alarm_hold_rows <= 0:
             return
-        self._rows_since_error_alarm = 0
+        self._rows_since_error_alarm = max(0, min(int(state.get("rows", 0)), self.cfg.alarm_hold_rows))
         self._served_at_alarm = anchor
         self._hold_error_bar = state.get("error_bar")
         self._hold_tests = int(state.get("tests", 0))

@@ -221,9 +221,10 @@ class ModelRegistry:
         self._push(ALARMS_FILE)
 
     def _save_hold(self) -> None:
-        """Write the hold down when it changed (started, tested, ended): a restarted
-        registry holds on (``_resume_hold``) instead of taking a poisoned burst it came
-        back in for the normal state."""
+        """Write the hold down when it changed (started, tested, a tenth of its
+        ``alarm_hold_rows`` further on, ended): a restarted registry holds on
+        (``_resume_hold``) instead of taking a poisoned burst it came back in for the
+        normal state, for the rows it had left to hold."""
         state = self._reg.hold_state()
         if state == self._saved_hold:
             return
