@@ -332,16 +332,18 @@ def _nonfinite_rows(block: np.ndarray) -> np.ndarray:
     """Indices of the rows of ``block`` holding a NaN or an inf.
 
     A per-row ``isfinite(...).all(axis=1)`` costs ~8x a whole-block check, so:
-    whole block first; then candidate rows from row sums (NaN and inf propagate
+    whole block first (``all``: no negated copy and count, ~0.3 against ~0.5 ms
+    per 65,536 x 20); then candidate rows from row sums (NaN and inf propagate
     through a sum; an overflowing sum only adds a candidate that the caller's
     exact check drops); then a count confirms the candidates hold every
-    non-finite value, else the slow exact path.
+    non-finite value, else the slow exact path. The row sums are a BLAS call,
+    made only for a block with a bad value: on every block, BLAS threads
+    spinning between calls cost more CPU than the sums save.
     """
-    nonfinite = np.count_nonzero(~np.isfinite(block))
-    if nonfinite == 0:
+    if np.isfinite(block).all():
         return np.empty(0, dtype=np.intp)
     rows = np.flatnonzero(~np.isfinite(block @ np.ones(block.shape[1], dtype=block.dtype)))
-    if np.count_nonzero(~np.isfinite(block[rows])) != nonfinite:
+    if np.count_nonzero(~np.isfinite(block[rows])) != np.count_nonzero(~np.isfinite(block)):
         rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
     return rows
 
@@ -377,8 +379,21 @@ def _check_label(col: pa.Array, classes: np.ndarray, code: np.ndarray, out: np.n
         col = pc.fill_null(col, pa.scalar(0, col.type))  # any value: these rows are already bad
     raw = col.to_numpy(zero_copy_only=False)
     # Membership on the raw dtype, before the cast: a huge uint64 must not wrap into a class.
-    code[~np.isin(raw, classes) & still_good] = REASONS.index(UNKNOWN_LABEL)
+    code[~_known_labels(raw, classes) & still_good] = REASONS.index(UNKNOWN_LABEL)
     out[:] = raw  # wraps only for values already marked unknown
+
+
+def _known_labels(raw: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Whether each label is one of ``classes`` (sorted), on the labels' own dtype.
+
+    Integer labels and classes that are one run of integers (``0..k-1``, the
+    usual case) need only two comparisons: ~0.06 ms per 65,536 labels against
+    ~1.2 ms for ``np.isin``, which the rest still take.
+    """
+    lo, hi = int(classes[0]), int(classes[-1])
+    if raw.dtype.kind in "iu" and hi - lo + 1 == len(classes):
+        return (raw >= lo) & (raw <= hi)
+    return np.isin(raw, classes)
 
 
 def _is_null(arr: pa.Array) -> np.ndarray:

@@ -197,6 +197,15 @@ def test_float64_beyond_float32_range_is_quarantined_as_inf(tmp_path):
     assert read_and_validate(path, SCHEMA).reasons == {INF_FEATURE: 1}
 
 
+def test_finite_features_whose_row_sum_overflows_are_good(tmp_path):
+    """A row's features sum to inf in float32 (the cheap first check) yet are all finite."""
+    big = pa.array([3e38, 1.0, -3e38, np.inf], pa.float32())
+    path = _column_shard(tmp_path / "s.parquet", n=4, a=big, b=big, c=pa.array([3e38, 2.0, 3e38, 1.0], pa.float32()))
+    shard = read_and_validate(path, SCHEMA)
+    assert shard.reasons == {INF_FEATURE: 1} and shard.good_rows == 3
+    np.testing.assert_array_equal(shard.x[:, 0], np.array([3e38, 1.0, -3e38], np.float32))
+
+
 def test_bad_rows_in_a_list_column_are_quarantined(tmp_path):
     x = _features(4).astype(np.float64).tolist()
     x[1][2] = None
@@ -338,6 +347,25 @@ def test_labels_outside_the_classes_are_caught_for_every_integer_type(tmp_path, 
     shard = read_and_validate(path, SCHEMA)
     assert shard.reasons == {UNKNOWN_LABEL: 1}
     np.testing.assert_array_equal(shard.y, [0, 2])
+
+
+@pytest.mark.parametrize("labels, label_type", [
+    ([0, -1, 2, -128, 1], pa.int8()),  # below the classes' range
+    ([0, 2**64 - 1, 2, 2**63, 1], pa.uint64()),  # would wrap to -1 and below as int64
+    ([0, 2**63 - 1, 2, -(2**63), 1], pa.int64()),
+], ids=["int8", "uint64", "int64"])
+def test_labels_far_outside_the_classes_range_are_unknown_not_wrapped(tmp_path, labels, label_type):
+    path = _column_shard(tmp_path / "s.parquet", n=5, label=pa.array(labels, label_type))
+    shard = read_and_validate(path, SCHEMA)
+    assert shard.reasons == {UNKNOWN_LABEL: 2}
+    np.testing.assert_array_equal(shard.y, [0, 2, 1])
+
+
+def test_classes_with_gaps_accept_exactly_their_labels(tmp_path):
+    path = _column_shard(tmp_path / "s.parquet", n=6, label=pa.array([1, 5, 3, 9, 0, 10], pa.int32()))
+    shard = read_and_validate(path, SchemaConfig(features=FEATURES, classes=[9, 1, 5]))
+    assert shard.reasons == {UNKNOWN_LABEL: 3}
+    np.testing.assert_array_equal(shard.y, [1, 5, 9])
 
 
 # --- resuming a part at a row (a large shard's watermark) ----------------------------
