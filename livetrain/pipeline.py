@@ -192,6 +192,7 @@ class Pipeline:
                 namespace=ns,
                 include_dashboard=False,
                 configure_logging=False,
+                runtime_env={"worker_process_setup_hook": "livetrain.worker_setup.quiet_without_dashboard"},
             )
             self._owns_ray = True
         # the coordinating actors live beside the driver (the head on a cluster), like

@@ -109,11 +109,14 @@ def livetrain_until(done: Callable[[dict[str, Any]], bool], what: str, *args: st
 
 def test_demo_stops_by_itself_prints_summary_and_leaves_no_ray_behind(tmp_path: Path):
     before = ray_sessions()
-    summary, _ = livetrain(
+    summary, proc = livetrain(
         "demo", "--duration", "25", "--wandb", "offline", "--no-live", "--state-dir", str(tmp_path),
         f"serve.port={free_port()}",
     )
     assert SUMMARY_KEYS <= summary.keys()
+    # a local Ray has no dashboard, so no State API: Ray Train's placement-group cleaner
+    # would warn about it every second of the run (livetrain.worker_setup quiets it)
+    assert "Failed to query Ray Train Controller" not in proc.stdout + proc.stderr
     assert summary["rows_ingested"] > 0 and summary["shards_ingested"] > 0 and summary["train_steps"] > 0
     assert (tmp_path / "metrics.jsonl").stat().st_size > 0
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run recorded"
