@@ -290,8 +290,11 @@ class Pipeline:
 
         if ray.is_initialized() and hasattr(self, "control"):  # without it, the Serve app may be another's
             try:
-                # Serve dies with a Ray we started; on a cluster others may use it: leave it up
-                serve.shutdown() if self._owns_ray and self.cluster_address is None else serve.delete(APP_NAME)
+                # the app's replicas drain their requests; the rest of Serve dies with a Ray we
+                # started (serve.shutdown() would also, but its controller's graceful_shutdown
+                # ends by killing the actor it runs in, and the raylet reports that task as
+                # failed on the user's console), and on a cluster others may use it: leave it up
+                serve.delete(APP_NAME)
             except Exception:
                 pass
         for name in ("registry", "buffer"):
