@@ -224,7 +224,7 @@ class Pipeline:
         )
         self.registry = ModelRegistry.options(name=REGISTRY_NAME, namespace=ns, scheduling_strategy=here).remote(
             cfg.gate, len(cfg.schema.classes), str(self.state_dir), cfg.drift, cfg.buffer.recent_fraction, cfg.buffer.window_rows,
-            self.buffer,  # drift reactions reach the sampling mix through it
+            (BUFFER_NAME, ns),  # drift reactions reach the sampling mix through it
             self.store,
         )
         self.ingest = IngestLoop(cfg, self.manifest, self.buffer, self.registry)

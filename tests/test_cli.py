@@ -119,6 +119,9 @@ def test_demo_stops_by_itself_prints_summary_and_leaves_no_ray_behind(tmp_path: 
     assert "Failed to query Ray Train Controller" not in proc.stdout + proc.stderr
     # and no failed Serve task on the way out (serve.shutdown()'s controller kills itself)
     assert "graceful_shutdown failed" not in proc.stdout + proc.stderr
+    # the registry gets the buffer by name: a handle among a restartable actor's arguments
+    # lives in the object store, which Ray reports as a restart that may fail
+    assert "Actor livetrain_registry with class name" not in proc.stdout + proc.stderr
     assert summary["rows_ingested"] > 0 and summary["shards_ingested"] > 0 and summary["train_steps"] > 0
     assert (tmp_path / "metrics.jsonl").stat().st_size > 0
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline W&B run recorded"

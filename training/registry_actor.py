@@ -66,9 +66,13 @@ class ModelRegistry:
         drift: DriftConfig | None = None,
         recent_fraction: float = 0.7,
         window_rows: int = 2000,
-        buffer: Any = None,
+        buffer: tuple[str, str] | None = None,
         store: Store | None = None,
     ) -> None:
+        """``buffer``: the replay buffer actor's (name, namespace), looked up when a drift
+        reaction first moves the sampling mix. A name, not the handle: an actor handle
+        among the arguments of an actor that restarts is held in the object store, and
+        Ray warns at every start that the restart fails if it is ever lost."""
         torch.set_num_threads(1)
         self._state = Path(state_dir)
         self._store = store
@@ -76,7 +80,8 @@ class ModelRegistry:
             store.restore(self._state, only=(SERVED_DIR, DECISIONS_FILE, ALARMS_FILE, HOLD_FILE))
         self._reg = Registry(cfg, num_classes, drift=drift, recent_fraction=recent_fraction, window_rows=window_rows)
         self._last_alarm: DriftAlarm | None = None
-        self._buffer = buffer
+        self._buffer_name = buffer
+        self._buffer: Any = None
         self._pushed_mix = (round(recent_fraction, 2), 1.0)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -203,9 +208,15 @@ class ModelRegistry:
         """Send the sampling-mix reactions to the buffer when they moved (2 decimals)."""
         r = self._reg.reaction
         mix = (round(r.recent_fraction, 2), round(min(1.0, r.window_rows_scale), 2))
-        if self._buffer is not None and mix != self._pushed_mix:
-            self._buffer.set_mix.remote(*mix)
-            self._pushed_mix = mix
+        if self._buffer_name is None or mix == self._pushed_mix:
+            return
+        if self._buffer is None:
+            try:
+                self._buffer = ray.get_actor(*self._buffer_name)
+            except ValueError:  # not up yet: the next block tries again
+                return
+        self._buffer.set_mix.remote(*mix)
+        self._pushed_mix = mix
 
     def _log_alarms(self) -> None:
         alarms = self._reg.drift.alarms
