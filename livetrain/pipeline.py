@@ -228,13 +228,16 @@ class Pipeline:
             self.store,
         )
         self.ingest = IngestLoop(cfg, self.manifest, self.buffer, self.registry)
-        # the train job and Serve each take seconds to come up: start both, then wait
+        # the train job and Serve each take seconds to come up: start both, and ingest
+        # (it needs neither: shards already landed fill the buffer meanwhile), then wait
+        # for Serve. The synthetic stream starts once it serves: its shards' freshness
+        # would otherwise count the start-up, which no shard can beat
         self._spawn("train", self._fit)
+        self._spawn("ingest", self.ingest.run, self._stop)
         self.url = start_serving(cfg, REGISTRY_NAME, ns, features)
         if cfg.source.kind == "synthetic":
             self.stream = SyntheticStream(cfg.synthetic, cfg.landing_dir)
             self._spawn("synthetic", self.stream.run, self._stop)
-        self._spawn("ingest", self.ingest.run, self._stop)
         if self.probe_traffic:
             self._spawn("probe", self._probe_loop)
 
