@@ -384,7 +384,8 @@ def _check_label(col: pa.Array, classes: np.ndarray, code: np.ndarray, out: np.n
 
 
 def _known_labels(raw: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Whether each label is one of ``classes`` (sorted), on the labels' own dtype.
+    """Whether each label is one of ``classes`` (sorted and distinct, as ``schema.classes``
+    must be: with a repeat, a gap could pass for a run), on the labels' own dtype.
 
     Integer labels and classes that are one run of integers (``0..k-1``, the
     usual case) need only two comparisons: ~0.06 ms per 65,536 labels against
