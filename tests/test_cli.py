@@ -13,10 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from _ingest_util import assert_exactly_once, quarantined_ids, write_id_shard
 from _util import free_port, wait_until
+from livetrain.actors.blocks import read_snapshot
 from livetrain.actors.synthetic import SyntheticStream
 from livetrain.config import SyntheticConfig
 from livetrain.tracking import read_metrics
@@ -141,40 +144,104 @@ def manifest_rows(state: Path) -> list[tuple[str, str]]:
         return db.execute("SELECT name, status FROM shards ORDER BY seq").fetchall()
 
 
-def test_run_restarted_on_same_state_dir_continues_where_it_stopped(tmp_path: Path):
+def ingested(state: Path) -> int:
+    try:
+        with sqlite3.connect(state / "manifest.sqlite", timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM shards WHERE status = 'ingested'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def kill_tree(proc: subprocess.Popen, sessions_before: set[str]) -> None:
+    """SIGKILL the process group, then any Ray process of the session it started."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    kill_processes_mentioning(ray_sessions() - sessions_before)
+
+
+def assert_every_row_once(state: Path, landing: Path, all_ids: set[int]) -> None:
+    """The final buffer snapshot names every block the buffer held: their row ids plus
+    the quarantined ones are every row written, each exactly once."""
+    snap = read_snapshot(state)
+    bad = set(quarantined_ids(state))
+    in_buffer: list[int] = []
+    for part in snap.parts:
+        ids = pq.read_table(landing / part.shard, columns=["id"])["id"].to_pylist()[part.row_start : part.row_end]
+        kept = [i for i in ids if i not in bad]
+        assert len(kept) == part.rows
+        in_buffer += kept
+    assert_exactly_once(all_ids, in_buffer, sorted(bad))
+
+
+KILLED_SHARDS, KILLED_ROWS = 40, 2000
+
+
+def test_run_killed_then_stopped_then_reconfigured_continues_where_it_stopped_each_time(tmp_path: Path):
+    """Three restarts of ``livetrain run`` on one state dir, as a user meets them:
+
+    1. the whole process tree SIGKILLed mid-ingest: the next run ingests every
+       row exactly once (bad rows quarantined, none lost, none twice);
+    2. stopped with Ctrl-C: the next run resumes training from the checkpoint
+       and reads only the shards that landed since;
+    3. another model in the config: it trains from fresh weights while the old
+       version serves."""
     landing, state = tmp_path / "landing", tmp_path / "state"
+    landing.mkdir()
     cfg = {
         "state_dir": str(state),
         "live_view": False,
         "source": {"kind": "directory", "path": str(landing)},
-        "schema": {"features": ["x0", "x1", "x2"], "label": "label", "classes": [0, 1]},
+        "schema": {"features": ["x0", "x1", "x2"], "label": "label", "classes": [0, 1], "id_column": "id"},
+        "ingest": {"block_rows": 250},
+        "buffer": {"capacity_rows": 200_000, "window_rows": 200_000, "snapshot_every_s": 0.2},
         "train": {"checkpoint_every_s": 3.0, "min_buffer_rows": 500},
         "serve": {"port": free_port()},
         "tracking": {"wandb": "disabled"},
     }
     path = tmp_path / "my.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    write_shards(landing, 20)
-    first, _ = livetrain_until(
-        lambda m: m["shards_ingested"] >= 20 and m["train_steps"] > 0 and m.get("served_version") is not None,
-        "every shard in, some training and a served version", "run", "--config", str(path), state=state)
-    assert first["shards_ingested"] == 20 and first["rows_ingested"] == 10_000
-    assert first["train_steps"] > 0 and first["served_version"] is not None
+    all_ids: set[int] = set()
+    for i in range(KILLED_SHARDS):
+        write_id_shard(landing / f"k-{i:03d}.parquet", i * 10_000, KILLED_ROWS, bad_every=101)
+        all_ids |= set(range(i * 10_000, i * 10_000 + KILLED_ROWS))
 
-    write_shards(landing, 10)  # continues after the existing shards
+    # 1. SIGKILL mid-ingest, then every row exactly once
+    sessions = ray_sessions()
+    killed = subprocess.Popen([sys.executable, "-m", "livetrain.cli", "run", "--config", str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: ingested(state) >= 3, 120, "a first few shards ingested")
+    finally:
+        kill_tree(killed, sessions)
+    done_at_kill = ingested(state)
+    assert done_at_kill < KILLED_SHARDS, "everything was ingested before the kill"
+    first, _ = livetrain_until(
+        lambda m: ingested(state) == KILLED_SHARDS and m["train_steps"] > 0 and m.get("served_version") is not None,
+        "every shard in after the kill, some training and a served version", "run", "--config", str(path),
+        state=state)
+    assert ingested(state) == KILLED_SHARDS
+    assert first["shards_ingested"] == KILLED_SHARDS - done_at_kill  # not one the killed run had finished
+    assert_every_row_once(state, landing, all_ids)
+    print(f"killed with {done_at_kill}/{KILLED_SHARDS} shards ingested")
+
+    # 2. after Ctrl-C: the checkpoint, and only the new shards
+    for i in range(KILLED_SHARDS, KILLED_SHARDS + 5):
+        write_id_shard(landing / f"k-{i:03d}.parquet", i * 10_000, 1000)  # no bad rows: exact counts
+        all_ids |= set(range(i * 10_000, i * 10_000 + 1000))
     second, output = livetrain_until(
-        lambda m: m["shards_ingested"] >= 10 and m["train_steps"] > first["train_steps"],
+        lambda m: m["shards_ingested"] >= 5 and m["train_steps"] > first["train_steps"],
         "the new shards in and training past the first run", "run", "--config", str(path), state=state)
-    assert second["shards_ingested"] == 10 and second["rows_ingested"] == 5_000  # no shard twice
+    assert second["shards_ingested"] == 5 and second["rows_ingested"] == 5_000  # no shard twice
     rows = manifest_rows(state)
-    assert len(rows) == 30 and {s for _, s in rows} == {"ingested"}
+    assert len(rows) == KILLED_SHARDS + 5 and {s for _, s in rows} == {"ingested"}
+    assert_every_row_once(state, landing, all_ids)
     assert "resumed from checkpoint" in output
     assert all(output.count(f"rank {r} resumed from checkpoint") <= 1 for r in (0, 1))  # not twice (Train's print patch)
     assert "livetrain: stopped (SIGINT)" in output  # Ctrl-C ends the loop at a tick, cleanly
     assert second["train_steps"] > first["train_steps"]  # steps continue from the checkpoint
     assert second["served_version"] >= first["served_version"]
 
-    # another model in the config: it trains from fresh weights; the old version serves meanwhile
+    # 3. another model in the config: it trains from fresh weights; the old version serves meanwhile
     narrower = tmp_path / "narrower.yaml"
     narrower.write_text(yaml.safe_dump({**cfg, "model": {"hidden": [16]}}))
     third, output = livetrain_until(
