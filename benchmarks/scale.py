@@ -4,7 +4,7 @@ on one node, in one run.
 
     python benchmarks/scale.py [--seconds 10] [--workers 1,2] [--transfer-mib 64]
 
-The cluster is started here like ``tests/test_multinode.py`` does it: a head
+The cluster is started here like ``tests/test_jobs.py`` does it: a head
 (``ray start --head`` on loopback, token auth) that alone has the
 ``scale_head`` resource, and a second node that alone has ``scale_far``. The
 driver, and with it livetrain's buffer, registry and ingest actors, sits on

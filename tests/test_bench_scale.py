@@ -1,7 +1,7 @@
 """benchmarks/scale.py's pure parts: the two-node cluster's ``ray start``
 lines, the livetrain config of each placement, and the figures it prints.
 (A run needs a two-node cluster and four TorchTrainer start-ups: minutes, so
-it is not run here; tests/test_multinode.py covers the cluster path.)"""
+it is not run here; tests/test_jobs.py covers the cluster path.)"""
 
 from __future__ import annotations
 

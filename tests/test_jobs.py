@@ -1,4 +1,4 @@
-"""``livetrain run`` as a Ray job on a running cluster, watched with
+"""``livetrain run`` as a Ray job on a running two-node cluster, watched with
 ``livetrain status`` and ended with ``livetrain stop``; and the clear errors
 of status and stop when there is nothing to talk to."""
 
@@ -9,19 +9,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
 from _cluster import LocalCluster, local_cluster
 from _util import free_port, http, wait_until
 from livetrain.actors.synthetic import SyntheticStream
-from livetrain.config import SyntheticConfig
+from livetrain.config import StorageConfig, SyntheticConfig
+from livetrain.storage import Store
 
-NODES = """
+QUERY = """
 import json, ray
 ray.init(address="{address}", configure_logging=False, log_to_driver=False)
-print(json.dumps([n["Alive"] for n in ray.nodes()]))
+nodes = {{n["NodeID"]: (n["Alive"], n["Resources"]) for n in ray.nodes()}}
+actors = [(v["ActorClassName"], v["Address"]["NodeID"]) for v in ray._private.state.actors().values()
+          if v["State"] == "ALIVE"]
+print(json.dumps({{"nodes": nodes, "actors": actors}}))
 """
+
+
+def cluster_info(cluster: LocalCluster) -> dict:
+    """The cluster's nodes (alive, resources) and where its live actors are, asked as another client."""
+    p = subprocess.run([sys.executable, "-c", QUERY.format(address=cluster.address)], env=cluster.env,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -48,7 +61,15 @@ def test_status_and_stop_without_a_cluster_say_so_and_fail(command: str):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_run_as_ray_job_reports_status_and_stops_cleanly_on_request(tmp_path: Path):
+def test_run_as_ray_job_on_two_nodes_trains_on_the_second_and_stops_cleanly_on_request(s3: str, tmp_path: Path):
+    """A real two-node cluster on this machine: a head (``ray start --head`` on
+    loopback, with the dashboard's job API) and a second node that alone has
+    the ``trainer`` resource. ``livetrain run`` goes in as a Ray job; the
+    training workers land on the second node, the buffer and registry beside
+    the driver on the head, blocks cross nodes through the object store, no
+    node shares a disk with the trainers (checkpoints and served versions go to
+    S3). ``livetrain status`` watches it, ``livetrain stop`` ends it: the job
+    succeeds and the cluster stays up (tearing it down is this test's job)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     landing, state, job_dir = tmp_path / "landing", tmp_path / "state", tmp_path / "job"
@@ -60,13 +81,16 @@ def test_run_as_ray_job_reports_status_and_stops_cleanly_on_request(tmp_path: Pa
         "live_view": False,
         "source": {"kind": "directory", "path": str(landing)},
         "schema": {"features": ["x0", "x1", "x2"], "label": "label", "classes": [0, 1]},
-        "train": {"num_workers": 1, "cpus_per_worker": 0.5, "min_buffer_rows": 500},
+        "train": {"worker_resources": {"trainer": 1}, "cpus_per_worker": 0.5, "min_buffer_rows": 500},
         "serve": {"port": free_port()},
         "tracking": {"wandb": "disabled"},
         "ray": {"namespace": "jobs-test"},
+        "storage": {"uri": "s3://livetrain-test/multinode", "endpoint": s3},
     }))
     where = ["--namespace", "jobs-test"]
-    with local_cluster("jobs", head_args=["--num-cpus=4"], dashboard=True) as cluster:
+    # after s3: the nodes' processes, the job's driver among them, inherit its credentials from `ray start`
+    with local_cluster("jobs", head_args=["--num-cpus=3", '--resources={"head": 1}'],
+                       workers=[["--num-cpus=2", '--resources={"trainer": 2}']], dashboard=True) as cluster:
         cluster.kill_words.add(str(state))  # the job's driver, should the test fail while it runs
         p = cli("status", "--address", cluster.address, *where, env=cluster.env)
         assert p.returncode == 1 and "no livetrain is running in Ray namespace 'jobs-test'" in p.stderr
@@ -104,21 +128,33 @@ def test_run_as_ray_job_reports_status_and_stops_cleanly_on_request(tmp_path: Pa
             return s if s and s.get("served_version") is not None and s["prequential_accuracy"] is not None else None
 
         later = wait_until(served, 120, "a served version scored on new rows", interval_s=0)
-        assert later["rows_ingested"] > first["rows_ingested"]
+        assert later["rows_ingested"] > first["rows_ingested"] and later["train_steps"] > 0
         wait_until(lambda: (http("GET", later["endpoint"] + "/model")[1].get("model_version") or -1)
                    >= later["served_version"], 30, "the endpoint to serve it")
         human = cli("status", "--address", cluster.address, *where, env=cluster.env)
         assert human.returncode == 0 and "livetrain running" in human.stdout and "served version" in human.stdout
+
+        info = cluster_info(cluster)
+        trainer_node = next(n for n, (alive, r) in info["nodes"].items() if "trainer" in r)
+        head_node = next(n for n, (alive, r) in info["nodes"].items() if "head" in r)
+        placed: dict[str, set[str]] = {}
+        for cls, node in info["actors"]:
+            placed.setdefault(cls, set()).add(node)
+        assert placed["RayTrainWorker"] == {trainer_node}
+        assert placed["ReplayBufferActor"] == {head_node} and placed["ModelRegistry"] == {head_node}
 
         stop = cli("stop", "--address", cluster.address, *where, env=cluster.env)
         assert stop.returncode == 0, stop.stderr[-2000:]
         wait_until(lambda: job(JobStatus.SUCCEEDED), 60, "the job to succeed")
         summary = json.loads(jobs.get_job_logs("livetrain-test").strip().splitlines()[-1])
         assert summary["rows_ingested"] >= later["rows_ingested"] and summary["served_version"] is not None
+        nodes = cluster_info(cluster)["nodes"]
+        assert len(nodes) == 2 and all(alive for alive, _ in nodes.values())  # livetrain stopped; the cluster is up
 
-        nodes = subprocess.run([sys.executable, "-c", NODES.format(address=cluster.address)], env=cluster.env,
-                               capture_output=True, text=True, timeout=120, check=False)
-        assert nodes.returncode == 0 and json.loads(nodes.stdout.strip().splitlines()[-1]) == [True]
+        store = Store(StorageConfig(uri="s3://livetrain-test/multinode", endpoint=s3))
+        ckpts = store.fs.get_file_info(pafs.FileSelector(store.path("ray_train"), recursive=True))
+        assert any(i.path.endswith("model.pt") for i in ckpts), "the second node's workers wrote no checkpoint to S3"
+        assert f"served/v{summary['served_version']:06d}/model.pt" in store.list()
 
 
 @pytest.mark.ray
