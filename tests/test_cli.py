@@ -113,7 +113,7 @@ def livetrain_until(done: Callable[[dict[str, Any]], bool], what: str, *args: st
 def test_demo_stops_by_itself_prints_summary_and_leaves_no_ray_behind(tmp_path: Path):
     before = ray_sessions()
     summary, proc = livetrain(
-        "demo", "--duration", "25", "--wandb", "offline", "--no-live", "--state-dir", str(tmp_path),
+        "demo", "--duration", "15", "--wandb", "offline", "--no-live", "--state-dir", str(tmp_path),
         f"serve.port={free_port()}",
     )
     assert SUMMARY_KEYS <= summary.keys()
