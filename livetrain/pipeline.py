@@ -78,7 +78,8 @@ flight while it trains a round); replicas on
 ``wait_for_version`` (a condition in the registry) and requests on
 ``@serve.batch`` (``serve.batch_wait_timeout_s``); the synthetic writer on
 its pacing schedule. Stopping closes the buffer, which every trainer sees in
-its next sample; they checkpoint once more and return.
+its next sample; they checkpoint once more and return, while Serve's
+replicas drain (the app is deleted once the probe thread has stopped).
 """
 
 from __future__ import annotations
@@ -186,6 +187,10 @@ class Pipeline:
         if not ray.is_initialized():
             if self.cluster_address is None:  # Serve's ingress is fixed when Ray's processes start
                 os.environ.update(serving_ray_env(cfg.serve))
+                # Ray Train's preemption watcher drains workers on a node the cloud is taking
+                # back; one machine has no other node to move to (and its restartable actor,
+                # holding handles, logs at every start that a restart may fail). Yours to override
+                os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             ray.init(
                 address=self.cluster_address,
                 num_cpus=None if self.cluster_address else self._local_cpus(),
@@ -282,6 +287,11 @@ class Pipeline:
                 ray.get(self.buffer.close.remote(), timeout=10)
             except Exception:
                 pass
+        probes = [t for t in self._threads if t.name == "probe"]
+        for t in probes:  # its requests count in the summary: none may meet a closing endpoint
+            t.join(timeout=10)
+        # Serve's replicas drain while training takes its last checkpoint (seconds each)
+        serving = self._delete_app(blocking=False)
         for t in self._threads:
             t.join(timeout=60 if t.name == "train" else 10)
         if started:
@@ -289,17 +299,8 @@ class Pipeline:
             self._log_decisions()
             self.final = self.summary()
             self._push_state(force=True)
-        from ray import serve
-
-        if ray.is_initialized() and hasattr(self, "control"):  # without it, the Serve app may be another's
-            try:
-                # the app's replicas drain their requests; the rest of Serve dies with a Ray we
-                # started (serve.shutdown() would also, but its controller's graceful_shutdown
-                # ends by killing the actor it runs in, and the raylet reports that task as
-                # failed on the user's console), and on a cluster others may use it: leave it up
-                serve.delete(APP_NAME)
-            except Exception:
-                pass
+        if serving and not self._owns_ray:  # on a cluster, gone before `livetrain stop` returns
+            self._delete_app(blocking=True)
         for name in ("registry", "buffer"):
             if hasattr(self, name):
                 ray.kill(getattr(self, name))
@@ -317,6 +318,22 @@ class Pipeline:
             ray.kill(self.control)
         if self._owns_ray:
             ray.shutdown()
+
+    def _delete_app(self, blocking: bool) -> bool:
+        """Delete livetrain's Serve app: its replicas drain their requests, the rest of
+        Serve dies with a Ray this pipeline started (``serve.shutdown()`` would also take
+        it down, but its controller's graceful_shutdown ends by killing the actor it runs
+        in, which the raylet reports as a failed task on the user's console) and stays up
+        on a cluster, where others may use it. False when there was nothing to delete."""
+        if not (ray.is_initialized() and hasattr(self, "control")):  # without it, the app may be another's
+            return False
+        from ray import serve
+
+        try:
+            serve.delete(APP_NAME, _blocking=blocking)
+        except Exception:
+            return False
+        return True
 
     def _push_state(self, force: bool = False) -> None:
         """Mirror the manifest (a consistent SQLite copy) and the W&B run id to shared storage."""

@@ -19,6 +19,8 @@ are separate actors and carry on meanwhile.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -71,11 +73,34 @@ class Progress:
     last_proposed_through: int = -1
 
 
+REPORT_LOG_MODULES = ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage")
+"""Where Ray Train logs each ``report`` at INFO: "Checkpoint successfully created at ..."
+and, from every rank, "Reporting training result N: TrainingReport(...)"."""
+
+
+def quiet_report_logs() -> None:
+    """Raise Ray Train's per-report INFO lines to WARNING in this worker. A
+    continuous job reports every ``train.checkpoint_every_s`` for as long as it
+    runs: three console lines each time, forever (and into W&B's console log).
+    The checkpoints are in the live view, ``metrics.jsonl`` and W&B. One module
+    names its logger by its file path, hence the spec lookup (no import); a Ray
+    without these modules is left as it is."""
+    for module in REPORT_LOG_MODULES:
+        try:
+            spec = importlib.util.find_spec(module)
+        except ImportError:
+            continue
+        if spec is not None and spec.origin:
+            for name in (module, spec.origin):
+                logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: Config = config["cfg"]
     spec: ModelSpec = config["spec"]
     buffer, registry = config["buffer"], config["registry"]
     tc = cfg.train
+    quiet_report_logs()
     torch.set_num_threads(tc.torch_threads)
     rank = ray.train.get_context().get_world_rank()
 
