@@ -70,7 +70,7 @@ from livetrain.actors.manifest import Manifest, ShardRecord
 from livetrain.actors.quarantine import list_quarantine, reingest, write_quarantine
 from livetrain.actors.schema import Part, SchemaError, iter_reads, warm_up
 from livetrain.actors.sources import DirectorySource
-from livetrain.actors.store_memory import prefault_object_store
+from livetrain.actors.store_memory import SYNC_BYTES, prefault_object_store
 from livetrain.config import Config, SchemaConfig, StorageConfig
 from livetrain.messages import BlockMeta, BlockRef
 from livetrain.storage import configure as configure_storage
@@ -145,7 +145,8 @@ def chunks_of(read: Part, rows_per_part: int, resume_from: int = 0, progress_blo
 @ray.remote(num_cpus=0.25, max_restarts=-1)
 class IngestActor:
     def __init__(self, schema: SchemaConfig, state_dir: str, rows_per_part: int,
-                 storage: StorageConfig | None = None, prefault_bytes: int = 0) -> None:
+                 storage: StorageConfig | None = None, prefault_bytes: int = 0,
+                 prefault_sync_bytes: int = SYNC_BYTES) -> None:
         if storage is not None:
             configure_storage(storage)  # shards on s3://: this process opens them with the cluster's endpoint
         self._schema = schema
@@ -153,8 +154,18 @@ class IngestActor:
         self._rows_per_part = rows_per_part
         self._me = f"{socket.gethostname()}:{os.getpid()}"
         warm_up()
-        self.prefaulted = prefault_object_store(prefault_bytes)
-        """Bytes of the object store mapped in at start (``ingest.prefault_store``)."""
+        first = min(prefault_bytes, prefault_sync_bytes)
+        self.prefaulted = prefault_object_store(first)
+        """Bytes of the object store mapped in so far (``ingest.prefault_store``): the
+        first ``prefault_sync_bytes`` before it takes work, the rest on a thread."""
+        self.prefaulting: threading.Thread | None = None
+        if prefault_bytes > first and self.prefaulted == first:
+            self.prefaulting = threading.Thread(target=self._prefault_rest, args=(first, prefault_bytes),
+                                                name="prefault", daemon=True)
+            self.prefaulting.start()
+
+    def _prefault_rest(self, begin: int, end: int) -> None:
+        self.prefaulted += prefault_object_store(end, begin)
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE_PARTS)
     def read_shard(self, path: str, name: str, resume_from: int = 0, progress_blocks: int = 0):

@@ -17,7 +17,10 @@ the buffer's byte bound covers what a run writes (the buffer's blocks, the
 chunks on their way, the objects freed but not yet deleted). Measured here
 (2 cores): ~0.6 s per GB in the first process that touches the memory,
 ~0.15 s per GB in each one after it. It commits that much shared memory up
-front, which a long run fills anyway.
+front, which a long run fills anyway. A writer takes work once the first
+``SYNC_BYTES`` are in (~0.6 s); the rest goes in on a thread meanwhile, so
+that a large buffer (tens of GB: tens of seconds) delays neither the first
+shard nor a restarted actor's return.
 
 Anything else (macOS, an older kernel, a store on disk or on huge pages, no
 store mapped yet) is left alone: the writes then fault as before.
@@ -38,6 +41,8 @@ MADV_POPULATE_WRITE = 23
 """Linux >= 5.14 (``include/uapi/asm-generic/mman-common.h``)."""
 STORE_PREFIX = "/dev/shm/plasma"
 """Where Ray creates its object store's file on Linux (tmpfs)."""
+SYNC_BYTES = 1 << 30
+"""At most this much is prefaulted before a writer takes work; the rest on a thread."""
 
 
 def store_mapping(maps: str | None = None) -> tuple[int, int] | None:
@@ -56,25 +61,27 @@ def store_mapping(maps: str | None = None) -> tuple[int, int] | None:
     return None
 
 
-def prefault_object_store(nbytes: int) -> int:
-    """Map the first ``nbytes`` of Ray's object store into this process's page
-    tables, writable; returns the bytes mapped (at most the store's size; 0 where
-    nothing was done)."""
-    if nbytes <= 0:
-        return 0
-    mapping = store_mapping()
+def prefault_object_store(end: int, begin: int = 0) -> int:
+    """Map bytes ``[begin, end)`` of Ray's object store into this process's page
+    tables, writable; returns the bytes mapped (``end`` capped at the store's
+    size; 0 where nothing was done). ``begin`` is a multiple of the page size."""
+    mapping = store_mapping() if end > begin else None
     if mapping is None:
-        log.debug("no object store on %s* mapped in this process: not prefaulted", STORE_PREFIX)
+        if end > begin:
+            log.debug("no object store on %s* mapped in this process: not prefaulted", STORE_PREFIX)
         return 0
     start, length = mapping
-    nbytes = min(nbytes, length)
+    nbytes = min(end, length) - begin
+    if nbytes <= 0:
+        return 0
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     t0 = time.perf_counter()
-    if libc.madvise(start, nbytes, MADV_POPULATE_WRITE) != 0:
+    if libc.madvise(start + begin, nbytes, MADV_POPULATE_WRITE) != 0:  # ctypes drops the GIL meanwhile
         err = ctypes.get_errno()
         why = "this kernel has no MADV_POPULATE_WRITE (Linux >= 5.14)" if err == errno.EINVAL else errno.errorcode.get(err, str(err))
         log.info("object store not prefaulted: %s", why)
         return 0
-    log.info("object store: first %.0f MiB prefaulted in %.2f s", nbytes / 2**20, time.perf_counter() - t0)
+    log.info("object store: %.0f MiB from %.0f MiB prefaulted in %.2f s", nbytes / 2**20, begin / 2**20,
+             time.perf_counter() - t0)
     return nbytes

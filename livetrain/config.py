@@ -197,7 +197,8 @@ class IngestConfig:
     object store (``/dev/shm``, Linux >= 5.14) into its page tables when it
     starts, so writing blocks there does not take a page fault per 4 KiB
     (~8 ms of CPU per 100k-row shard). Commits that much shared memory up
-    front (a long run fills it anyway) and costs ~0.15-0.6 s per GB at start.
+    front (a long run fills it anyway) and costs ~0.15-0.6 s per GB: the
+    actor takes work after the first GiB, the rest goes in on a thread.
     Capped at the store's size; 0: off."""
 
     def __post_init__(self) -> None:

@@ -9,6 +9,8 @@ import platform
 import pytest
 
 from _ingest_util import close, make_loop, run_until_done, write_id_shard
+from _util import wait_until
+from livetrain.actors.ingest import IngestActor
 from livetrain.actors.store_memory import prefault_object_store, store_mapping
 from livetrain.config import ConfigError, load_config
 
@@ -30,6 +32,7 @@ def test_the_store_is_the_shared_writable_plasma_file_on_tmpfs():
 
 def test_nothing_to_prefault_outside_a_ray_worker_or_for_zero_bytes():
     assert prefault_object_store(0) == 0
+    assert prefault_object_store(1 << 20, 1 << 20) == 0
     if store_mapping() is None:  # this test process has not mapped a store: nothing happens
         assert prefault_object_store(1 << 20) == 0
 
@@ -86,6 +89,15 @@ def test_an_ingest_actor_maps_twice_the_buffers_bytes_of_the_store_in_at_start(r
         write_id_shard(cfg.landing_dir / "p-000.parquet", 0, 3000)
         run_until_done(loop)
         assert loop.counters.rows_ingested == 3000
+
+        # past the first prefault_sync_bytes, the rest goes in on a thread: the actor
+        # takes work at once (a large buffer's tens of GB would hold it up for seconds)
+        big = IngestActor.remote(cfg.schema, str(on), 1000, None, 48 * mib, 8 * mib)
+        assert ray.get(big.__ray_call__.remote(lambda a: a.prefaulting is not None))
+        wait_until(lambda: ray.get(big.__ray_call__.remote(lambda a: a.prefaulted)) == 48 * mib, 60,
+                   "the rest prefaulted on the thread")
+        assert _store_rss(big) >= 48 * mib
+        ray.kill(big)
     finally:
         close(loop, buffer)
         close(loop_off, buffer_off)
