@@ -287,9 +287,9 @@ class Pipeline:
                 ray.get(self.buffer.close.remote(), timeout=10)
             except Exception:
                 pass
-        probes = [t for t in self._threads if t.name == "probe"]
-        for t in probes:  # its requests count in the summary: none may meet a closing endpoint
-            t.join(timeout=10)
+        for t in self._threads:  # probe requests count in the summary: none may meet a closing endpoint
+            if t.name == "probe":
+                t.join(timeout=10)
         # Serve's replicas drain while training takes its last checkpoint (seconds each)
         serving = self._delete_app(blocking=False)
         for t in self._threads:

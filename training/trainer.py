@@ -82,9 +82,10 @@ def quiet_report_logs() -> None:
     """Raise Ray Train's per-report INFO lines to WARNING in this worker. A
     continuous job reports every ``train.checkpoint_every_s`` for as long as it
     runs: three console lines each time, forever (and into W&B's console log).
-    The checkpoints are in the live view, ``metrics.jsonl`` and W&B. One module
-    names its logger by its file path, hence the spec lookup (no import); a Ray
-    without these modules is left as it is."""
+    The checkpoints are where they were (``<state_dir>/ray_train/`` or under
+    ``storage.uri``), and a restarted worker still says which one it resumed
+    from. One module names its logger by its file path, hence the spec lookup
+    (no import); a Ray without these modules is left as it is."""
     for module in REPORT_LOG_MODULES:
         try:
             spec = importlib.util.find_spec(module)
