@@ -46,6 +46,8 @@ class Entry(Generic[H]):
     sampled: int = 0
     chunk: Hashable | None = None
     """Blocks that live in one object together (added one after another) share it."""
+    order: int = 0
+    """Arrival order in this buffer."""
 
 
 @dataclass
@@ -89,6 +91,7 @@ class ReplayBuffer(Generic[H]):
         self._reservoir_rows = 0
         self._reservoir_bytes = 0
         self._tie = itertools.count()
+        self._arrivals = itertools.count()
         self._last_key: tuple[Hashable | None, float] = (None, 0.0)
         """The chunk the last block into the reservoir came from, and its key."""
         self.rows_added = 0
@@ -111,7 +114,7 @@ class ReplayBuffer(Generic[H]):
                 f"block of shard {meta.shard} ({meta.rows} rows, {meta.nbytes} bytes) exceeds "
                 f"buffer capacity ({self.cfg.capacity_rows} rows, {self.cfg.capacity_bytes} bytes)"
             )
-        self._window.append(Entry(handle, meta, chunk=chunk))
+        self._window.append(Entry(handle, meta, chunk=chunk, order=next(self._arrivals)))
         self._window_rows += meta.rows
         self._window_bytes += meta.nbytes
         self.rows_added += meta.rows
@@ -135,7 +138,7 @@ class ReplayBuffer(Generic[H]):
 
     def restore_to_reservoir(self, handle: H, meta: BlockMeta, sampled: int = 1) -> list[Entry[H]]:
         """Put back a block that was in the reservoir before a restart (rebuild only)."""
-        self._to_reservoir(Entry(handle, meta, sampled))
+        self._to_reservoir(Entry(handle, meta, sampled, order=next(self._arrivals)))
         self.rows_added += meta.rows
         self.unseen_rows += meta.rows if sampled == 0 else 0
         self.newest_seq = max(self.newest_seq, meta.seq)
@@ -215,10 +218,15 @@ class ReplayBuffer(Generic[H]):
         """
         if n_blocks < 1 or self.empty:
             return []
-        if self._window and self._window[0].meta.seq <= fresh_after:
+        if self._window and self._window[0].meta.seq < fresh_after:
             pool = self._window  # the steady state: reservoir blocks are older than the window, all seen
+        elif self._window and self._window[0].meta.seq == fresh_after:
+            # the caller's newest shard straddles the window's edge (a shard of more blocks
+            # than the window holds): its blocks in the reservoir may not have been drawn yet
+            older = [k.entry for k in self._reservoir if k.entry.meta.seq == fresh_after]
+            pool = sorted(older, key=lambda e: e.order) + list(self._window)
         else:
-            pool = sorted(self.entries(), key=lambda e: e.meta.seq)
+            pool = sorted(self.entries(), key=lambda e: (e.meta.seq, e.order))
         # a shard's blocks share its seq: those of the caller's newest shard that no one has
         # drawn yet are fresh too (a draw took only some of them, or a large shard's
         # later parts arrived since)

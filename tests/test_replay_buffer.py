@@ -130,6 +130,22 @@ def test_undrawn_blocks_of_the_callers_newest_shard_stay_fresh():
     assert buf.unseen_rows == 0
 
 
+def test_a_shard_larger_than_the_window_is_drawn_whole_before_the_mix():
+    """Blocks of the caller's newest shard that the window could not hold went to
+    the reservoir undrawn: they stay fresh (else, with an all-recent mix, never
+    drawn, and a coverage limiter would count them unseen for ever)."""
+    buf = ReplayBuffer(cfg(window_rows=20, capacity_rows=1_000, recent_fraction=1.0))
+    for part in range(10):
+        buf.add(f"s0-{part}", BlockMeta("s0", 0, 10, 10, 0.0, 0.0))
+    assert len(buf.window_entries()) == 2
+    drawn = [e.handle for e in buf.sample(3, fresh_after=-1)]
+    assert drawn == ["s0-0", "s0-1", "s0-2"]
+    drawn += [e.handle for e in buf.sample(3, fresh_after=0)]
+    drawn += [e.handle for e in buf.sample(4, fresh_after=0)]
+    assert drawn == [f"s0-{part}" for part in range(10)]
+    assert buf.unseen_rows == 0
+
+
 def test_sampling_mix_follows_recent_fraction():
     buf = ReplayBuffer(cfg(recent_fraction=0.8))
     fill(buf, 10)  # window: 3 blocks, reservoir: 7
