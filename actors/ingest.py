@@ -428,7 +428,9 @@ class IngestLoop:
     def _landing(self, paths: list[Path] | list[str]) -> None:
         """Files the source reports: redeliveries are recorded, new ones queued for hashing."""
         for event in self.manifest.redelivered(paths):
-            if event.same_content:
+            if event.refreshed:
+                log.info("livetrain: %s changed before it was read: registered with its new bytes", event.name)
+            elif event.same_content:
                 self.counters.shards_duplicate += 1
                 log.warning("livetrain: %s was delivered again with the same bytes: ignored", event.name)
             elif event.status == "quarantined" and self._reread_whole(event.name):

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -52,6 +53,8 @@ import blake3
 import xxhash
 
 from livetrain.storage import is_uri, read_shard_chunks, shard_name, shard_path, shard_stat
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.sqlite"
 STATUSES = ("discovered", "claimed", "ingested", "quarantined", "duplicate")
@@ -122,6 +125,9 @@ class Redelivery:
     """True: the same bytes again (a duplicate delivery); False: other bytes, not ingested."""
     status: str
     """The shard's status when it was seen again."""
+    refreshed: bool = False
+    """True: nothing of it had been read yet (``discovered`` or ``duplicate``), so the
+    shard now stands for its new bytes (a file written in place, first seen unfinished)."""
 
 
 class ManifestError(ValueError):
@@ -232,8 +238,11 @@ class Manifest:
             name = shard_name(p)
             if name in known or name in fresh:
                 continue
-            size, mtime_ns = shard_stat(p)
-            fresh[name] = (p, size, mtime_ns, digests.get(name) or self.content_hash(p))
+            try:
+                size, mtime_ns = shard_stat(p)
+                fresh[name] = (p, size, mtime_ns, digests.get(name) or self.content_hash(p))
+            except FileNotFoundError:  # gone since it was listed (or hashed): nothing to read
+                log.warning("livetrain: %s disappeared before it was registered", name)
         if not fresh:
             return []
         now = time.time()
@@ -274,10 +283,12 @@ class Manifest:
     def redelivered(self, paths: Iterable[str | Path]) -> list[Redelivery]:
         """Record known shards whose file changed on disk (rewritten in place); return the new events.
 
-        Same bytes: a duplicate delivery, ignored. Other bytes: the shard is
-        *not* re-read (its rows may already be trained on); the event is
-        recorded so the user sees it. To replace a quarantined shard use
-        ``reingest``.
+        Same bytes: a duplicate delivery, ignored. Other bytes of a shard not
+        read yet (``discovered``, or a ``duplicate`` of another): the record takes
+        the new bytes (``refreshed``: a file written in place was seen
+        unfinished). Other bytes of any other shard: it is *not* re-read (its
+        rows may already be trained on); the event is recorded so the user sees
+        it. To replace a quarantined shard use ``reingest``.
         """
         paths = [shard_path(p) for p in paths]
         records = {r.name: r for r in (ShardRecord(*row) for row in self._named(_COLUMNS, map(shard_name, paths)))}
@@ -288,11 +299,15 @@ class Manifest:
                 continue
             try:
                 size, mtime_ns = shard_stat(p)
-            except FileNotFoundError:
+                if (size, mtime_ns) == (rec.size, rec.mtime_ns):
+                    continue
+                digest = self.content_hash(p)
+            except FileNotFoundError:  # gone since it was listed
                 continue
-            if (size, mtime_ns) == (rec.size, rec.mtime_ns):
-                continue
-            digest = self.content_hash(p)
+            if digest != rec.content_hash and rec.status in ("discovered", "duplicate"):
+                if self._refresh(rec.name, size, mtime_ns, digest):
+                    out.append(Redelivery(rec.name, False, rec.status, refreshed=True))
+                    continue
             with self._write() as db:
                 cur = db.execute(
                     "INSERT INTO redeliveries (name, size, mtime_ns, content_hash, same_content, at)"
@@ -302,6 +317,23 @@ class Manifest:
             if cur.rowcount:
                 out.append(Redelivery(rec.name, digest == rec.content_hash, rec.status))
         return out
+
+    def _refresh(self, name: str, size: int, mtime_ns: int, digest: str) -> bool:
+        """A shard nothing has read yet takes its file's new bytes (and is a duplicate
+        only if another shard has them); False if it was claimed meanwhile."""
+        with self._write() as db:
+            first = db.execute(
+                "SELECT name FROM shards WHERE content_hash = ? AND status != 'duplicate' AND name != ?"
+                " ORDER BY seq LIMIT 1",
+                (digest, name),
+            ).fetchone()
+            cur = db.execute(
+                "UPDATE shards SET size = ?, mtime_ns = ?, content_hash = ?, status = ?, duplicate_of = ?,"
+                " updated_at = ? WHERE name = ? AND status IN ('discovered', 'duplicate')",
+                (size, mtime_ns, digest, "duplicate" if first else "discovered", first[0] if first else None,
+                 time.time(), name),
+            )
+        return bool(cur.rowcount)
 
     def redeliveries(self) -> list[Redelivery]:
         rows = self._read(

@@ -13,6 +13,12 @@ from pathlib import Path
 from livetrain.storage import is_uri, list_parquet
 
 
+EMPTY_GRACE_S = 10.0
+"""An empty file is not reported until it has been empty this long: a writer
+that creates the file before writing it (not a shard yet). After that it goes in
+like any file, and is quarantined whole as unreadable."""
+
+
 class DirectorySource:
     """Lists new or rewritten ``*.parquet`` files in a landing directory, oldest first.
 
@@ -22,7 +28,7 @@ class DirectorySource:
     manifest decides whether that is a duplicate delivery. (A file written in
     place is first seen half-written and quarantined whole, then read again
     once complete: ``IngestLoop`` re-reads a shard quarantined whole that
-    changes.)
+    changes; an empty file is not reported for ``EMPTY_GRACE_S``.)
 
     The shard files are the log, so they pile up: a local poll reads the
     directory's names and stats only the new ones; files already seen are
@@ -40,6 +46,7 @@ class DirectorySource:
         if not self.remote:
             self.path.mkdir(parents=True, exist_ok=True)
         self._seen: dict[str, tuple[int, int]] = {}
+        self._empty_since: dict[str, float] = {}
 
     def poll(self) -> list[Path] | list[str]:
         """New or changed shards, oldest first: local paths, or URIs for a remote directory."""
@@ -56,7 +63,13 @@ class DirectorySource:
                     continue
                 if not entry.is_file():
                     continue
-                st = entry.stat()
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:  # removed since the directory was read
+                    continue
+                if st.st_size == 0 and now - self._empty_since.setdefault(entry.name, now) < EMPTY_GRACE_S:
+                    continue  # created, its bytes not written yet
+                self._empty_since.pop(entry.name, None)
                 if self._seen.get(entry.name) == (st.st_size, st.st_mtime_ns):
                     continue
                 self._seen[entry.name] = (st.st_size, st.st_mtime_ns)

@@ -25,7 +25,7 @@ from livetrain.actors.rate_limiter import CoverageLimiter, FreshnessPolicy
 from livetrain.actors.replay_buffer import ReplayBuffer
 from livetrain.actors.ingest import CHUNK_BLOCKS, chunks_of
 from livetrain.actors.schema import iter_parts, iter_reads
-from livetrain.actors.sources import DirectorySource
+from livetrain.actors.sources import EMPTY_GRACE_S, DirectorySource
 from livetrain.config import BufferConfig, SchemaConfig
 from livetrain.messages import BlockMeta
 
@@ -185,10 +185,55 @@ def test_rewritten_in_place_is_reported_again_and_recorded_by_content(tmp_path):
         os.utime(tmp_path / "a.parquet", ns=(1, 1))
         events = m.redelivered(src.poll())
         assert [(e.name, e.same_content) for e in events] == [("a.parquet", True)]
-        write_id_shard(tmp_path / "a.parquet", 500, 100)  # other bytes under the same name
+        write_id_shard(tmp_path / "a.parquet", 500, 100)  # other bytes before anything read it
         events = m.redelivered(src.poll())
-        assert [(e.name, e.same_content) for e in events] == [("a.parquet", False)]
-        assert m.get("a.parquet").status == "discovered"  # not read twice, not replaced
+        assert [(e.name, e.same_content, e.refreshed) for e in events] == [("a.parquet", False, True)]
+        assert m.get("a.parquet").content_hash == m.content_hash(tmp_path / "a.parquet")
+        assert [r.same_content for r in m.redeliveries()] == [True]  # the change is not an event: the shard is its new bytes
+        (claimed,) = m.claim("w", 1)
+        m.mark_ingested(claimed.name, 100, 0)
+        write_id_shard(tmp_path / "a.parquet", 900, 100)  # other bytes once it was read
+        events = m.redelivered(src.poll())
+        assert [(e.name, e.same_content, e.refreshed) for e in events] == [("a.parquet", False, False)]
+        assert m.get("a.parquet").status == "ingested"  # not read twice, not replaced
+        assert m.get("a.parquet").content_hash == claimed.content_hash
+
+
+def test_files_written_in_place_go_in_with_their_final_bytes(tmp_path):
+    """Two writers create their files before writing them: an empty file is not
+    reported while it may still be written, and two unfinished files with the same
+    first bytes, seen as a shard and its duplicate, each go in once finished."""
+    now = [0.0]
+    src = DirectorySource(tmp_path, clock=lambda: now[0])
+    (tmp_path / "a.parquet").write_bytes(b"")
+    assert src.poll() == []
+    (tmp_path / "a.parquet").write_bytes(b"PAR1")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1")
+    with Manifest(tmp_path / "state") as m:
+        m.discover(src.poll())
+        assert m.get("b.parquet").status == "duplicate"
+        write_id_shard(tmp_path / "a.parquet", 0, 100)
+        write_id_shard(tmp_path / "b.parquet", 100, 100)
+        assert all(e.refreshed for e in m.redelivered(src.poll()))
+        assert sorted(r.name for r in m.claim("w", 10)) == ["a.parquet", "b.parquet"]
+        for name in ("a.parquet", "b.parquet"):
+            assert m.get(name).content_hash == m.content_hash(tmp_path / name)
+            assert m.get(name).size == (tmp_path / name).stat().st_size
+    (tmp_path / "never.parquet").write_bytes(b"")  # a file left empty is reported in the end
+    assert src.poll() == []
+    now[0] = EMPTY_GRACE_S
+    assert [p.name for p in src.poll()] == ["never.parquet"]
+
+
+def test_a_file_removed_between_listing_and_registering_is_skipped(tmp_path):
+    paths = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    for i, p in enumerate(paths):
+        write_id_shard(p, i * 100, 100)
+    with Manifest(tmp_path / "state") as m:
+        digests = {p.name: m.content_hash(p) for p in paths}
+        paths[0].unlink()
+        assert [r.name for r in m.discover(paths, digests)] == ["b.parquet"]
+        assert m.redelivered(paths) == []
 
 
 def test_a_read_goes_out_as_chunks_of_adjacent_blocks_that_end_where_parts_do(tmp_path):
