@@ -154,9 +154,12 @@ class RebuildShard:
 
 
 def plan_rebuild(snapshot: Snapshot | None, ingested: list, capacity_rows: int,
-                 partly: list | None = None) -> list[RebuildShard]:
+                 partly: list | None = None, part_rows: int | None = None) -> list[RebuildShard]:
     """Shards to re-read, oldest first. ``ingested``: the manifest's ingested ``ShardRecord``s;
-    ``partly``: shards still being committed in parts (each re-read up to its watermark).
+    ``partly``: shards still being committed in parts (each re-read up to its watermark);
+    ``part_rows``: the rows a block may span now (a held block longer than that, from a
+    run with a larger buffer or ``ingest.block_rows``, comes back as several, each
+    where the block was: window or reservoir, drawn or not).
 
     Snapshot parts are kept only if their shard is still ingested (or still
     going in by parts) with the same file (size and mtime unchanged); a shard
@@ -177,7 +180,8 @@ def plan_rebuild(snapshot: Snapshot | None, ingested: list, capacity_rows: int,
             rec = by_name.get(p.shard)
             if rec is None or rec.seq != p.seq:
                 continue
-            entry(rec).starts[p.row_start] = p
+            for piece in _split(p, part_rows):
+                entry(rec).starts[piece.row_start] = piece
         for name, (seq, mark) in opened.items():
             rec = by_name.get(name)
             if rec is not None and rec.seq == seq:
@@ -196,6 +200,15 @@ def plan_rebuild(snapshot: Snapshot | None, ingested: list, capacity_rows: int,
             plan[rec.name] = RebuildShard(rec.name, rec.path, rec.seq, rec.written_at, rec.size, rec.mtime_ns, None,
                                           rec.rows_committed)
     return sorted(plan.values(), key=lambda s: s.seq)
+
+
+def _split(p: HeldPart, part_rows: int | None) -> list[HeldPart]:
+    span = p.row_end - p.row_start
+    if part_rows is None or span <= part_rows:
+        return [p]
+    cuts = [*range(p.row_start, p.row_end, part_rows), p.row_end]
+    return [replace(p, row_start=lo, row_end=hi, rows=-(-p.rows * (hi - lo) // span),
+                    nbytes=-(-p.nbytes * (hi - lo) // span)) for lo, hi in zip(cuts, cuts[1:])]
 
 
 def part_rows(block_rows: int, capacity_rows: int, capacity_bytes: int, schema: SchemaConfig) -> int:

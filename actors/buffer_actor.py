@@ -49,7 +49,7 @@ from livetrain.actors.blocks import (
 )
 from livetrain.actors.manifest import Manifest
 from livetrain.actors.rate_limiter import make_limiter
-from livetrain.actors.replay_buffer import Entry, ReplayBuffer
+from livetrain.actors.replay_buffer import BlockTooLarge, Entry, ReplayBuffer
 from livetrain.actors.schema import SchemaError
 from livetrain.config import BufferConfig, SchemaConfig, StorageConfig
 from livetrain.messages import BlockMeta, BlockRef, Sample
@@ -261,7 +261,7 @@ class ReplayBufferActor:
         ingested, partly = self._manifest.ingested(), self._manifest.partly_committed()
         self._newest_seq = max([r.seq for r in ingested + partly], default=-1)
         self._open = {r.name: (r.seq, r.rows_committed) for r in partly}
-        for shard in plan_rebuild(snap, ingested, self._cfg.capacity_rows, partly):
+        for shard in plan_rebuild(snap, ingested, self._cfg.capacity_rows, partly, rows_per_part):
             if not shard.file_unchanged():
                 self.rebuilt["rows_lost"] += sum(p.rows for p in (shard.starts or {}).values())
                 continue
@@ -278,7 +278,7 @@ class ReplayBufferActor:
                             self._buf.mark_seen(self._buf.window_entries()[-1])
                     self.rebuilt["blocks"] += 1
                     self.rebuilt["rows"] += span.rows
-            except (SchemaError, OSError) as e:  # unreadable now: the buffer comes up without the rest of it
+            except (SchemaError, OSError, BlockTooLarge) as e:  # the buffer comes up without the rest of it
                 self.rebuilt["shards_unreadable"] += 1
                 print(f"livetrain: buffer: could not read {shard.shard} back ({e}): rebuilt without it", file=sys.stderr)
                 continue

@@ -119,6 +119,27 @@ def test_rebuild_reads_back_the_held_rows_whatever_the_block_size_is_now(tmp_pat
             assert len(block["x"]) == len(block["y"]) == span.rows
 
 
+def test_a_restart_with_a_smaller_buffer_reads_held_blocks_back_in_blocks_it_takes(tmp_path):
+    """Held blocks longer than a block may be now (the buffer or ``ingest.block_rows``
+    shrank) come back as several, each where the block was; every held row once."""
+    path = tmp_path / "s.parquet"
+    bad = write_id_shard(path, 0, 3000, bad_every=700)
+    with Manifest(tmp_path / "state") as m:
+        m.discover([path])
+        (rec,) = m.claim("me", 1)
+        m.mark_ingested(rec.name, 3000 - len(bad), len(bad))
+        recs = m.ingested()
+    held = [HeldPart("s.parquet", rec.seq, 0, 2000, 2000 - 2, 56_000, 0.0, True, 3),
+            HeldPart("s.parquet", rec.seq, 2000, 3000, 1000 - 1, 28_000, 0.0, False, 0)]
+    (shard,) = plan_rebuild(Snapshot(held, newest_seq=rec.seq), recs, capacity_rows=10_000, part_rows=800)
+    assert [(p.row_start, p.row_end, p.in_reservoir, p.sampled) for p in shard.starts.values()] == [
+        (0, 800, True, 3), (800, 1600, True, 3), (1600, 2000, True, 3), (2000, 2800, False, 0), (2800, 3000, False, 0)]
+    spans = [span for span, _ in read_back(shard, SCHEMA, 800)]
+    assert all(span.row_end - span.row_start <= 800 for span in spans)
+    ids = [i for _, block in read_back(shard, SCHEMA, 800) for i in block["id"].tolist()]
+    assert ids == [i for i in range(3000) if i not in bad]
+
+
 def test_rebuild_of_a_shard_going_in_by_parts_stops_exactly_at_its_watermark(tmp_path):
     path = tmp_path / "s.parquet"
     bad = write_id_shard(path, 0, 10_000, bad_every=700)
