@@ -4,8 +4,10 @@ Layout under ``<state_dir>/quarantine/``:
 
 * ``<shard stem>.bad.parquet``: a shard's bad rows, its columns plus
   ``reason`` and ``source_shard``;
-* ``<shard name>`` + ``<shard name>.reason.txt``: a shard rejected whole, copied
-  as it was, and why (first line: the error; second: where it came from).
+* ``whole/<shard name>`` + ``whole/<shard name>.reason.txt``: a shard rejected
+  whole, copied as it was, and why (first line: the error; second: where it
+  came from). In their own folder, so no shard name can take a bad-rows
+  file's (state dirs from before it have them beside the bad rows: still read).
 
 Every file is written to a temporary name in the same directory and renamed
 into place, so a crash never leaves half a file under a real name; writing
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 from livetrain.storage import read_shard_chunks, shard_path
 
 QUARANTINE_DIR = "quarantine"
+WHOLE_DIR = "whole"
 BAD_ROWS_SUFFIX = ".bad.parquet"
 REASON_SUFFIX = ".reason.txt"
 SOURCE_COLUMN = "source_shard"
@@ -70,7 +73,8 @@ def write_quarantine(
     qdir = quarantine_dir(state_dir)
     qdir.mkdir(parents=True, exist_ok=True)
     if error is not None:
-        return _quarantine_whole(qdir, shard_name, error, shard_path(source_path))
+        (qdir / WHOLE_DIR).mkdir(exist_ok=True)
+        return _quarantine_whole(qdir / WHOLE_DIR, shard_name, error, shard_path(source_path))
     if bad is None or bad.num_rows == 0:
         return None
     rows = bad.append_column(SOURCE_COLUMN, pa.array([shard_name] * bad.num_rows, pa.string()))
@@ -89,10 +93,12 @@ def list_quarantine(state_dir: str | Path) -> list[QuarantineEntry]:
     for path in sorted(qdir.iterdir()):
         if path.name.startswith("."):  # an unfinished temporary file
             continue
-        if path.name.endswith(BAD_ROWS_SUFFIX):
+        if path.name.endswith(BAD_ROWS_SUFFIX) and not path.with_name(path.name + REASON_SUFFIX).exists():
             entries.append(_bad_rows_entry(path))
-        elif path.name.endswith(REASON_SUFFIX):
+        elif path.name.endswith(REASON_SUFFIX):  # a state dir from before whole/
             entries.append(_whole_shard_entry(path))
+    if (qdir / WHOLE_DIR).is_dir():
+        entries += [_whole_shard_entry(p) for p in (qdir / WHOLE_DIR).glob(f"*{REASON_SUFFIX}")]
     return sorted(entries, key=lambda e: e.shard)
 
 
@@ -116,15 +122,24 @@ def _quarantine_whole(qdir: Path, shard_name: str, error: str, source: Path | st
 
 
 def _bad_rows_entry(path: Path) -> QuarantineEntry:
-    table = pq.read_table(path, columns=["reason", SOURCE_COLUMN])
-    counts = pc.value_counts(table["reason"]).to_pylist()
-    sources = table[SOURCE_COLUMN]
-    shard = sources[0].as_py() if len(sources) else path.name[: -len(BAD_ROWS_SUFFIX)]
+    """The user edits these files (to fix rows before ``--reingest``): one they broke,
+    or whose ``reason``/``source_shard`` columns they dropped, is still listed."""
+    stem = path.name[: -len(BAD_ROWS_SUFFIX)]
+    try:
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=[c for c in ("reason", SOURCE_COLUMN) if c in names])
+    except (pa.ArrowInvalid, OSError) as e:
+        return QuarantineEntry(shard=stem, path=path, rows=0, reasons={f"unreadable: {' '.join(str(e).split())}": 0})
+    if "reason" in names:
+        reasons = {c["values"]: c["counts"] for c in pc.value_counts(table["reason"]).to_pylist()}
+    else:
+        reasons = {"(no reason column)": table.num_rows}
+    sources = table[SOURCE_COLUMN] if SOURCE_COLUMN in names else []
     return QuarantineEntry(
-        shard=shard,
+        shard=sources[0].as_py() if len(sources) else stem,
         path=path,
         rows=table.num_rows,
-        reasons={c["values"]: c["counts"] for c in counts},
+        reasons=reasons,
     )
 
 
@@ -186,9 +201,9 @@ def reingest(state_dir: str | Path, landing_dir: str | Path, entry: QuarantineEn
     done = qdir / REINGESTED_DIR
     done.mkdir(parents=True, exist_ok=True)
     if entry.error is not None:
-        target = landing / entry.shard
+        target, kept = landing / entry.shard, entry.path.parent  # whole/ (or quarantine/, from before it)
         if not target.exists():
-            copy = qdir / entry.shard
+            copy = kept / entry.shard
             if not copy.exists():
                 raise FileNotFoundError(f"{entry.shard}: not in {landing} and no quarantined copy")
             with _atomic(target) as tmp:
@@ -196,7 +211,7 @@ def reingest(state_dir: str | Path, landing_dir: str | Path, entry: QuarantineEn
         rec = manifest.get(entry.shard)
         if rec is not None and rec.status == "quarantined":
             rec = manifest.reingest(entry.shard, target)
-        for p in (qdir / entry.shard, qdir / f"{entry.shard}{REASON_SUFFIX}"):
+        for p in (kept / entry.shard, kept / f"{entry.shard}{REASON_SUFFIX}"):
             if p.exists():
                 os.replace(p, done / p.name)
         return f"{entry.shard}: re-reading {target} (now {rec.status if rec else 'unknown'}, seq {rec.seq if rec else '-'})"

@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Lists every quarantine entry: shard, rows, reasons. --reingest re-reads an entry after you "
             "fixed the cause. A shard rejected whole: replace <landing>/NAME with the fixed file (or, if it "
-            "is gone, fix the copy in <state_dir>/quarantine/NAME); it is read again with a new arrival "
+            "is gone, fix the copy in <state_dir>/quarantine/whole/NAME); it is read again with a new arrival "
             "number. Bad rows of a shard: fix (or delete) the rows in <state_dir>/quarantine/<stem>.bad.parquet; "
             "they land as a new shard <stem>.reingest-<hash>.parquet and are validated again. Re-ingested "
             "entries move to quarantine/reingested/. A running `livetrain run` picks them up; otherwise the next one does."
