@@ -76,8 +76,8 @@ def resolve_schema(
     fields, source = pinned
     schema = SchemaConfig(**fields)
     diff = differences(declared, schema)
-    if diff and not declared.infer and manifest.counts()["ingested"] == 0:
-        log.warning("livetrain: no shard was ingested under the pinned schema: pinning the config's (%s)", "; ".join(diff))
+    if diff and not declared.infer and manifest.counts()["ingested"] == 0 and not manifest.partly_committed():
+        log.warning("livetrain: no rows went in under the pinned schema: pinning the config's (%s)", "; ".join(diff))
         manifest.pin_schema(schema_fields(declared), FROM_CONFIG, replace=True)
         return declared
     if diff:

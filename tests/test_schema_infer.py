@@ -140,12 +140,17 @@ def test_a_config_that_differs_from_the_pin_is_refused_naming_the_difference(tmp
         assert resolve_schema(SchemaConfig(infer=True, id_column="id"), m, tmp_path).features == ["x0", "x1"]
 
 
-def test_a_declared_schema_may_replace_the_pin_until_a_shard_is_ingested(tmp_path):
+def test_a_declared_schema_may_replace_the_pin_until_rows_went_in(tmp_path):
     with Manifest(tmp_path) as m:
         resolve_schema(SchemaConfig(features=["x0", "x1"]), m, tmp_path)
         fixed = SchemaConfig(features=["x0", "x1", "x2"])
         assert resolve_schema(fixed, m, tmp_path) == fixed
-        _ingest_one(m, tmp_path)
+        (shard,) = m.discover([_scalars(tmp_path / "s.parquet")])
+        m.claim("me", 1)
+        m.mark_ingested_many([], parts=[(shard.name, 10)])  # its first part is in the buffer
+        with pytest.raises(ConfigError, match="schema.features"):
+            resolve_schema(SchemaConfig(features=["x0"]), m, tmp_path)
+        m.mark_ingested(shard.name, 20, 0)
         with pytest.raises(ConfigError, match="schema.features"):
             resolve_schema(SchemaConfig(features=["x0"]), m, tmp_path)
 
