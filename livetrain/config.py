@@ -426,6 +426,8 @@ class GateConfig:
             raise ConfigError("gate.holdout_fraction: must be in [0, 1)")
         if self.holdout_min_rows < 1:
             raise ConfigError("gate.holdout_min_rows: must be >= 1")
+        if self.window_rows < 1:
+            raise ConfigError(f"gate.window_rows: must be >= 1, got {self.window_rows}")
 
 
 @dataclass

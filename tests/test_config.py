@@ -110,3 +110,9 @@ def test_a_number_that_is_not_finite_is_refused(override):
 def test_a_hidden_layer_without_units_is_refused():
     with pytest.raises(ConfigError, match=r"model.hidden: every width must be >= 1, got \[32, 0\]"):
         load_config(overrides=["model.hidden=[32, 0]"])
+
+
+@pytest.mark.parametrize("rows", ["0", "-1"])
+def test_a_prequential_window_without_rows_is_refused(rows):
+    with pytest.raises(ConfigError, match="gate.window_rows: must be >= 1"):
+        load_config(overrides=[f"gate.window_rows={rows}"])
