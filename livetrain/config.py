@@ -100,6 +100,10 @@ class DriftPoint:
     """Rows over which the change happens: 1 is abrupt, larger is gradual."""
 
 
+_NUM_VARIANTS = {"sea": 4, "agrawal": 10}
+"""Concepts of the synthetic generators that have a fixed number (hyperplane: any)."""
+
+
 @dataclass
 class SyntheticConfig:
     """The synthetic drifting stream that writes shards into the landing dir."""
@@ -131,8 +135,27 @@ class SyntheticConfig:
             raise ConfigError("synthetic.rows_per_shard: must be >= 1")
         if self.rows_per_second <= 0:
             raise ConfigError("synthetic.rows_per_second: must be > 0")
+        if self.seed < 0:
+            raise ConfigError(f"synthetic.seed: must be >= 0, got {self.seed}")
+        if self.generator == "hyperplane" and self.num_features < 1:
+            raise ConfigError(f"synthetic.num_features: must be >= 1, got {self.num_features}")
+        if not 0.0 <= self.noise <= 1.0:
+            raise ConfigError(f"synthetic.noise: must be in [0, 1], got {self.noise}")
+        if self.max_rows is not None and self.max_rows < 0:
+            raise ConfigError(f"synthetic.max_rows: must be >= 0, got {self.max_rows}")
+        limit = _NUM_VARIANTS.get(self.generator)
+        variants = [("synthetic.variant", self.variant)]
+        variants += [(f"synthetic.drifts[{i}].variant", d.variant) for i, d in enumerate(self.drifts)]
+        for name, variant in variants:
+            if variant < 0 or (limit is not None and variant >= limit):
+                top = "any int >= 0" if limit is None else f"0-{limit - 1}"
+                raise ConfigError(f"{name}: {self.generator} variants are {top}, got {variant}")
         last = -1
-        for d in self.drifts:
+        for i, d in enumerate(self.drifts):
+            if d.width < 1:
+                raise ConfigError(f"synthetic.drifts[{i}].width: must be >= 1, got {d.width}")
+            if d.at_row < 0:
+                raise ConfigError(f"synthetic.drifts[{i}].at_row: must be >= 0, got {d.at_row}")
             if d.at_row <= last:
                 raise ConfigError("synthetic.drifts: at_row must increase")
             last = d.at_row

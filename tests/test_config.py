@@ -116,3 +116,25 @@ def test_a_hidden_layer_without_units_is_refused():
 def test_a_prequential_window_without_rows_is_refused(rows):
     with pytest.raises(ConfigError, match="gate.window_rows: must be >= 1"):
         load_config(overrides=[f"gate.window_rows={rows}"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("synthetic.noise=1.5", "synthetic.noise"),
+        ("synthetic.variant=9", "synthetic.variant"),
+        ("synthetic.max_rows=-1", "synthetic.max_rows"),
+        ("synthetic.seed=-1", "synthetic.seed"),
+        ("synthetic.drifts=[{at_row: 5, variant: 1, width: 0}]", r"synthetic.drifts\[0\].width"),
+        ("synthetic.drifts=[{at_row: -5, variant: 1}]", r"synthetic.drifts\[0\].at_row"),
+        ("synthetic.drifts=[{at_row: 5, variant: 4}]", r"synthetic.drifts\[0\].variant"),
+    ],
+)
+def test_a_synthetic_stream_that_cannot_be_written_is_refused_when_loaded(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(overrides=[override])
+
+
+def test_a_hyperplane_without_features_is_refused_when_loaded():
+    with pytest.raises(ConfigError, match="synthetic.num_features: must be >= 1"):
+        load_config(overrides=["synthetic.generator=hyperplane", "synthetic.num_features=0"])
