@@ -138,3 +138,14 @@ def test_a_synthetic_stream_that_cannot_be_written_is_refused_when_loaded(overri
 def test_a_hyperplane_without_features_is_refused_when_loaded():
     with pytest.raises(ConfigError, match="synthetic.num_features: must be >= 1"):
         load_config(overrides=["synthetic.generator=hyperplane", "synthetic.num_features=0"])
+
+
+def test_a_float_in_scientific_notation_is_a_number(tmp_path: Path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 1e-3\n")
+    assert load_config(p).train.lr == 1e-3
+    assert load_config(overrides=["train.lr=1e-4", "duration_s=1e-05"]).train.lr == 1e-4
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
+        load_config(overrides=["train.lr=fast"])
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
+        load_config(overrides=["train.lr=nan"])
