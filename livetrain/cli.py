@@ -97,19 +97,19 @@ def _fields_markdown() -> str:
 
 
 def _resolve(args: argparse.Namespace) -> Config:
-    flags = []
+    flags: dict[str, object] = {}  # values as typed: a state dir named 2024 or "x #1" is no YAML
     if getattr(args, "duration", None) is not None:
-        flags.append(f"duration_s={args.duration}")
+        flags["duration_s"] = args.duration
     if getattr(args, "wandb", None):
-        flags.append(f"tracking.wandb={args.wandb}")
+        flags["tracking.wandb"] = args.wandb
     if getattr(args, "state_dir", None):
-        flags.append(f"state_dir={args.state_dir}")
+        flags["state_dir"] = args.state_dir
     if getattr(args, "no_live", False):
-        flags.append("live_view=false")
+        flags["live_view"] = False
     path = args.config
     if path is None and args.command == "demo":
         path = shipped_config("demo")
-    cfg = load_config(path, flags + list(args.overrides))
+    cfg = load_config(path, list(args.overrides), flags)
     if args.command == "demo" and not getattr(args, "state_dir", None) and not any(o.startswith("state_dir=") for o in args.overrides):
         cfg.state_dir = tempfile.mkdtemp(prefix="livetrain-demo-")
     return cfg

@@ -829,8 +829,11 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < YAML file < ``key=value`` overrides."""
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None, flags: dict[str, Any] | None = None
+) -> Config:
+    """Defaults < YAML file < ``flags`` (dotted key -> value, taken as it is:
+    command-line flags, never parsed as YAML) < ``key=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
@@ -843,7 +846,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded
-    data = _merge(data, parse_overrides(overrides or []))
+    given: dict[str, Any] = {}
+    for key, value in (flags or {}).items():
+        _set_path(given, key, value)
+    data = _merge(_merge(data, given), parse_overrides(overrides or []))
     return _build(Config, data)
 
 

@@ -149,3 +149,14 @@ def test_a_float_in_scientific_notation_is_a_number(tmp_path: Path):
         load_config(overrides=["train.lr=fast"])
     with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
         load_config(overrides=["train.lr=nan"])
+
+
+@pytest.mark.parametrize("state_dir", ["2024", "x #1", "[a]", "~x: y"])
+def test_command_line_flags_are_taken_as_typed_not_as_yaml(tmp_path: Path, state_dir: str):
+    from livetrain.cli import _parser, _resolve
+
+    p = tmp_path / "c.yaml"
+    p.write_text("source:\n  kind: directory\n")
+    args = _parser().parse_args(["run", "--config", str(p), "--state-dir", state_dir, "--duration", "0.00001"])
+    cfg = _resolve(args)
+    assert cfg.state_dir == state_dir and cfg.duration_s == 1e-05
