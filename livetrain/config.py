@@ -702,6 +702,11 @@ class Config:
     def __post_init__(self) -> None:
         if self.duration_s is not None and not self.duration_s > 0:
             raise ConfigError(f"duration_s: must be > 0 seconds (None: until Ctrl-C), got {self.duration_s}")
+        if self.train.min_buffer_rows > self.buffer.capacity_rows:
+            raise ConfigError(
+                f"train.min_buffer_rows: {self.train.min_buffer_rows} is more than buffer.capacity_rows "
+                f"({self.buffer.capacity_rows}) can hold: training would never start"
+            )
         if self.source.kind == "synthetic" and self.source.path and "://" in self.source.path:
             raise ConfigError(f"source.path: the synthetic stream writes to a local directory, got {self.source.path!r}")
 

@@ -160,3 +160,8 @@ def test_command_line_flags_are_taken_as_typed_not_as_yaml(tmp_path: Path, state
     args = _parser().parse_args(["run", "--config", str(p), "--state-dir", state_dir, "--duration", "0.00001"])
     cfg = _resolve(args)
     assert cfg.state_dir == state_dir and cfg.duration_s == 1e-05
+
+
+def test_a_buffer_too_small_to_start_training_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"train.min_buffer_rows: 5000 is more than buffer.capacity_rows \(4000\)"):
+        load_config(overrides=["train.min_buffer_rows=5000", "buffer.capacity_rows=4000", "buffer.window_rows=100"])
