@@ -68,6 +68,8 @@ class SchemaConfig:
         if self.features is not None:
             if not self.features:
                 raise ConfigError("schema.features: must name at least one column")
+            if not all(f.strip() for f in self.features):
+                raise ConfigError(f"schema.features: a column name is empty, got {self.features}")
             if self.num_features not in (None, len(self.features)):
                 raise ConfigError(
                     f"schema.num_features: {self.num_features} does not match "
@@ -347,11 +349,22 @@ class TrainConfig:
     checkpoint_every_s: float = 10.0
     """Ray Train checkpoint cadence (what a restarted worker resumes from)."""
     max_failures: int = 3
-    """Worker-group restarts Ray Train allows (FailureConfig)."""
+    """Worker-group restarts Ray Train allows (FailureConfig; -1: no limit)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("train.num_workers: must be >= 1")
+        if not self.cpus_per_worker > 0:
+            raise ConfigError(f"train.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU"):
+                raise ConfigError(
+                    f"train.worker_resources.{name}: set CPUs with train.cpus_per_worker and GPUs with train.use_gpu"
+                )
+            if amount < 0:
+                raise ConfigError(f"train.worker_resources.{name}: must be >= 0, got {amount}")
+        if self.max_failures < -1:
+            raise ConfigError(f"train.max_failures: must be >= -1 (-1: no limit), got {self.max_failures}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"train.amp: must be auto, bf16 or off, got {self.amp!r}")
         for name in ("batch_size", "steps_per_round", "blocks_per_round", "torch_threads"):
@@ -439,8 +452,10 @@ class GateConfig:
             raise ConfigError("gate.alarm_hold_rows: must be >= 0; gate.rollback_min_rows: must be >= 1")
         if self.metric not in ("accuracy", "f1", "precision", "recall"):
             raise ConfigError(f"gate.metric: unknown metric {self.metric!r}")
-        if self.tolerance < 0:
-            raise ConfigError("gate.tolerance: must be >= 0")
+        if not 0.0 <= self.tolerance <= 1.0:
+            raise ConfigError(f"gate.tolerance: must be in [0, 1], got {self.tolerance}")
+        if self.alarm_min_z <= 0:
+            raise ConfigError(f"gate.alarm_min_z: must be > 0, got {self.alarm_min_z}")
         if self.compare_versions < 0:
             raise ConfigError("gate.compare_versions: must be >= 0")
         if not 1 <= self.min_eval_rows <= self.max_eval_rows:
@@ -577,8 +592,10 @@ class ServeConfig:
     Put the variable's name here, never the token."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ConfigError("serve.port: must be a TCP port")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"serve.port: must be a TCP port (1-65535), got {self.port}")
+        if not self.host.strip():
+            raise ConfigError("serve.host: empty; give an address to bind, e.g. 127.0.0.1")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError("serve.num_cpus / serve.num_gpus: must be >= 0")
         if self.ingress not in ("haproxy", "proxy"):
@@ -663,9 +680,16 @@ class RayConfig:
     address: str | None = None
     """Cluster address (``auto``, ``ray://...``); None starts a local Ray."""
     num_cpus: int | None = None
-    """Logical CPUs of a local Ray (default: enough for the train workers + 1)."""
+    """Logical CPUs of a local Ray (default: this machine's CPU count, and at
+    least the train workers' CPUs + 2)."""
     namespace: str = "livetrain"
     """Ray namespace of livetrain's named actors."""
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"ray.num_cpus: must be >= 1 (None: from this machine), got {self.num_cpus}")
+        if not self.namespace.strip():
+            raise ConfigError("ray.namespace: empty; give a name")
 
 
 @dataclass
@@ -700,6 +724,8 @@ class Config:
         return Path(self.source.path) if self.source.path else Path(self.state_dir) / "landing"
 
     def __post_init__(self) -> None:
+        if not self.state_dir.strip():
+            raise ConfigError("state_dir: empty; give a directory")
         if self.duration_s is not None and not self.duration_s > 0:
             raise ConfigError(f"duration_s: must be > 0 seconds (None: until Ctrl-C), got {self.duration_s}")
         if self.train.min_buffer_rows > self.buffer.capacity_rows:
@@ -746,7 +772,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        _, item = typing.get_args(tp)
+        return {k: _convert(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

@@ -165,3 +165,28 @@ def test_command_line_flags_are_taken_as_typed_not_as_yaml(tmp_path: Path, state
 def test_a_buffer_too_small_to_start_training_is_refused_naming_both_keys():
     with pytest.raises(ConfigError, match=r"train.min_buffer_rows: 5000 is more than buffer.capacity_rows \(4000\)"):
         load_config(overrides=["train.min_buffer_rows=5000", "buffer.capacity_rows=4000", "buffer.window_rows=100"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.cpus_per_worker=0", "train.cpus_per_worker: must be > 0"),
+        ("train.worker_resources={trainer: lots}", "train.worker_resources.trainer: expected a number"),
+        ("train.worker_resources={trainer: -1}", "train.worker_resources.trainer: must be >= 0"),
+        ("train.worker_resources={GPU: 1}", "train.worker_resources.GPU: set CPUs with train.cpus_per_worker"),
+        ("train.max_failures=-2", "train.max_failures: must be >= -1"),
+        ("ray.num_cpus=0", "ray.num_cpus: must be >= 1"),
+        ("serve.port=0", "serve.port: must be a TCP port"),
+        ("serve.port=65536", "serve.port: must be a TCP port"),
+        ("serve.host=''", "serve.host: empty"),
+        ("state_dir=' '", "state_dir: empty"),
+        ("schema.features=[a, '']", "schema.features: a column name is empty"),
+        ("ray.namespace=''", "ray.namespace: empty"),
+        ("gate.tolerance=1.5", r"gate.tolerance: must be in \[0, 1\]"),
+        ("gate.tolerance=-0.1", r"gate.tolerance: must be in \[0, 1\]"),
+        ("gate.alarm_min_z=0", "gate.alarm_min_z: must be > 0"),
+    ],
+)
+def test_a_value_that_cannot_work_is_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
