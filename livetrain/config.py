@@ -27,6 +27,18 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
 
+def s3_bucket_path(uri: str, key: str) -> str:
+    """``bucket/prefix`` of an ``s3://`` URI; a ConfigError naming ``key`` when it
+    names no bucket or carries a query string (pyarrow would read it as part of
+    the object key, not as options)."""
+    bucket_path = uri[len("s3://"):].rstrip("/")
+    if "?" in bucket_path:
+        raise ConfigError(f"{key}: {uri!r} has a query string; set storage.endpoint / storage.region instead")
+    if not bucket_path.split("/", 1)[0]:
+        raise ConfigError(f"{key}: {uri!r} names no bucket")
+    return bucket_path
+
+
 @dataclass
 class SchemaConfig:
     """What a shard must look like. Rows that do not fit go to quarantine."""
@@ -193,6 +205,8 @@ class SourceConfig:
             raise ConfigError("source.poll_interval_s: must be > 0")
         if self.recheck_every_s < 0:
             raise ConfigError("source.recheck_every_s: must be >= 0")
+        if self.path is not None and self.path.startswith("s3://"):
+            s3_bucket_path(self.path, "source.path")
 
 
 @dataclass
@@ -667,6 +681,8 @@ class StorageConfig:
     def __post_init__(self) -> None:
         if self.uri is not None and not self.uri.strip():
             raise ConfigError("storage.uri: empty; leave it out to keep state in state_dir only")
+        if self.uri is not None and self.uri.startswith("s3://"):
+            s3_bucket_path(self.uri, "storage.uri")
         if self.endpoint is not None and "://" not in self.endpoint:
             raise ConfigError(f"storage.endpoint: give a scheme, e.g. http://{self.endpoint}")
         if not self.sync_interval_s > 0:
