@@ -742,6 +742,12 @@ class Config:
     def __post_init__(self) -> None:
         if not self.state_dir.strip():
             raise ConfigError("state_dir: empty; give a directory")
+        # ~ in a local path means the home directory, as in a shell (a URI is left alone)
+        self.state_dir = os.path.expanduser(self.state_dir)
+        if self.source.path and "://" not in self.source.path:
+            self.source.path = os.path.expanduser(self.source.path)
+        if self.storage.uri and "://" not in self.storage.uri:
+            self.storage.uri = os.path.expanduser(self.storage.uri)
         if self.duration_s is not None and not self.duration_s > 0:
             raise ConfigError(f"duration_s: must be > 0 seconds (None: until Ctrl-C), got {self.duration_s}")
         if self.train.min_buffer_rows > self.buffer.capacity_rows:
