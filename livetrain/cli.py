@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -115,16 +116,40 @@ def _resolve(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` overrides may stand anywhere among
+    the flags (argparse takes one run of positionals; ``parse_intermixed_args``
+    does not work with subcommands)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if extra and (stray or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # `livetrain config | head`: the reader is gone, as with any CLI say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at the interpreter's last flush
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parse(argv)
     if args.command == "history":
         return _history(args.state_dir, args.json)
     if args.command in ("rollback", "status", "stop"):
         return _remote(args)
+    if args.command == "config" and args.help_fields:
+        print(_fields_markdown() if args.markdown else "\n".join(f"{k} = {d}\n    {doc}" for k, d, doc in field_docs()))
+        return 0
     try:
-        if args.command == "config" and args.help_fields:
-            print(_fields_markdown() if args.markdown else "\n".join(f"{k} = {d}\n    {doc}" for k, d, doc in field_docs()))
-            return 0
         cfg = _resolve(args)
     except (ConfigError, OSError) as e:
         print(f"livetrain: config error: {e}", file=sys.stderr)

@@ -199,3 +199,25 @@ def test_a_tilde_in_a_local_path_is_the_home_directory(monkeypatch):
     assert cfg.landing_dir == Path("/home/someone/landing")
     cfg = load_config(overrides=["source.path=s3://bucket/~x", "storage.uri=s3://bucket/~y"])
     assert (cfg.source.path, cfg.storage.uri) == ("s3://bucket/~x", "s3://bucket/~y")
+
+
+def test_overrides_may_stand_before_and_after_the_flags(tmp_path: Path):
+    from livetrain.cli import _parse
+
+    args = _parse(["config", "train.lr=0.5", "--config", str(tmp_path / "c.yaml"), "train.batch_size=8"])
+    assert args.overrides == ["train.lr=0.5", "train.batch_size=8"] and args.config == tmp_path / "c.yaml"
+    with pytest.raises(SystemExit):
+        _parse(["config", "train.lr=0.5", "--bogus", "train.batch_size=8"])
+
+
+def test_a_reader_that_went_away_ends_the_output_without_a_traceback():
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # `livetrain config | head -5` once head has exited
+    proc = subprocess.run([sys.executable, "-m", "livetrain.cli", "config", "--help-fields"], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write)
+    assert proc.returncode == 1 and proc.stderr == ""
