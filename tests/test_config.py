@@ -199,7 +199,8 @@ def test_a_value_that_cannot_work_is_refused_naming_the_key(override, message):
 def test_a_tilde_in_a_local_path_is_the_home_directory(monkeypatch):
     monkeypatch.setenv("HOME", "/home/someone")
     cfg = load_config(overrides=["state_dir=~/lt", "source.path=~/landing", "storage.uri=~/shared/lt"])
-    assert (cfg.state_dir, cfg.source.path, cfg.storage.uri) == ("/home/someone/lt", "/home/someone/landing", "/home/someone/shared/lt")
+    home = "/home/someone"
+    assert (cfg.state_dir, cfg.source.path, cfg.storage.uri) == (f"{home}/lt", f"{home}/landing", f"{home}/shared/lt")
     assert cfg.landing_dir == Path("/home/someone/landing")
     cfg = load_config(overrides=["source.path=s3://bucket/~x", "storage.uri=s3://bucket/~y"])
     assert (cfg.source.path, cfg.storage.uri) == ("s3://bucket/~x", "s3://bucket/~y")
