@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -97,34 +98,58 @@ def _fields_markdown() -> str:
 
 
 def _resolve(args: argparse.Namespace) -> Config:
-    flags = []
+    flags: dict[str, object] = {}  # values as typed: a state dir named 2024 or "x #1" is no YAML
     if getattr(args, "duration", None) is not None:
-        flags.append(f"duration_s={args.duration}")
+        flags["duration_s"] = args.duration
     if getattr(args, "wandb", None):
-        flags.append(f"tracking.wandb={args.wandb}")
+        flags["tracking.wandb"] = args.wandb
     if getattr(args, "state_dir", None):
-        flags.append(f"state_dir={args.state_dir}")
+        flags["state_dir"] = args.state_dir
     if getattr(args, "no_live", False):
-        flags.append("live_view=false")
+        flags["live_view"] = False
     path = args.config
     if path is None and args.command == "demo":
         path = shipped_config("demo")
-    cfg = load_config(path, flags + list(args.overrides))
+    cfg = load_config(path, list(args.overrides), flags)
     if args.command == "demo" and not getattr(args, "state_dir", None) and not any(o.startswith("state_dir=") for o in args.overrides):
         cfg.state_dir = tempfile.mkdtemp(prefix="livetrain-demo-")
     return cfg
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` overrides may stand anywhere among
+    the flags (argparse takes one run of positionals; ``parse_intermixed_args``
+    does not work with subcommands)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if extra and (stray or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # `livetrain config | head`: the reader is gone, as with any CLI say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at the interpreter's last flush
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parse(argv)
     if args.command == "history":
         return _history(args.state_dir, args.json)
     if args.command in ("rollback", "status", "stop"):
         return _remote(args)
+    if args.command == "config" and args.help_fields:
+        print(_fields_markdown() if args.markdown else "\n".join(f"{k} = {d}\n    {doc}" for k, d, doc in field_docs()))
+        return 0
     try:
-        if args.command == "config" and args.help_fields:
-            print(_fields_markdown() if args.markdown else "\n".join(f"{k} = {d}\n    {doc}" for k, d, doc in field_docs()))
-            return 0
         cfg = _resolve(args)
     except (ConfigError, OSError) as e:
         print(f"livetrain: config error: {e}", file=sys.stderr)

@@ -27,6 +27,18 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
 
+def s3_bucket_path(uri: str, key: str) -> str:
+    """``bucket/prefix`` of an ``s3://`` URI; a ConfigError naming ``key`` when it
+    names no bucket or carries a query string (pyarrow would read it as part of
+    the object key, not as options)."""
+    bucket_path = uri[len("s3://"):].rstrip("/")
+    if "?" in bucket_path:
+        raise ConfigError(f"{key}: {uri!r} has a query string; set storage.endpoint / storage.region instead")
+    if not bucket_path.split("/", 1)[0]:
+        raise ConfigError(f"{key}: {uri!r} names no bucket")
+    return bucket_path
+
+
 @dataclass
 class SchemaConfig:
     """What a shard must look like. Rows that do not fit go to quarantine."""
@@ -68,6 +80,8 @@ class SchemaConfig:
         if self.features is not None:
             if not self.features:
                 raise ConfigError("schema.features: must name at least one column")
+            if not all(f.strip() for f in self.features):
+                raise ConfigError(f"schema.features: a column name is empty, got {self.features}")
             if self.num_features not in (None, len(self.features)):
                 raise ConfigError(
                     f"schema.num_features: {self.num_features} does not match "
@@ -98,6 +112,10 @@ class DriftPoint:
     """The generator's concept (function/variant number) after the drift."""
     width: int = 1
     """Rows over which the change happens: 1 is abrupt, larger is gradual."""
+
+
+_NUM_VARIANTS = {"sea": 4, "agrawal": 10}
+"""Concepts of the synthetic generators that have a fixed number (hyperplane: any)."""
 
 
 @dataclass
@@ -131,8 +149,27 @@ class SyntheticConfig:
             raise ConfigError("synthetic.rows_per_shard: must be >= 1")
         if self.rows_per_second <= 0:
             raise ConfigError("synthetic.rows_per_second: must be > 0")
+        if self.seed < 0:
+            raise ConfigError(f"synthetic.seed: must be >= 0, got {self.seed}")
+        if self.generator == "hyperplane" and self.num_features < 1:
+            raise ConfigError(f"synthetic.num_features: must be >= 1, got {self.num_features}")
+        if not 0.0 <= self.noise <= 1.0:
+            raise ConfigError(f"synthetic.noise: must be in [0, 1], got {self.noise}")
+        if self.max_rows is not None and self.max_rows < 0:
+            raise ConfigError(f"synthetic.max_rows: must be >= 0, got {self.max_rows}")
+        limit = _NUM_VARIANTS.get(self.generator)
+        variants = [("synthetic.variant", self.variant)]
+        variants += [(f"synthetic.drifts[{i}].variant", d.variant) for i, d in enumerate(self.drifts)]
+        for name, variant in variants:
+            if variant < 0 or (limit is not None and variant >= limit):
+                top = "any int >= 0" if limit is None else f"0-{limit - 1}"
+                raise ConfigError(f"{name}: {self.generator} variants are {top}, got {variant}")
         last = -1
-        for d in self.drifts:
+        for i, d in enumerate(self.drifts):
+            if d.width < 1:
+                raise ConfigError(f"synthetic.drifts[{i}].width: must be >= 1, got {d.width}")
+            if d.at_row < 0:
+                raise ConfigError(f"synthetic.drifts[{i}].at_row: must be >= 0, got {d.at_row}")
             if d.at_row <= last:
                 raise ConfigError("synthetic.drifts: at_row must increase")
             last = d.at_row
@@ -168,6 +205,8 @@ class SourceConfig:
             raise ConfigError("source.poll_interval_s: must be > 0")
         if self.recheck_every_s < 0:
             raise ConfigError("source.recheck_every_s: must be >= 0")
+        if self.path is not None and self.path.startswith("s3://"):
+            s3_bucket_path(self.path, "source.path")
 
 
 @dataclass
@@ -324,11 +363,22 @@ class TrainConfig:
     checkpoint_every_s: float = 10.0
     """Ray Train checkpoint cadence (what a restarted worker resumes from)."""
     max_failures: int = 3
-    """Worker-group restarts Ray Train allows (FailureConfig)."""
+    """Worker-group restarts Ray Train allows (FailureConfig; -1: no limit)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("train.num_workers: must be >= 1")
+        if not self.cpus_per_worker > 0:
+            raise ConfigError(f"train.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU"):
+                raise ConfigError(
+                    f"train.worker_resources.{name}: set CPUs with train.cpus_per_worker and GPUs with train.use_gpu"
+                )
+            if amount < 0:
+                raise ConfigError(f"train.worker_resources.{name}: must be >= 0, got {amount}")
+        if self.max_failures < -1:
+            raise ConfigError(f"train.max_failures: must be >= -1 (-1: no limit), got {self.max_failures}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"train.amp: must be auto, bf16 or off, got {self.amp!r}")
         for name in ("batch_size", "steps_per_round", "blocks_per_round", "torch_threads"):
@@ -416,8 +466,10 @@ class GateConfig:
             raise ConfigError("gate.alarm_hold_rows: must be >= 0; gate.rollback_min_rows: must be >= 1")
         if self.metric not in ("accuracy", "f1", "precision", "recall"):
             raise ConfigError(f"gate.metric: unknown metric {self.metric!r}")
-        if self.tolerance < 0:
-            raise ConfigError("gate.tolerance: must be >= 0")
+        if not 0.0 <= self.tolerance <= 1.0:
+            raise ConfigError(f"gate.tolerance: must be in [0, 1], got {self.tolerance}")
+        if self.alarm_min_z <= 0:
+            raise ConfigError(f"gate.alarm_min_z: must be > 0, got {self.alarm_min_z}")
         if self.compare_versions < 0:
             raise ConfigError("gate.compare_versions: must be >= 0")
         if not 1 <= self.min_eval_rows <= self.max_eval_rows:
@@ -426,6 +478,8 @@ class GateConfig:
             raise ConfigError("gate.holdout_fraction: must be in [0, 1)")
         if self.holdout_min_rows < 1:
             raise ConfigError("gate.holdout_min_rows: must be >= 1")
+        if self.window_rows < 1:
+            raise ConfigError(f"gate.window_rows: must be >= 1, got {self.window_rows}")
 
 
 @dataclass
@@ -552,8 +606,10 @@ class ServeConfig:
     Put the variable's name here, never the token."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port < 65536:
-            raise ConfigError("serve.port: must be a TCP port")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"serve.port: must be a TCP port (1-65535), got {self.port}")
+        if not self.host.strip():
+            raise ConfigError("serve.host: empty; give an address to bind, e.g. 127.0.0.1")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError("serve.num_cpus / serve.num_gpus: must be >= 0")
         if self.ingress not in ("haproxy", "proxy"):
@@ -625,6 +681,8 @@ class StorageConfig:
     def __post_init__(self) -> None:
         if self.uri is not None and not self.uri.strip():
             raise ConfigError("storage.uri: empty; leave it out to keep state in state_dir only")
+        if self.uri is not None and self.uri.startswith("s3://"):
+            s3_bucket_path(self.uri, "storage.uri")
         if self.endpoint is not None and "://" not in self.endpoint:
             raise ConfigError(f"storage.endpoint: give a scheme, e.g. http://{self.endpoint}")
         if not self.sync_interval_s > 0:
@@ -638,9 +696,16 @@ class RayConfig:
     address: str | None = None
     """Cluster address (``auto``, ``ray://...``); None starts a local Ray."""
     num_cpus: int | None = None
-    """Logical CPUs of a local Ray (default: enough for the train workers + 1)."""
+    """Logical CPUs of a local Ray (default: this machine's CPU count, and at
+    least the train workers' CPUs + 2)."""
     namespace: str = "livetrain"
     """Ray namespace of livetrain's named actors."""
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"ray.num_cpus: must be >= 1 (None: from this machine), got {self.num_cpus}")
+        if not self.namespace.strip():
+            raise ConfigError("ray.namespace: empty; give a name")
 
 
 @dataclass
@@ -675,8 +740,21 @@ class Config:
         return Path(self.source.path) if self.source.path else Path(self.state_dir) / "landing"
 
     def __post_init__(self) -> None:
+        if not self.state_dir.strip():
+            raise ConfigError("state_dir: empty; give a directory")
+        # ~ in a local path means the home directory, as in a shell (a URI is left alone)
+        self.state_dir = os.path.expanduser(self.state_dir)
+        if self.source.path and "://" not in self.source.path:
+            self.source.path = os.path.expanduser(self.source.path)
+        if self.storage.uri and "://" not in self.storage.uri:
+            self.storage.uri = os.path.expanduser(self.storage.uri)
         if self.duration_s is not None and not self.duration_s > 0:
             raise ConfigError(f"duration_s: must be > 0 seconds (None: until Ctrl-C), got {self.duration_s}")
+        if self.train.min_buffer_rows > self.buffer.capacity_rows:
+            raise ConfigError(
+                f"train.min_buffer_rows: {self.train.min_buffer_rows} is more than buffer.capacity_rows "
+                f"({self.buffer.capacity_rows}) can hold: training would never start"
+            )
         if self.source.kind == "synthetic" and self.source.path and "://" in self.source.path:
             raise ConfigError(f"source.path: the synthetic stream writes to a local directory, got {self.source.path!r}")
 
@@ -716,13 +794,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        _, item = typing.get_args(tp)
+        return {k: _convert(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(value):  # NaN passes every "must be > 0" check
@@ -799,8 +883,11 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < YAML file < ``key=value`` overrides."""
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None, flags: dict[str, Any] | None = None
+) -> Config:
+    """Defaults < YAML file < ``flags`` (dotted key -> value, taken as it is:
+    command-line flags, never parsed as YAML) < ``key=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         text = Path(path).read_text()
@@ -813,7 +900,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded
-    data = _merge(data, parse_overrides(overrides or []))
+    given: dict[str, Any] = {}
+    for key, value in (flags or {}).items():
+        _set_path(given, key, value)
+    data = _merge(_merge(data, given), parse_overrides(overrides or []))
     return _build(Config, data)
 
 

@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 
 import pyarrow.fs as pafs
 
-from livetrain.config import ConfigError, StorageConfig
+from livetrain.config import ConfigError, StorageConfig, s3_bucket_path
 
 TRAIN_DIR = "ray_train"
 """Ray Train's storage under the URI (checkpoints); never mirrored locally."""
@@ -42,9 +42,7 @@ def filesystem(uri: str, endpoint: str | None = None, region: str | None = None)
     if "://" not in uri:
         return pafs.LocalFileSystem(), str(Path(uri).resolve())
     if uri.startswith("s3://"):
-        bucket_path = uri[len("s3://"):].rstrip("/")
-        if not bucket_path:
-            raise ConfigError(f"storage: {uri!r} names no bucket")
+        bucket_path = s3_bucket_path(uri, "storage")
         region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         return pafs.S3FileSystem(endpoint_override=endpoint, region=region), bucket_path
     try:

@@ -73,10 +73,14 @@ def test_every_field_is_documented():
     assert undocumented == []
 
 
-def test_readme_documents_every_field():
+def test_readme_config_reference_is_what_help_fields_prints():
+    from livetrain.cli import _fields_markdown
+
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    missing = [key for key, _, _ in field_docs() if f"`{key}`" not in readme]
-    assert missing == []
+    start = readme.index("\n**(top level)**", readme.index("## Config reference"))
+    end = readme.find("\n## ", start)
+    # regenerate: livetrain config --help-fields --markdown
+    assert readme[start : end if end != -1 else None].rstrip("\n") == _fields_markdown()
 
 
 @pytest.mark.parametrize("seconds", ["0", "-5"])
@@ -110,3 +114,115 @@ def test_a_number_that_is_not_finite_is_refused(override):
 def test_a_hidden_layer_without_units_is_refused():
     with pytest.raises(ConfigError, match=r"model.hidden: every width must be >= 1, got \[32, 0\]"):
         load_config(overrides=["model.hidden=[32, 0]"])
+
+
+@pytest.mark.parametrize("rows", ["0", "-1"])
+def test_a_prequential_window_without_rows_is_refused(rows):
+    with pytest.raises(ConfigError, match="gate.window_rows: must be >= 1"):
+        load_config(overrides=[f"gate.window_rows={rows}"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("synthetic.noise=1.5", "synthetic.noise"),
+        ("synthetic.variant=9", "synthetic.variant"),
+        ("synthetic.max_rows=-1", "synthetic.max_rows"),
+        ("synthetic.seed=-1", "synthetic.seed"),
+        ("synthetic.drifts=[{at_row: 5, variant: 1, width: 0}]", r"synthetic.drifts\[0\].width"),
+        ("synthetic.drifts=[{at_row: -5, variant: 1}]", r"synthetic.drifts\[0\].at_row"),
+        ("synthetic.drifts=[{at_row: 5, variant: 4}]", r"synthetic.drifts\[0\].variant"),
+    ],
+)
+def test_a_synthetic_stream_that_cannot_be_written_is_refused_when_loaded(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(overrides=[override])
+
+
+def test_a_hyperplane_without_features_is_refused_when_loaded():
+    with pytest.raises(ConfigError, match="synthetic.num_features: must be >= 1"):
+        load_config(overrides=["synthetic.generator=hyperplane", "synthetic.num_features=0"])
+
+
+def test_a_float_in_scientific_notation_is_a_number(tmp_path: Path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 1e-3\n")
+    assert load_config(p).train.lr == 1e-3
+    assert load_config(overrides=["train.lr=1e-4", "duration_s=1e-05"]).train.lr == 1e-4
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
+        load_config(overrides=["train.lr=fast"])
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
+        load_config(overrides=["train.lr=nan"])
+
+
+@pytest.mark.parametrize("state_dir", ["2024", "x #1", "[a]", "~x: y"])
+def test_command_line_flags_are_taken_as_typed_not_as_yaml(tmp_path: Path, state_dir: str):
+    from livetrain.cli import _parser, _resolve
+
+    p = tmp_path / "c.yaml"
+    p.write_text("source:\n  kind: directory\n")
+    args = _parser().parse_args(["run", "--config", str(p), "--state-dir", state_dir, "--duration", "0.00001"])
+    cfg = _resolve(args)
+    assert cfg.state_dir == state_dir and cfg.duration_s == 1e-05
+
+
+def test_a_buffer_too_small_to_start_training_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"train.min_buffer_rows: 5000 is more than buffer.capacity_rows \(4000\)"):
+        load_config(overrides=["train.min_buffer_rows=5000", "buffer.capacity_rows=4000", "buffer.window_rows=100"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.cpus_per_worker=0", "train.cpus_per_worker: must be > 0"),
+        ("train.worker_resources={trainer: lots}", "train.worker_resources.trainer: expected a number"),
+        ("train.worker_resources={trainer: -1}", "train.worker_resources.trainer: must be >= 0"),
+        ("train.worker_resources={GPU: 1}", "train.worker_resources.GPU: set CPUs with train.cpus_per_worker"),
+        ("train.max_failures=-2", "train.max_failures: must be >= -1"),
+        ("ray.num_cpus=0", "ray.num_cpus: must be >= 1"),
+        ("serve.port=0", "serve.port: must be a TCP port"),
+        ("serve.port=65536", "serve.port: must be a TCP port"),
+        ("serve.host=''", "serve.host: empty"),
+        ("state_dir=' '", "state_dir: empty"),
+        ("schema.features=[a, '']", "schema.features: a column name is empty"),
+        ("ray.namespace=''", "ray.namespace: empty"),
+        ("gate.tolerance=1.5", r"gate.tolerance: must be in \[0, 1\]"),
+        ("gate.tolerance=-0.1", r"gate.tolerance: must be in \[0, 1\]"),
+        ("gate.alarm_min_z=0", "gate.alarm_min_z: must be > 0"),
+    ],
+)
+def test_a_value_that_cannot_work_is_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_a_tilde_in_a_local_path_is_the_home_directory(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    cfg = load_config(overrides=["state_dir=~/lt", "source.path=~/landing", "storage.uri=~/shared/lt"])
+    home = "/home/someone"
+    assert (cfg.state_dir, cfg.source.path, cfg.storage.uri) == (f"{home}/lt", f"{home}/landing", f"{home}/shared/lt")
+    assert cfg.landing_dir == Path("/home/someone/landing")
+    cfg = load_config(overrides=["source.path=s3://bucket/~x", "storage.uri=s3://bucket/~y"])
+    assert (cfg.source.path, cfg.storage.uri) == ("s3://bucket/~x", "s3://bucket/~y")
+
+
+def test_overrides_may_stand_before_and_after_the_flags(tmp_path: Path):
+    from livetrain.cli import _parse
+
+    args = _parse(["config", "train.lr=0.5", "--config", str(tmp_path / "c.yaml"), "train.batch_size=8"])
+    assert args.overrides == ["train.lr=0.5", "train.batch_size=8"] and args.config == tmp_path / "c.yaml"
+    with pytest.raises(SystemExit):
+        _parse(["config", "train.lr=0.5", "--bogus", "train.batch_size=8"])
+
+
+def test_a_reader_that_went_away_ends_the_output_without_a_traceback():
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # `livetrain config | head -5` once head has exited
+    proc = subprocess.run([sys.executable, "-m", "livetrain.cli", "config", "--help-fields"], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write)
+    assert proc.returncode == 1 and proc.stderr == ""

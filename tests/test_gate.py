@@ -53,6 +53,13 @@ def test_prequential_window_forgets_old_rows():
     assert pq.window_accuracy == pytest.approx(0.0)
 
 
+def test_prequential_window_keeps_the_newest_block_even_with_no_window_rows():
+    pq = Prequential(2, window_rows=0)
+    pq.update(np.zeros(10), np.zeros(10))
+    pq.update(np.zeros(10), np.ones(10))
+    assert pq.window_rows_seen == 10 and pq.window_accuracy == pytest.approx(0.0)
+
+
 def test_cadence_is_due_every_period_and_optionally_at_start():
     from livetrain.training.learner import Cadence
 

@@ -39,14 +39,20 @@ def plugin(tmp_path: Path, monkeypatch):
         "def build(num_features, num_classes, width=4):\n"
         "    return torch.nn.Sequential(torch.nn.Linear(num_features, width), torch.nn.ReLU(),\n"
         "                               torch.nn.Linear(width, num_classes))\n"
+        "def crash(num_features, num_classes):\n"
+        "    return {}['layers']\n"
     )
     dist = tmp_path / "my_models-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-models\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[livetrain.models]\ntiny = my_models:build\n")
+    (dist / "entry_points.txt").write_text(
+        "[livetrain.models]\ntiny = my_models:build\ncrashes = my_models:crash\n"
+        "no_module = not_my_models:build\nno_builder = my_models:gone\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "tiny"
-    BUILDERS.pop("tiny", None)
+    for name in ("tiny", "crashes"):
+        BUILDERS.pop(name, None)
     sys.modules.pop("my_models", None)
 
 
@@ -58,6 +64,19 @@ def test_plugin_model_is_found_by_entry_point_and_round_trips(plugin, tmp_path: 
     rebuilt, _ = load_model(tmp_path / "ckpt")
     x = torch.randn(4, 3)
     assert torch.equal(rebuilt(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "name, cause",
+    [
+        ("no_module", r"plug-in 'no_module' \(not_my_models:build\) cannot be loaded: ModuleNotFoundError"),
+        ("no_builder", r"plug-in 'no_builder' \(my_models:gone\) cannot be loaded: AttributeError"),
+        ("crashes", r"the 'crashes' builder failed: KeyError: 'layers'"),
+    ],
+)
+def test_a_broken_plugin_is_a_config_error_naming_it_and_the_cause(plugin, name: str, cause: str):
+    with pytest.raises(ConfigError, match=rf"^model.name: {cause}"):
+        model_spec(ModelConfig(name=name), num_features=3, num_classes=2)
 
 
 def test_unknown_model_lists_what_is_known():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -15,8 +16,8 @@ import pytest
 import yaml
 
 from _util import S3_ENV, free_port
-from livetrain.config import ConfigError, StorageConfig
-from livetrain.storage import Store
+from livetrain.config import ConfigError, StorageConfig, load_config
+from livetrain.storage import Store, filesystem
 
 def test_store_put_get_list_restore_never_overwrites_local(s3: str, tmp_path: Path):
     store = Store(StorageConfig(uri="s3://livetrain-test/unit", endpoint=s3))
@@ -64,6 +65,22 @@ def test_unreachable_or_bucketless_storage_is_a_clear_error(s3: str):
         Store(StorageConfig(uri="s3://", endpoint=s3)).check()
     with pytest.raises(ConfigError, match="scheme"):
         StorageConfig(uri="s3://livetrain-test/x", endpoint="127.0.0.1:9000")
+
+
+@pytest.mark.parametrize(
+    "key, uri, message",
+    [
+        ("storage.uri", "s3://bucket/prefix?region=eu-west-1", "has a query string; set storage.endpoint / storage.region"),
+        ("storage.uri", "s3:///x", "names no bucket"),
+        ("source.path", "s3://bucket/landing?endpoint_override=localhost", "has a query string"),
+        ("source.path", "s3:///landing", "names no bucket"),
+    ],
+)
+def test_an_s3_uri_with_a_query_or_no_bucket_is_refused_when_loaded(key: str, uri: str, message: str):
+    with pytest.raises(ConfigError, match=rf"^{key}: '{re.escape(uri)}' {message}"):
+        load_config(overrides=[f"{key}={uri}"])
+    with pytest.raises(ConfigError, match=message):
+        filesystem(uri)
 
 
 def _upload(local: Path, fs: pafs.FileSystem, prefix: str) -> None:

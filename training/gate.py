@@ -160,7 +160,7 @@ class Prequential:
         self._window.append((cm, loss))
         self._w_cm += cm
         self._w_loss += loss
-        while self._w_cm.sum() - self._window[0][0].sum() >= self.window_rows:
+        while len(self._window) > 1 and self._w_cm.sum() - self._window[0][0].sum() >= self.window_rows:
             old_cm, old_loss = self._window.popleft()
             self._w_cm -= old_cm
             self._w_loss -= old_loss

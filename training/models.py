@@ -153,7 +153,11 @@ def find_builder(name: str) -> Builder:
         return BUILDERS[name]
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
-            BUILDERS[name] = ep.load()
+            try:
+                BUILDERS[name] = ep.load()
+            except Exception as e:  # a broken plug-in: its module or attribute is not there, or fails to import
+                raise ConfigError(f"model.name: plug-in {name!r} ({ep.value}) cannot be loaded: "
+                                  f"{type(e).__name__}: {e}") from e
             return BUILDERS[name]
     known = sorted(set(BUILDERS) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
     raise ValueError(f"unknown model {name!r} (known: {', '.join(known)}; plug-ins register under the "
@@ -180,6 +184,8 @@ def model_spec(cfg: ModelConfig, num_features: int, num_classes: int) -> ModelSp
         raise ConfigError(f"model.name: {e}" if str(e).startswith("unknown model") else str(e)) from e
     except RuntimeError as e:  # torch refusing a layer (a width of 0, ...): name the config, not a stack
         raise ConfigError(f"model {cfg.name!r} cannot be built from {kwargs}: {e}") from e
+    except Exception as e:  # a plug-in's own bug: still one line, naming it
+        raise ConfigError(f"model.name: the {cfg.name!r} builder failed: {type(e).__name__}: {e}") from e
     try:
         out = model.eval()(torch.zeros(2, num_features))
     except RuntimeError as e:
