@@ -140,8 +140,8 @@ def test_run_restarts_on_a_fresh_state_dir_from_s3(s3: str, tmp_path: Path):
         done.set()
         feeder.join()
     assert first["shards_ingested"] >= 12 and first["served_version"] is not None and first["train_steps"] > 0
-    assert first["shards_quarantined"] == 1  # copied whole from S3 into quarantine/, with its reason
-    assert (tmp_path / "a" / "quarantine" / "zz-not-parquet.parquet").read_bytes() == b"this is not parquet"
+    assert first["shards_quarantined"] == 1  # copied whole from S3 into quarantine/whole/, with its reason
+    assert (tmp_path / "a" / "quarantine" / "whole" / "zz-not-parquet.parquet").read_bytes() == b"this is not parquet"
 
     held = store.list()
     assert {"manifest.sqlite", "decisions.jsonl", "buffer_snapshot.json", "wandb_run_id"} <= set(held)
