@@ -32,7 +32,7 @@ from torch import nn
 
 from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ModelSpec
-from livetrain.training.checkpoint import model_from_weights
+from livetrain.training.checkpoint import CheckpointError, check_finite, model_from_weights
 from livetrain.training.drift import DriftAlarm, DriftMonitor, ReactionState, decay, react
 from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, hold_z_bar, holdout_mask, holds_out, mcnemar_z
 from livetrain.training.softmax import softmax
@@ -243,15 +243,12 @@ class Registry:
         return [self.rollback(self.previous, reason)]
 
     def propose(self, cand: Candidate, weights: dict[str, np.ndarray]) -> tuple[int, list[Decision]]:
-        """Register a candidate; returns its version and any decisions taken."""
-        version = self.next_version
-        self.next_version += 1
-        self.versions_proposed += 1
-        decisions: list[Decision] = []
-        if self.pending is not None:
-            decisions.append(self._record(self.pending, "supersede", f"superseded by v{version} before enough unseen rows arrived", {}, None, 0, self.served.version if self.served else None))
-        self.pending = Version(
-            version=version,
+        """Register a candidate; returns its version and any decisions taken. Weights that
+        do not fit the spec raise CheckpointError before anything is counted or recorded;
+        non-finite ones are rejected at once (every replica would refuse them), and the
+        pending candidate stays."""
+        v = Version(
+            version=self.next_version,
             spec=cand.spec,
             weights=weights,
             model=model_from_weights(cand.spec, weights),
@@ -261,7 +258,18 @@ class Registry:
             train_step=cand.train_step,
             small_holdout=cand.small_holdout,
         )
-        return version, decisions + self._try_decide()
+        self.next_version += 1
+        self.versions_proposed += 1
+        served = self.served.version if self.served else None
+        try:
+            check_finite(weights, f"v{v.version}")
+        except CheckpointError as e:
+            return v.version, [self._record(v, "reject", f"non-finite weights ({e})", {}, None, 0, served)]
+        decisions: list[Decision] = []
+        if self.pending is not None:
+            decisions.append(self._record(self.pending, "supersede", f"superseded by v{v.version} before enough unseen rows arrived", {}, None, 0, served))
+        self.pending = v
+        return v.version, decisions + self._try_decide()
 
     def record_answer(self, version: int, at: float) -> None:
         """A replica answered with ``version`` at ``at``: closes freshness of covered shards."""
