@@ -12,7 +12,7 @@ The actor restarts when it dies (``max_restarts``) and its calls are retried
 decision log last served (never a candidate nothing judged), with the
 versions served before it (the gate's ``compare_versions``, ``rollback``'s
 default, the replaced version's shadow scoring) read back from disk, and the
-version numbers going on from the log's highest. A whole-process restart of
+version numbers going on from the highest the log or ``served/`` holds. A whole-process restart of
 ``livetrain run`` comes up the same way. What lived only in memory starts
 again: the prequential figures and shadow scores, the drift detectors, and
 the counts behind ``decisions``/``alarms`` (their callers see a new
@@ -29,7 +29,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import ray
 import torch
@@ -87,7 +87,7 @@ class ModelRegistry:
         self._changed = threading.Condition(self._lock)
         self._served: ServedVersion | None = None
         self._state.mkdir(parents=True, exist_ok=True)
-        self._log = (self._state / DECISIONS_FILE).open("a")
+        self._log = _open_log(self._state / DECISIONS_FILE)
         self._train_stats: dict[str, Any] = {}
         self._weight_refs: dict[int, ray.ObjectRef] = {}
         self.instance = uuid.uuid4().hex
@@ -198,8 +198,10 @@ class ModelRegistry:
     def _apply(self, decisions: list[Decision]) -> None:
         for d in decisions:
             self._log.write(json.dumps(dataclasses.asdict(d)) + "\n")
+            if d.action == "promote":  # a new number: a model.pt already there is a crashed run's (logged never)
+                self._save(self._reg.served)  # its weights reach the store before the decision naming it
             if d.action in ("promote", "rollback"):
-                self._publish(self._reg.served)  # its weights reach the store before the decision naming it
+                self._publish(self._reg.served)
         self._log.flush()
         if decisions:
             self._push(DECISIONS_FILE)
@@ -225,7 +227,7 @@ class ModelRegistry:
         new = list(alarms)
         if self._last_alarm is not None and self._last_alarm in new:
             new = new[new.index(self._last_alarm) + 1 :]
-        with (self._state / ALARMS_FILE).open("a") as f:
+        with _open_log(self._state / ALARMS_FILE) as f:
             for a in new:
                 f.write(json.dumps(dataclasses.asdict(a)) + "\n")
         self._last_alarm = alarms[-1]
@@ -325,8 +327,9 @@ class ModelRegistry:
         (shadow-scored for the automatic rollback)."""
         latest = sorted((self._state / SERVED_DIR).glob("v*/model.pt"))
         last_decision, max_version, order = _read_decisions(self._state / DECISIONS_FILE)
+        # a crash between saving served/vN and logging its promotion leaves vN on disk only: never reuse N
+        self._reg.next_version = max([max_version, *(int(p.parent.name[1:]) for p in latest)]) + 1
         if last_decision is not None:
-            self._reg.next_version = max_version + 1
             served = last_decision.get("served_version")
             if last_decision["action"] in ("promote", "rollback"):
                 served = last_decision["version"]
@@ -343,6 +346,18 @@ class ModelRegistry:
         with self._lock:
             self._reg.restore_served(v, earlier[::-1], replaced)
             self._publish(v)
+
+
+def _open_log(path: Path) -> TextIO:
+    """``path`` opened to append lines. A crash mid-write leaves a last line without its
+    newline: it is ended first, else the next line joins the torn one and is lost with it."""
+    f = path.open("a")
+    if f.tell() > 0:
+        with path.open("rb") as r:
+            r.seek(-1, 2)
+            if r.read(1) != b"\n":
+                f.write("\n")
+    return f
 
 
 def _version_from_checkpoint(path: Path) -> Version:
