@@ -224,6 +224,30 @@ def test_rollback_without_an_earlier_version_is_refused():
         r.rollback()
 
 
+def test_the_default_rollback_never_serves_again_a_version_rolled_back_from():
+    from livetrain.training.registry import RollbackError
+
+    r = registry(tolerance=1.0, rollback_min_rows=100)
+    r.propose(*cand(0, through=-1))
+    r.observe(*block(0, 0))  # v1 answers 0
+    r.propose(*cand(1, through=0))
+    r.observe(*block(1, 1))  # v2 answers 1
+    (d,) = r.observe(*block(2, 0))  # v2 all wrong: rolled back by itself
+    assert (d.action, d.version, r.served.version) == ("rollback", 1, 1)
+    with pytest.raises(RollbackError, match="no version promoted before v1"):
+        r.rollback(reason="one more")  # not back to v2
+    for seq, v in ((3, 3), (4, 4)):
+        r.propose(*cand(0, through=seq - 1))
+        r.observe(*block(seq, 0))
+        assert r.served.version == v
+    assert r.rollback(reason="by hand").version == 3
+    r.propose(*cand(0, through=4))
+    r.observe(*block(5, 0))
+    assert r.served.version == 5
+    assert r.rollback(reason="by hand").version == 3  # v4 was rolled back from
+    assert r.rollback(reason="by hand").version == 1  # v2 too
+
+
 def xor_block(seq: int, rows: int = 500, flip: bool = False, seed: int = 0):
     """A learnable block: label = x0 > 0 (flipped when ``flip``: a poisoned block)."""
     rng = np.random.default_rng(seed + seq)

@@ -1,8 +1,9 @@
-"""The registry actor's files across crashes, without Ray: the actor's class run in
+"""The registry actor's files across crashes and restarts, without Ray: the actor's class run in
 the test, with the object store faked as the identity."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,17 @@ def test_a_torn_last_line_does_not_swallow_the_next_decision(start, tmp_path):
         f.write('{"at": 2.0}\n')
     assert (tmp_path / "alarms.jsonl").read_text().splitlines()[-1] == '{"at": 2.0}'
 
+
+def test_a_restarted_registrys_default_rollback_skips_versions_rolled_back_from(start, tmp_path):
+    a = start()
+    for seq in (1, 2, 3):  # all alike: the tolerance promotes each
+        observe(a, seq, 0)
+        propose(a, 0, seq)
+    observe(a, 4, 0)
+    assert a._served.version == 3 and a.rollback().version == 2
+    a._log.close()
+    b = start()
+    assert b._served.version == 2 and b._reg.rolled_back_from == {3}
+    assert b.rollback().version == 1  # not v3 again
+    b._log.close()
+    assert json.loads((tmp_path / "decisions.jsonl").read_text().splitlines()[-1])["served_version"] == 2

@@ -326,7 +326,7 @@ class ModelRegistry:
         ``rollback`` goes back to the newest) and, after a promotion, the one it replaced
         (shadow-scored for the automatic rollback)."""
         latest = sorted((self._state / SERVED_DIR).glob("v*/model.pt"))
-        last_decision, max_version, order = _read_decisions(self._state / DECISIONS_FILE)
+        last_decision, max_version, order, rolled_back_from = _read_decisions(self._state / DECISIONS_FILE)
         # a crash between saving served/vN and logging its promotion leaves vN on disk only: never reuse N
         self._reg.next_version = max([max_version, *(int(p.parent.name[1:]) for p in latest)]) + 1
         if last_decision is not None:
@@ -339,12 +339,16 @@ class ModelRegistry:
             return
         v = _version_from_checkpoint(latest[-1])
         before = list(dict.fromkeys(reversed([n for n in order if n != v.version])))  # newest first, once each
-        earlier = [e for e in map(self._from_disk, before[: max(1, self._reg.cfg.compare_versions)]) if e is not None]
+        load = before[: max(1, self._reg.cfg.compare_versions)]
+        default = max((n for n in before if n < v.version and n not in rolled_back_from), default=None)
+        if default is not None and default not in load:  # rollback's default; oldest, beyond compare_versions
+            load.append(default)
+        earlier = [e for e in map(self._from_disk, load) if e is not None]
         replaced = None
         if last_decision is not None and last_decision["action"] == "promote" and last_decision["version"] == v.version:
             replaced = next((e for e in earlier if e.version == last_decision.get("served_version")), None)
         with self._lock:
-            self._reg.restore_served(v, earlier[::-1], replaced)
+            self._reg.restore_served(v, earlier[::-1], replaced, rolled_back_from)
             self._publish(v)
 
 
@@ -378,12 +382,13 @@ def _version_from_checkpoint(path: Path) -> Version:
     )
 
 
-def _read_decisions(path: Path) -> tuple[dict[str, Any] | None, int, list[int]]:
+def _read_decisions(path: Path) -> tuple[dict[str, Any] | None, int, list[int], set[int]]:
     """The last complete decision (a crash may leave a torn line), the highest version,
-    and the versions in the order they were served (promoted or rolled back to)."""
+    the versions in the order they were served (promoted or rolled back to), and those
+    a rollback took out of service (``Registry.rolled_back_from``)."""
     if not path.exists():
-        return None, 0, []
-    last, top, order = None, 0, []
+        return None, 0, [], set()
+    last, top, order, rolled_back_from = None, 0, [], set()
     for line in path.read_text().splitlines():
         try:
             d = json.loads(line)
@@ -392,7 +397,10 @@ def _read_decisions(path: Path) -> tuple[dict[str, Any] | None, int, list[int]]:
         last, top = d, max(top, int(d["version"]))
         if d["action"] in ("promote", "rollback"):
             order.append(int(d["version"]))
-    return last, top, order
+            rolled_back_from.discard(int(d["version"]))
+        if d["action"] == "rollback" and d.get("served_version") is not None:
+            rolled_back_from.add(int(d["served_version"]))
+    return last, top, order, rolled_back_from
 
 
 def _describe(s: ServedVersion) -> dict[str, Any]:
