@@ -111,3 +111,16 @@ def test_a_restarted_registrys_default_rollback_skips_versions_rolled_back_from(
     assert b.rollback().version == 1  # not v3 again
     b._log.close()
     assert json.loads((tmp_path / "decisions.jsonl").read_text().splitlines()[-1])["served_version"] == 2
+
+
+def test_a_rollback_to_a_version_whose_model_pt_is_unreadable_is_a_rollback_error(start, tmp_path):
+    from livetrain.training.registry import RollbackError
+
+    a = start()
+    observe(a, 1, 0)
+    propose(a, 0, 0)
+    (tmp_path / "served/v000009").mkdir()
+    (tmp_path / "served/v000009/model.pt").write_bytes(b"torn")
+    with pytest.raises(RollbackError, match="v9 cannot be loaded"):
+        a.rollback(9)
+    assert a._served.version == 1

@@ -40,6 +40,7 @@ from livetrain.storage import Store
 from livetrain.training.drift import DriftAlarm
 from livetrain.training.checkpoint import (
     CheckpointData,
+    CheckpointError,
     load_checkpoint,
     model_from_weights,
     save_checkpoint,
@@ -154,7 +155,10 @@ class ModelRegistry:
         with self._lock:
             target = None
             if version is not None:
-                target = self._reg.find(version) or self._from_disk(version)
+                try:
+                    target = self._reg.find(version) or self._from_disk(version)
+                except CheckpointError as e:  # the caller's to hear (409), not a registry failure
+                    raise RollbackError(f"v{version} cannot be loaded: {e}") from e
                 if target is None:
                     raise RollbackError(f"v{version} was never served (no {self._dir(version)})")
             d = self._reg.rollback(target, reason)
