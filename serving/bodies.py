@@ -19,6 +19,9 @@ stream (``answer_type``): then ``encode_arrow`` writes one row per input row
 from __future__ import annotations
 
 import json
+import struct
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +62,7 @@ def media_type(content_type: str | None) -> str:
 def answer_type(accept: str | None) -> str:
     """``ARROW`` when ``Accept`` lists the Arrow stream type with a q-value at
     least that of JSON (and above 0); ``JSON`` otherwise, including no header."""
-    if not accept or "arrow" not in accept:
+    if not accept or "arrow" not in accept.lower():
         return JSON
     q = {JSON: -1.0, ARROW: -1.0}
     for part in accept.split(","):
@@ -117,7 +120,7 @@ def decode(raw: bytes, content_type: str | None, features: list[str], limits: Li
         raise BadRequest(too_large_message(len(raw), limits), 413)
     if kind == JSON:
         return decode_json(raw, features, limits.max_instances)
-    return table_to_array(read_table(raw, kind), features, limits.max_bulk_rows)
+    return table_to_array(read_table(raw, kind, limits), features, limits.max_bulk_rows)
 
 
 def decode_json(raw: bytes, features: list[str], max_instances: int) -> np.ndarray:
@@ -138,17 +141,97 @@ def decode_json(raw: bytes, features: list[str], max_instances: int) -> np.ndarr
     return instances_to_array(body["instances"], features, max_instances)
 
 
-def read_table(raw: bytes, kind: str) -> pa.Table:
+def read_table(raw: bytes, kind: str, limits: Limits) -> pa.Table:
+    """The body as a table, its rows (and, compressed, its size) checked from the
+    metadata first: a few KB of zstd can hold GBs of zeros."""
     name = "Arrow IPC stream" if kind == ARROW else "Parquet file"
     if not raw:
         raise BadRequest(f"empty body: expected an {name}", 400)
     try:
         if kind == ARROW:
+            _check_arrow_stream(pa.py_buffer(raw), limits)
             with pa.ipc.open_stream(pa.py_buffer(raw)) as reader:
                 return reader.read_all()
-        return pq.read_table(pa.BufferReader(raw))
-    except (pa.ArrowException, OSError, ValueError, TypeError, IndexError) as e:
+        f = pq.ParquetFile(pa.BufferReader(raw))
+        if f.metadata.num_rows > limits.max_bulk_rows:
+            raise _too_many_rows(f.metadata.num_rows, limits.max_bulk_rows)
+        return f.read()
+    except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, struct.error) as e:
+        if isinstance(e, BadRequest):
+            raise
         raise BadRequest(f"body is not a readable {name}: {_first_line(e)}", 400) from None
+
+
+def _too_many_rows(n: int, max_rows: int) -> BadRequest:
+    return BadRequest(f"too many rows: {n} > {max_rows} per request (serve.max_bulk_rows)", 413)
+
+
+def _check_arrow_stream(buf: pa.Buffer, limits: Limits) -> None:
+    """Rows and decompressed bytes of every batch, from the messages' metadata: no
+    batch is decompressed. A compressed body may hold no more than an uncompressed
+    one (``max_body_bytes``)."""
+    rows = size = 0
+    for message in pa.ipc.MessageReader.open_stream(pa.BufferReader(buf)):
+        batch = _record_batch(message.metadata.to_pybytes())
+        if batch is None:
+            continue
+        length, buffers, compressed = batch
+        if message.type == "record batch":
+            rows += length
+        for offset, n in buffers:
+            if compressed and n >= 8:
+                declared = struct.unpack("<q", message.body[offset:offset + 8].to_pybytes())[0]
+                n = n - 8 if declared == -1 else declared
+            size += n
+    if rows > limits.max_bulk_rows:
+        raise _too_many_rows(rows, limits.max_bulk_rows)
+    if size > limits.max_body_bytes:
+        raise BadRequest(f"the Arrow stream decompresses to {size} bytes, more than {limits.max_body_bytes} "
+                         "(serve.max_body_bytes)", 413)
+
+
+def _record_batch(meta: bytes) -> tuple[int, list[tuple[int, int]], bool] | None:
+    """(length, body buffers as (offset, length), compressed?) of an IPC message that
+    carries a record batch (itself or a dictionary's), from its flatbuffer (Arrow's
+    Message.fbs); None for other messages."""
+    message = _fb_table(meta, struct.unpack_from("<I", meta, 0)[0])
+    kind, header = message(1), message(2)
+    if kind is None or header is None:
+        return None
+    header = _fb_ref(meta, header)
+    if meta[kind] == 2:  # DictionaryBatch: its data is a RecordBatch
+        data = _fb_table(meta, header)(1)
+        if data is None:
+            return None
+        header = _fb_ref(meta, data)
+    elif meta[kind] != 3:  # not a RecordBatch (the schema)
+        return None
+    batch = _fb_table(meta, header)
+    length = struct.unpack_from("<q", meta, batch(0))[0] if batch(0) is not None else 0
+    buffers = []
+    if batch(2) is not None:
+        vec = _fb_ref(meta, batch(2))
+        (count,) = struct.unpack_from("<I", meta, vec)
+        buffers = [struct.unpack_from("<qq", meta, vec + 4 + 16 * i) for i in range(count)]
+    return length, buffers, batch(3) is not None
+
+
+def _fb_table(buf: bytes, pos: int) -> Callable[[int], int | None]:
+    """A flatbuffer table at ``pos``: field index -> the field's position, or None if absent."""
+    vtable = pos - struct.unpack_from("<i", buf, pos)[0]
+    vsize = struct.unpack_from("<H", buf, vtable)[0]
+
+    def field(i: int) -> int | None:
+        at = 4 + 2 * i
+        off = struct.unpack_from("<H", buf, vtable + at)[0] if at < vsize else 0
+        return pos + off if off else None
+
+    return field
+
+
+def _fb_ref(buf: bytes, pos: int) -> int:
+    """Follow the offset stored at ``pos`` (a table or vector field)."""
+    return pos + struct.unpack_from("<I", buf, pos)[0]
 
 
 def table_to_array(table: pa.Table, features: list[str], max_rows: int) -> np.ndarray:
@@ -157,8 +240,11 @@ def table_to_array(table: pa.Table, features: list[str], max_rows: int) -> np.nd
     if table.num_rows == 0:
         raise BadRequest("the table has no rows: send at least one")
     if table.num_rows > max_rows:
-        raise BadRequest(f"too many rows: {table.num_rows} > {max_rows} per request (serve.max_bulk_rows)", 413)
+        raise _too_many_rows(table.num_rows, max_rows)
     names = table.column_names
+    twice = sorted(n for n, k in Counter(names).items() if k > 1)
+    if twice:
+        raise BadRequest(f"columns {twice[:10]} appear more than once: send each column once")
     if all(f in names for f in features):
         x = np.empty((table.num_rows, d), dtype=np.float32)
         for j, f in enumerate(features):

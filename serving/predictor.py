@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from livetrain.messages import ServedVersion
-from livetrain.training.checkpoint import CheckpointError, model_from_weights
+from livetrain.training.checkpoint import check_finite, model_from_weights
 from livetrain.training.softmax import softmax
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -73,10 +73,7 @@ def load_version(served: ServedVersion, weights: dict[str, Any], now: float | No
     """Build the model of a served version on ``device``, refusing weights that
     do not fit its spec or are not finite (CheckpointError); nothing is swapped
     on error."""
-    for name, w in weights.items():
-        a = np.asarray(w)
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise CheckpointError(f"v{served.version}: weight {name!r} is not finite")
+    check_finite(weights, f"v{served.version}")
     model = model_from_weights(served.spec, weights).to(device)
     return Loaded(served, model, time.time() if now is None else now, torch.device(device))
 

@@ -81,6 +81,28 @@ def test_newer_candidate_supersedes_pending_one():
     assert [x.action for x in d] == ["supersede"] and r.pending.version == 2
 
 
+def test_a_candidate_with_non_finite_weights_is_rejected_and_the_pending_one_stays():
+    r = registry()
+    r.propose(*cand(1, through=-1))
+    r.observe(*block(0, 1))
+    r.propose(*cand(1, through=5))  # pending: no unseen rows yet
+    c, w = cand(0, through=0)  # a diverged run: on class-0 rows NaN weights answer 0, so the gate would pass them
+    v, decisions = r.propose(c, {k: np.full_like(a, np.nan) if a.dtype.kind == "f" else a for k, a in w.items()})
+    assert [(d.version, d.action) for d in decisions] == [(v, "reject")] and "non-finite weights" in decisions[0].reason
+    assert r.served.version == 1 and r.pending.version == 2 and r.stats()["versions_rejected"] == 1
+
+
+def test_a_candidate_whose_weights_do_not_fit_its_spec_changes_nothing():
+    from livetrain.training.checkpoint import CheckpointError
+
+    r = registry()
+    r.propose(*cand(1, through=5))
+    c, w = cand(1, through=6)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        r.propose(c, {**w, "net.1.weight": np.zeros((7, 7), np.float32)})
+    assert r.pending.version == 1 and r.next_version == 2 and r.decisions == [] and r.versions_proposed == 1
+
+
 def test_served_model_is_scored_before_training_prequentially():
     r = registry()
     r.propose(*cand(1, through=-1))
@@ -200,6 +222,30 @@ def test_rollback_without_an_earlier_version_is_refused():
     r.observe(*block(0, 1))
     with pytest.raises(RollbackError, match="only version"):
         r.rollback()
+
+
+def test_the_default_rollback_never_serves_again_a_version_rolled_back_from():
+    from livetrain.training.registry import RollbackError
+
+    r = registry(tolerance=1.0, rollback_min_rows=100)
+    r.propose(*cand(0, through=-1))
+    r.observe(*block(0, 0))  # v1 answers 0
+    r.propose(*cand(1, through=0))
+    r.observe(*block(1, 1))  # v2 answers 1
+    (d,) = r.observe(*block(2, 0))  # v2 all wrong: rolled back by itself
+    assert (d.action, d.version, r.served.version) == ("rollback", 1, 1)
+    with pytest.raises(RollbackError, match="no version promoted before v1"):
+        r.rollback(reason="one more")  # not back to v2
+    for seq, v in ((3, 3), (4, 4)):
+        r.propose(*cand(0, through=seq - 1))
+        r.observe(*block(seq, 0))
+        assert r.served.version == v
+    assert r.rollback(reason="by hand").version == 3
+    r.propose(*cand(0, through=4))
+    r.observe(*block(5, 0))
+    assert r.served.version == 5
+    assert r.rollback(reason="by hand").version == 3  # v4 was rolled back from
+    assert r.rollback(reason="by hand").version == 1  # v2 too
 
 
 def xor_block(seq: int, rows: int = 500, flip: bool = False, seed: int = 0):

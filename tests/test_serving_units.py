@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -103,6 +104,7 @@ def test_deeply_nested_json_is_a_400_not_a_crash():
         (pa.table({f: pa.array([], pa.float32()) for f in F}), "no rows"),
         (pa.table({"f": pa.array([[1.0, 2.0]], pa.list_(pa.float32()))}), "has 2 features, expected 3"),
         (pa.table({f: np.zeros(101) for f in F}), "too many rows: 101 > 100"),
+        (pa.Table.from_arrays([pa.array([1.0])] * 4, names=[*F, "x0"]), "columns ['x0'] appear more than once"),
     ],
 )
 def test_bad_bulk_tables_are_refused_naming_the_problem(table, message):
@@ -110,6 +112,43 @@ def test_bad_bulk_tables_are_refused_naming_the_problem(table, message):
         with pytest.raises(BadRequest, match=None) as e:
             bodies.decode(raw, kind, F, LIMITS)
         assert message in str(e.value), (kind, str(e.value))
+
+
+def compressed(kind: str, table: pa.Table, times: int) -> bytes:
+    """``table`` written ``times`` over with zstd: a small body that reads as a large table."""
+    sink = pa.BufferOutputStream()
+    if kind == bodies.ARROW:
+        with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+            for _ in range(times):
+                w.write_table(table)
+    else:
+        with pq.ParquetWriter(sink, table.schema, compression="zstd") as w:
+            for _ in range(times):
+                w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+ZEROS = pa.table({f: np.zeros(1_000_000, np.float32) for f in F})
+
+
+@pytest.mark.parametrize(
+    "kind, table, times, message",
+    [
+        (bodies.ARROW, ZEROS, 10, "too many rows: 10000000 > 100"),
+        (bodies.PARQUET, ZEROS, 10, "too many rows: 10000000 > 100"),
+        (bodies.ARROW, pa.table({"features": pa.array([np.zeros(200_000)])}), 1, "decompresses to 1600008 bytes"),  # one row
+    ],
+)
+def test_a_compressed_bulk_body_is_refused_before_it_is_decompressed(kind, table, times, message):
+    raw = compressed(kind, table, times)
+    limits = bodies.Limits(max_instances=10, max_bulk_rows=100, max_body_bytes=1_000_000)
+    assert len(raw) < limits.max_body_bytes
+    pool = pa.default_memory_pool()
+    peak = pool.max_memory()
+    with pytest.raises(BadRequest, match=message) as e:
+        bodies.decode(raw, kind, F, limits)
+    assert e.value.status == 413
+    assert pool.max_memory() - peak < 1_000_000  # read, the rows take 120 MB
 
 
 @pytest.mark.parametrize("kind", [bodies.ARROW, bodies.PARQUET])
@@ -295,6 +334,7 @@ def test_serve_config_binds_loopback_and_checks_batching_fields():
         (f"{bodies.ARROW};q=0", bodies.JSON),
         (f"{bodies.ARROW};q=oops", bodies.JSON),
         ("application/vnd.apache.arrow.file", bodies.JSON),
+        ("Application/VND.Apache.Arrow.Stream", bodies.ARROW),
     ],
 )
 def test_arrow_answers_only_when_accept_prefers_them(accept, answer):

@@ -88,6 +88,15 @@ def model_from_weights(spec: ModelSpec, weights: dict[str, Any]) -> nn.Module:
     return model.eval()
 
 
+def check_finite(weights: dict[str, Any], what: str) -> None:
+    """Refuse weights with a NaN or infinite value (CheckpointError naming ``what`` and the
+    weight): a diverged training run's model answers the same class everywhere."""
+    for name, w in weights.items():
+        a = np.asarray(w)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise CheckpointError(f"{what}: weight {name!r} is not finite")
+
+
 def state_dict_numpy(model: nn.Module) -> dict[str, np.ndarray]:
     """Weights as numpy arrays: what goes into the object store."""
     return {k: v.detach().cpu().numpy().copy() for k, v in unwrap(model).state_dict().items()}

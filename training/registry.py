@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, Candidate, Decision, ModelSpec
-from livetrain.training.checkpoint import model_from_weights
+from livetrain.training.checkpoint import CheckpointError, check_finite, model_from_weights
 from livetrain.training.drift import DriftAlarm, DriftMonitor, ReactionState, decay, react
 from livetrain.training.gate import Prequential, Verdict, classification_metrics, decide, hold_z_bar, holdout_mask, holds_out, mcnemar_z
 from livetrain.training.softmax import softmax
@@ -138,6 +138,9 @@ class Registry:
         self.pending: Version | None = None
         self.history: deque[Version] = deque(maxlen=KEEP_VERSIONS)
         """The last served versions, oldest first (older ones live on disk only)."""
+        self.rolled_back_from: set[int] = set()
+        """Versions a rollback took out of service (not served again since): ``rollback``'s
+        default passes over them."""
         self.decisions: list[Decision] = []
         """The newest decisions (at most ``2 * KEEP_RECENT``; ``decisions_since`` counts from the first)."""
         self._decisions_dropped = 0
@@ -243,15 +246,12 @@ class Registry:
         return [self.rollback(self.previous, reason)]
 
     def propose(self, cand: Candidate, weights: dict[str, np.ndarray]) -> tuple[int, list[Decision]]:
-        """Register a candidate; returns its version and any decisions taken."""
-        version = self.next_version
-        self.next_version += 1
-        self.versions_proposed += 1
-        decisions: list[Decision] = []
-        if self.pending is not None:
-            decisions.append(self._record(self.pending, "supersede", f"superseded by v{version} before enough unseen rows arrived", {}, None, 0, self.served.version if self.served else None))
-        self.pending = Version(
-            version=version,
+        """Register a candidate; returns its version and any decisions taken. Weights that
+        do not fit the spec raise CheckpointError before anything is counted or recorded;
+        non-finite ones are rejected at once (every replica would refuse them), and the
+        pending candidate stays."""
+        v = Version(
+            version=self.next_version,
             spec=cand.spec,
             weights=weights,
             model=model_from_weights(cand.spec, weights),
@@ -261,7 +261,18 @@ class Registry:
             train_step=cand.train_step,
             small_holdout=cand.small_holdout,
         )
-        return version, decisions + self._try_decide()
+        self.next_version += 1
+        self.versions_proposed += 1
+        served = self.served.version if self.served else None
+        try:
+            check_finite(weights, f"v{v.version}")
+        except CheckpointError as e:
+            return v.version, [self._record(v, "reject", f"non-finite weights ({e})", {}, None, 0, served)]
+        decisions: list[Decision] = []
+        if self.pending is not None:
+            decisions.append(self._record(self.pending, "supersede", f"superseded by v{v.version} before enough unseen rows arrived", {}, None, 0, served))
+        self.pending = v
+        return v.version, decisions + self._try_decide()
 
     def record_answer(self, version: int, at: float) -> None:
         """A replica answered with ``version`` at ``at``: closes freshness of covered shards."""
@@ -287,13 +298,16 @@ class Registry:
         self.live = Prequential(self.num_classes, self.cfg.window_rows)
         self.shadow = Prequential(self.num_classes, self.cfg.window_rows)
 
-    def restore_served(self, v: Version, earlier: Sequence[Version] = (), previous: Version | None = None) -> None:
+    def restore_served(self, v: Version, earlier: Sequence[Version] = (), previous: Version | None = None,
+                       rolled_back_from: Iterable[int] = ()) -> None:
         """Serve ``v`` again after a restart (no gate: it passed one before); ``earlier``:
         versions served before it, oldest first (the gate's ``compare_versions`` and
         ``rollback``'s default); ``previous``: the one ``v`` replaced, shadow-scored for
-        the automatic rollback (None after a rollback)."""
+        the automatic rollback (None after a rollback); ``rolled_back_from``: as the
+        decision log tells it."""
         self._serve(v, previous=previous)
         self.history.extend([*earlier, v])
+        self.rolled_back_from = set(rolled_back_from) - {v.version}
         self.next_version = max(self.next_version, v.version + 1)
 
     def hold_state(self) -> dict[str, Any] | None:
@@ -326,17 +340,24 @@ class Registry:
         self._hold_tests = int(state.get("tests", 0))
 
     def rollback(self, target: Version | None = None, reason: str = "requested") -> Decision:
-        """Serve ``target`` (default: the version served before the current one)."""
+        """Serve ``target``. Default: the newest version promoted before the current one
+        (numbers go up with promotions) that no rollback took out of service: after an
+        automatic v2 -> v1, the default goes on to v0, never back to v2."""
         if self.served is None:
             raise RollbackError("nothing is served yet")
         if target is None:
-            older = [v for v in self.history if v.version != self.served.version]
-            if not older:
+            if all(v.version == self.served.version for v in self.history):
                 raise RollbackError(f"v{self.served.version} is the only version ever served")
-            target = older[-1]
+            older = [v for v in self.history if v.version < self.served.version and v.version not in self.rolled_back_from]
+            if not older:
+                raise RollbackError(f"no version promoted before v{self.served.version} is left to roll back to "
+                                    f"(rolled back from: {sorted(self.rolled_back_from)}); name the version")
+            target = max(older, key=lambda v: v.version)
         if target.version == self.served.version:
             raise RollbackError(f"v{target.version} is already served")
         previous = self.served
+        self.rolled_back_from.add(previous.version)
+        self.rolled_back_from.discard(target.version)
         self._serve(target, previous=None)
         if target not in self.history:
             self.history.append(target)

@@ -12,7 +12,7 @@ The actor restarts when it dies (``max_restarts``) and its calls are retried
 decision log last served (never a candidate nothing judged), with the
 versions served before it (the gate's ``compare_versions``, ``rollback``'s
 default, the replaced version's shadow scoring) read back from disk, and the
-version numbers going on from the log's highest. A whole-process restart of
+version numbers going on from the highest the log or ``served/`` holds. A whole-process restart of
 ``livetrain run`` comes up the same way. What lived only in memory starts
 again: the prequential figures and shadow scores, the drift detectors, and
 the counts behind ``decisions``/``alarms`` (their callers see a new
@@ -29,7 +29,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import ray
 import torch
@@ -40,6 +40,7 @@ from livetrain.storage import Store
 from livetrain.training.drift import DriftAlarm
 from livetrain.training.checkpoint import (
     CheckpointData,
+    CheckpointError,
     load_checkpoint,
     model_from_weights,
     save_checkpoint,
@@ -87,7 +88,7 @@ class ModelRegistry:
         self._changed = threading.Condition(self._lock)
         self._served: ServedVersion | None = None
         self._state.mkdir(parents=True, exist_ok=True)
-        self._log = (self._state / DECISIONS_FILE).open("a")
+        self._log = _open_log(self._state / DECISIONS_FILE)
         self._train_stats: dict[str, Any] = {}
         self._weight_refs: dict[int, ray.ObjectRef] = {}
         self.instance = uuid.uuid4().hex
@@ -154,7 +155,10 @@ class ModelRegistry:
         with self._lock:
             target = None
             if version is not None:
-                target = self._reg.find(version) or self._from_disk(version)
+                try:
+                    target = self._reg.find(version) or self._from_disk(version)
+                except CheckpointError as e:  # the caller's to hear (409), not a registry failure
+                    raise RollbackError(f"v{version} cannot be loaded: {e}") from e
                 if target is None:
                     raise RollbackError(f"v{version} was never served (no {self._dir(version)})")
             d = self._reg.rollback(target, reason)
@@ -198,8 +202,10 @@ class ModelRegistry:
     def _apply(self, decisions: list[Decision]) -> None:
         for d in decisions:
             self._log.write(json.dumps(dataclasses.asdict(d)) + "\n")
+            if d.action == "promote":  # a new number: a model.pt already there is a crashed run's (logged never)
+                self._save(self._reg.served)  # its weights reach the store before the decision naming it
             if d.action in ("promote", "rollback"):
-                self._publish(self._reg.served)  # its weights reach the store before the decision naming it
+                self._publish(self._reg.served)
         self._log.flush()
         if decisions:
             self._push(DECISIONS_FILE)
@@ -225,7 +231,7 @@ class ModelRegistry:
         new = list(alarms)
         if self._last_alarm is not None and self._last_alarm in new:
             new = new[new.index(self._last_alarm) + 1 :]
-        with (self._state / ALARMS_FILE).open("a") as f:
+        with _open_log(self._state / ALARMS_FILE) as f:
             for a in new:
                 f.write(json.dumps(dataclasses.asdict(a)) + "\n")
         self._last_alarm = alarms[-1]
@@ -324,9 +330,10 @@ class ModelRegistry:
         ``rollback`` goes back to the newest) and, after a promotion, the one it replaced
         (shadow-scored for the automatic rollback)."""
         latest = sorted((self._state / SERVED_DIR).glob("v*/model.pt"))
-        last_decision, max_version, order = _read_decisions(self._state / DECISIONS_FILE)
+        last_decision, max_version, order, rolled_back_from = _read_decisions(self._state / DECISIONS_FILE)
+        # a crash between saving served/vN and logging its promotion leaves vN on disk only: never reuse N
+        self._reg.next_version = max([max_version, *(int(p.parent.name[1:]) for p in latest)]) + 1
         if last_decision is not None:
-            self._reg.next_version = max_version + 1
             served = last_decision.get("served_version")
             if last_decision["action"] in ("promote", "rollback"):
                 served = last_decision["version"]
@@ -336,13 +343,29 @@ class ModelRegistry:
             return
         v = _version_from_checkpoint(latest[-1])
         before = list(dict.fromkeys(reversed([n for n in order if n != v.version])))  # newest first, once each
-        earlier = [e for e in map(self._from_disk, before[: max(1, self._reg.cfg.compare_versions)]) if e is not None]
+        load = before[: max(1, self._reg.cfg.compare_versions)]
+        default = max((n for n in before if n < v.version and n not in rolled_back_from), default=None)
+        if default is not None and default not in load:  # rollback's default; oldest, beyond compare_versions
+            load.append(default)
+        earlier = [e for e in map(self._from_disk, load) if e is not None]
         replaced = None
         if last_decision is not None and last_decision["action"] == "promote" and last_decision["version"] == v.version:
             replaced = next((e for e in earlier if e.version == last_decision.get("served_version")), None)
         with self._lock:
-            self._reg.restore_served(v, earlier[::-1], replaced)
+            self._reg.restore_served(v, earlier[::-1], replaced, rolled_back_from)
             self._publish(v)
+
+
+def _open_log(path: Path) -> TextIO:
+    """``path`` opened to append lines. A crash mid-write leaves a last line without its
+    newline: it is ended first, else the next line joins the torn one and is lost with it."""
+    f = path.open("a")
+    if f.tell() > 0:
+        with path.open("rb") as r:
+            r.seek(-1, 2)
+            if r.read(1) != b"\n":
+                f.write("\n")
+    return f
 
 
 def _version_from_checkpoint(path: Path) -> Version:
@@ -363,12 +386,13 @@ def _version_from_checkpoint(path: Path) -> Version:
     )
 
 
-def _read_decisions(path: Path) -> tuple[dict[str, Any] | None, int, list[int]]:
+def _read_decisions(path: Path) -> tuple[dict[str, Any] | None, int, list[int], set[int]]:
     """The last complete decision (a crash may leave a torn line), the highest version,
-    and the versions in the order they were served (promoted or rolled back to)."""
+    the versions in the order they were served (promoted or rolled back to), and those
+    a rollback took out of service (``Registry.rolled_back_from``)."""
     if not path.exists():
-        return None, 0, []
-    last, top, order = None, 0, []
+        return None, 0, [], set()
+    last, top, order, rolled_back_from = None, 0, [], set()
     for line in path.read_text().splitlines():
         try:
             d = json.loads(line)
@@ -377,7 +401,10 @@ def _read_decisions(path: Path) -> tuple[dict[str, Any] | None, int, list[int]]:
         last, top = d, max(top, int(d["version"]))
         if d["action"] in ("promote", "rollback"):
             order.append(int(d["version"]))
-    return last, top, order
+            rolled_back_from.discard(int(d["version"]))
+        if d["action"] == "rollback" and d.get("served_version") is not None:
+            rolled_back_from.add(int(d["served_version"]))
+    return last, top, order, rolled_back_from
 
 
 def _describe(s: ServedVersion) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""The registry actor's files across crashes and restarts, without Ray: the actor's class run in
+the test, with the object store faked as the identity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_registry import SPEC, block, weights_predicting
+from livetrain.config import GateConfig
+from livetrain.history import read_history
+from livetrain.messages import Candidate
+from livetrain.training import registry_actor
+from livetrain.training.checkpoint import load_model
+
+GATE = GateConfig(min_eval_rows=100, max_eval_rows=1000, window_rows=1000, holdout_fraction=0.0, tolerance=1.0,
+                  rollback_min_rows=100)
+
+
+class NoObjectStore:
+    """``ray.put`` / ``ray.get`` as the identity: all the actor asks of Ray here."""
+
+    @staticmethod
+    def put(value):
+        return value
+
+    @staticmethod
+    def get(ref):
+        return ref
+
+
+@pytest.fixture
+def start(monkeypatch, tmp_path):
+    """Start (or restart, on the same state dir) the registry actor's logic."""
+    monkeypatch.setattr(registry_actor, "ray", NoObjectStore)
+    cls = registry_actor.ModelRegistry.__ray_metadata__.modified_class
+    return lambda: cls(GATE, 2, str(tmp_path))
+
+
+def observe(reg, seq: int, label: int) -> None:
+    with reg._lock:
+        reg._apply(reg._reg.observe(*block(seq, label)))
+
+
+def propose(reg, cls: int, through: int) -> int:
+    return reg.propose(Candidate(weights_predicting(cls), SPEC, through, 0.0, 0, 0.0, 0.0))
+
+
+def answers(path: Path) -> int:
+    """The class the model saved at ``path`` answers."""
+    return int(load_model(path)[0](torch.zeros((1, 2))).argmax())
+
+
+def test_a_version_saved_but_never_logged_is_not_numbered_again(start, tmp_path):
+    a = start()
+    observe(a, 1, 0)
+    assert propose(a, 0, 0) == 1
+    observe(a, 2, 0)
+    a._log.close()
+    a._log = open(tmp_path / "lost.jsonl", "w")  # the crash: v2's model.pt saved, its promotion never logged
+    assert propose(a, 0, 1) == 2
+    b = start()
+    assert b._served.version == 1 and b._reg.next_version == 3
+    observe(b, 3, 1)
+    assert propose(b, 1, 2) == 3 and b._served.version == 3
+    assert answers(tmp_path / "served/v000003/model.pt") == 1
+    assert start()._served.version == 3
+
+
+def test_a_promoted_version_overwrites_a_model_pt_left_under_its_number(start, tmp_path):
+    a = start()
+    observe(a, 1, 0)
+    propose(a, 0, 0)  # v1 answers 0
+    a._reg.next_version = 1  # a log that lost v1 and a served/ it was not checked against
+    observe(a, 2, 1)
+    assert propose(a, 1, 1) == 1
+    assert answers(tmp_path / "served/v000001/model.pt") == 1
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_decision(start, tmp_path):
+    a = start()
+    observe(a, 1, 0)
+    propose(a, 0, 0)
+    a._log.write('{"version": 2, "action": "rej')  # killed mid-line
+    a._log.close()
+    (tmp_path / "alarms.jsonl").write_text('{"at": 1.0, "detec')
+    b = start()
+    observe(b, 2, 1)
+    assert propose(b, 1, 1) == 2 and b._served.version == 2
+    b._log.close()
+    assert [(e["version"], e["action"]) for e in read_history(tmp_path)] == [(1, "promote"), (2, "promote")]
+    assert start()._served.version == 2
+    with registry_actor._open_log(tmp_path / "alarms.jsonl") as f:
+        f.write('{"at": 2.0}\n')
+    assert (tmp_path / "alarms.jsonl").read_text().splitlines()[-1] == '{"at": 2.0}'
+
+
+def test_a_restarted_registrys_default_rollback_skips_versions_rolled_back_from(start, tmp_path):
+    a = start()
+    for seq in (1, 2, 3):  # all alike: the tolerance promotes each
+        observe(a, seq, 0)
+        propose(a, 0, seq)
+    observe(a, 4, 0)
+    assert a._served.version == 3 and a.rollback().version == 2
+    a._log.close()
+    b = start()
+    assert b._served.version == 2 and b._reg.rolled_back_from == {3}
+    assert b.rollback().version == 1  # not v3 again
+    b._log.close()
+    assert json.loads((tmp_path / "decisions.jsonl").read_text().splitlines()[-1])["served_version"] == 2
+
+
+def test_a_rollback_to_a_version_whose_model_pt_is_unreadable_is_a_rollback_error(start, tmp_path):
+    from livetrain.training.registry import RollbackError
+
+    a = start()
+    observe(a, 1, 0)
+    propose(a, 0, 0)
+    (tmp_path / "served/v000009").mkdir()
+    (tmp_path / "served/v000009/model.pt").write_bytes(b"torn")
+    with pytest.raises(RollbackError, match="v9 cannot be loaded"):
+        a.rollback(9)
+    assert a._served.version == 1
