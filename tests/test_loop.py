@@ -161,7 +161,8 @@ def test_livetrain_rollback_serves_the_previous_version(loop):
     import subprocess
     import sys
 
-    wait_until(lambda: loop.snapshot()["versions_promoted"] >= 2, 180, "two promoted versions")
+    # three: an automatic rollback (v2 -> v1) before this one leaves the default nothing to go to
+    wait_until(lambda: loop.snapshot()["versions_promoted"] >= 3, 180, "three promoted versions")
     never = subprocess.run(
         [sys.executable, "-m", "livetrain.cli", "rollback", "999", "--namespace", loop.cfg.ray.namespace],
         capture_output=True, text=True, timeout=120,
