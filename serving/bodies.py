@@ -151,11 +151,15 @@ def read_table(raw: bytes, kind: str, limits: Limits) -> pa.Table:
         if kind == ARROW:
             _check_arrow_stream(pa.py_buffer(raw), limits)
             with pa.ipc.open_stream(pa.py_buffer(raw)) as reader:
-                return reader.read_all()
-        f = pq.ParquetFile(pa.BufferReader(raw))
-        if f.metadata.num_rows > limits.max_bulk_rows:
-            raise _too_many_rows(f.metadata.num_rows, limits.max_bulk_rows)
-        return f.read()
+                table = reader.read_all()
+        else:
+            f = pq.ParquetFile(pa.BufferReader(raw))
+            if f.metadata.num_rows > limits.max_bulk_rows:
+                raise _too_many_rows(f.metadata.num_rows, limits.max_bulk_rows)
+            table = f.read()
+        table.validate(full=True)  # offsets and lengths in bounds: a corrupt body fails here, not mid-conversion
+        table.column_names  # noqa: B018 -- names that are not UTF-8 fail here too
+        return table
     except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, struct.error) as e:
         if isinstance(e, BadRequest):
             raise

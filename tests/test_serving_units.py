@@ -158,6 +158,23 @@ def test_bytes_that_are_not_arrow_or_parquet_are_a_400(kind):
     assert e.value.status == 400 and "not a readable" in str(e.value)
 
 
+def test_an_arrow_body_corrupt_inside_is_a_400_not_a_500():
+    """Well-formed messages around bad contents: list offsets past the values, a
+    column name that is not UTF-8. Refused when read, not halfway through answering."""
+    table = pa.table({"x0": np.arange(4, dtype=np.float32), "xs": pa.array([[1.0], [2.0], [3.0], [4.0]])})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    raw = sink.getvalue().to_pybytes()
+    offsets = np.arange(5, dtype=np.int32).tobytes()
+    assert raw.count(offsets) == 1
+    for body in (raw.replace(offsets, np.array([0, 1, 2, 3, 400], dtype=np.int32).tobytes()),
+                 raw.replace(b"x0", b"\xff0")):
+        with pytest.raises(BadRequest) as e:
+            bodies.read_table(body, bodies.ARROW, LIMITS)
+        assert e.value.status == 400 and "not a readable Arrow IPC stream" in str(e.value)
+
+
 @pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"])
 def test_unsupported_content_type_is_a_415_naming_it(ctype):
     with pytest.raises(BadRequest) as e:
