@@ -639,8 +639,9 @@ class TrackingConfig:
     """Metrics: one W&B run plus a local JSON-lines log in the state dir."""
 
     wandb: str = "auto"
-    """``auto`` (online if WANDB_API_KEY is set, else offline), ``online``,
-    ``offline`` or ``disabled``."""
+    """``auto`` (online if WANDB_API_KEY is set, else offline), ``online`` (offline,
+    with a warning, when W&B finds no API key: never a login prompt), ``offline``
+    or ``disabled``."""
     project: str = "livetrain"
     """W&B project."""
     run_name: str | None = None

@@ -27,7 +27,7 @@ import os
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TextIO
 
 import pyarrow.fs as pafs
 
@@ -218,6 +218,19 @@ def open_shard(path: str | os.PathLike):
         return path
     fs, inner = _shard_fs(str(path))
     return fs.open_input_file(inner)
+
+
+def open_lines(path: str | os.PathLike, buffering: int = -1) -> TextIO:
+    """``path`` opened to append lines (a JSON-lines log). A crash mid-write leaves a
+    last line without its newline: it is ended first, else the next line joins the
+    torn one and is lost with it."""
+    f = open(path, "a", buffering=buffering)
+    if f.tell() > 0:
+        with open(path, "rb") as r:
+            r.seek(-1, os.SEEK_END)
+            if r.read(1) != b"\n":
+                f.write("\n")
+    return f
 
 
 def shard_stat(path: str | os.PathLike) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from livetrain.config import TrackingConfig
+from livetrain.storage import open_lines
 
 METRICS_FILE = "metrics.jsonl"
 RUN_ID_FILE = "wandb_run_id"
@@ -107,7 +108,7 @@ class Tracker:
         self._warned = False
         self._artifact_warned = False
         self._closed = False
-        self._log = (self.state_dir / METRICS_FILE).open("a", buffering=1)
+        self._log = open_lines(self.state_dir / METRICS_FILE, buffering=1)
         self._run: Any = None
         if self.mode != "disabled":
             self._run = self._start_run(cfg, config)
@@ -123,6 +124,14 @@ class Tracker:
 
             wandb_dir = self.state_dir / "wandb"
             wandb_dir.mkdir(parents=True, exist_ok=True)  # W&B needs it to exist
+            if self.mode == "online" and not wandb.login(prompt=False, verify=False):
+                # an explicit ``online`` with no key would stop here at W&B's login prompt
+                print(
+                    f"livetrain: tracking.wandb is online but W&B has no API key (set WANDB_API_KEY or run "
+                    f"`wandb login`): logging offline in {wandb_dir}; `wandb sync` uploads it later",
+                    file=sys.stderr,
+                )
+                self.mode = "offline"
             self.run_id = stable_run_id(self.state_dir)
             return wandb.init(
                 dir=str(self.state_dir),  # W&B writes into <dir>/wandb

@@ -83,6 +83,29 @@ def test_offline_run_lives_in_state_dir_and_resumes_on_restart(tmp_path, monkeyp
     assert [r["loss"] for r in read_metrics(tmp_path) if "loss" in r] == [0.5, 0.4]
 
 
+def test_online_without_an_api_key_logs_offline_instead_of_prompting(tmp_path, monkeypatch, capsys):
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no W&B settings with a key
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config" / "wandb"))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True, raising=False)  # as on a terminal: a prompt would block
+    tracker = Tracker(TrackingConfig(wandb="online"), tmp_path / "state", {})
+    tracker.log({"loss": 0.3}, step=0)
+    tracker.close()
+    assert tracker.mode == "offline"
+    assert "W&B has no API key" in capsys.readouterr().err
+    assert list((tmp_path / "state" / "wandb").glob(f"offline-run-*-{tracker.run_id}"))
+
+
+def test_a_torn_last_line_of_the_metrics_log_does_not_swallow_the_next(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    (tmp_path / "metrics.jsonl").write_text('{"loss": 0.1}\n{"loss": 0.')
+    with Tracker(TrackingConfig(), tmp_path, {}) as tracker:
+        tracker.log({"loss": 0.2}, step=1)
+    assert [r["loss"] for r in read_metrics(tmp_path)] == [0.1, 0.2]
+
+
 def test_wandb_init_failure_degrades_to_local_log(tmp_path, monkeypatch, capsys):
     import wandb
 

@@ -29,14 +29,14 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import ray
 import torch
 
 from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, BlockRef, Candidate, Decision, ServedVersion, fetch_blocks
-from livetrain.storage import Store
+from livetrain.storage import Store, open_lines
 from livetrain.training.drift import DriftAlarm
 from livetrain.training.checkpoint import (
     CheckpointData,
@@ -88,7 +88,7 @@ class ModelRegistry:
         self._changed = threading.Condition(self._lock)
         self._served: ServedVersion | None = None
         self._state.mkdir(parents=True, exist_ok=True)
-        self._log = _open_log(self._state / DECISIONS_FILE)
+        self._log = open_lines(self._state / DECISIONS_FILE)
         self._train_stats: dict[str, Any] = {}
         self._weight_refs: dict[int, ray.ObjectRef] = {}
         self.instance = uuid.uuid4().hex
@@ -231,7 +231,7 @@ class ModelRegistry:
         new = list(alarms)
         if self._last_alarm is not None and self._last_alarm in new:
             new = new[new.index(self._last_alarm) + 1 :]
-        with _open_log(self._state / ALARMS_FILE) as f:
+        with open_lines(self._state / ALARMS_FILE) as f:
             for a in new:
                 f.write(json.dumps(dataclasses.asdict(a)) + "\n")
         self._last_alarm = alarms[-1]
@@ -354,18 +354,6 @@ class ModelRegistry:
         with self._lock:
             self._reg.restore_served(v, earlier[::-1], replaced, rolled_back_from)
             self._publish(v)
-
-
-def _open_log(path: Path) -> TextIO:
-    """``path`` opened to append lines. A crash mid-write leaves a last line without its
-    newline: it is ended first, else the next line joins the torn one and is lost with it."""
-    f = path.open("a")
-    if f.tell() > 0:
-        with path.open("rb") as r:
-            r.seek(-1, 2)
-            if r.read(1) != b"\n":
-                f.write("\n")
-    return f
 
 
 def _version_from_checkpoint(path: Path) -> Version:
