@@ -13,6 +13,7 @@ from test_registry import SPEC, block, weights_predicting
 from livetrain.config import GateConfig
 from livetrain.history import read_history
 from livetrain.messages import Candidate
+from livetrain.storage import open_lines
 from livetrain.training import registry_actor
 from livetrain.training.checkpoint import load_model
 
@@ -93,7 +94,7 @@ def test_a_torn_last_line_does_not_swallow_the_next_decision(start, tmp_path):
     b._log.close()
     assert [(e["version"], e["action"]) for e in read_history(tmp_path)] == [(1, "promote"), (2, "promote")]
     assert start()._served.version == 2
-    with registry_actor._open_log(tmp_path / "alarms.jsonl") as f:
+    with open_lines(tmp_path / "alarms.jsonl") as f:
         f.write('{"at": 2.0}\n')
     assert (tmp_path / "alarms.jsonl").read_text().splitlines()[-1] == '{"at": 2.0}'
 
