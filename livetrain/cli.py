@@ -195,7 +195,7 @@ def _run(cfg: Config) -> int:
     if pipeline.stop_reason is not None:
         print(f"livetrain: stopped ({pipeline.stop_reason})", file=sys.stderr)
     print(json.dumps(pipeline.final))
-    return 0
+    return 1 if "train_error" in pipeline.final else 0
 
 
 def _history(state_dir: Path, as_json: bool) -> int:

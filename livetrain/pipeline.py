@@ -154,6 +154,9 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._owns_ray = False
         self._train_error: BaseException | None = None
+        self._stop_error: BaseException | None = None
+        self.final: dict[str, Any] = {}
+        """The summary ``stop`` leaves (empty when it stopped before ingest started)."""
         self._thread_error: tuple[str, BaseException] | None = None
         self._decisions_seen = 0
         self._alarms_seen = 0
@@ -294,10 +297,15 @@ class Pipeline:
         serving = self._delete_app(blocking=False)
         for t in self._threads:
             t.join(timeout=60 if t.name == "train" else 10)
+        train_problem = self._train_problem()
+        if train_problem:
+            print(f"livetrain: {train_problem}", file=sys.stderr)
         if started:
             self.ingest.shutdown()
             self._log_decisions()
             self.final = self.summary()
+            if train_problem:
+                self.final["train_error"] = train_problem
             self._push_state(force=True)
         if serving and not self._owns_ray:  # on a cluster, gone before `livetrain stop` returns
             self._delete_app(blocking=True)
@@ -369,9 +377,21 @@ class Pipeline:
     def _fit(self) -> None:
         try:
             make_trainer(self.cfg, self.spec, self.buffer, self.registry).fit()
-        except BaseException as e:  # surfaced by run()
-            if not self._stop.is_set():
+        except BaseException as e:  # surfaced by run(), or by stop() while it takes the last checkpoint
+            if self._stop.is_set():
+                self._stop_error = e
+            else:
                 self._train_error = e
+
+    def _train_problem(self) -> str | None:
+        """Why training may not have taken its last checkpoint, once ``stop`` joined it."""
+        train = next((t for t in self._threads if t.name == "train"), None)
+        if train is not None and train.is_alive():
+            return "training did not stop within 60 s: its last checkpoint may be missing"
+        if self._stop_error is not None:
+            e = self._stop_error
+            return f"training failed while stopping ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+        return None
 
     def _probe_loop(self) -> None:
         """A trickle of real requests: freshness is measured at a version's first answer."""

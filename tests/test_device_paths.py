@@ -74,7 +74,7 @@ def test_worker_step_learns_and_resumes_on_its_device(process_group, model_name,
     spec = model_spec(cfg, d, classes)
     x, y = separable(4096, d, classes)
     amp = amp_dtype_for("auto", device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         assert amp is torch.bfloat16  # train.amp: auto -> bf16 on a GPU that has it
 
     def worker(weights=None, optimizer_state=None):
@@ -192,3 +192,15 @@ def test_the_lean_step_leaves_what_it_does_not_cover_to_torch():
     assert lean_step(hooked) is None  # hooks must run: torch's path
     two_groups = torch.optim.AdamW([{"params": [m.weight]}, {"params": [m.bias], "lr": 0.1}], fused=True)
     assert lean_step(stepped(two_groups)) is None
+
+
+def test_amp_auto_is_bf16_only_where_the_gpu_computes_in_it(monkeypatch):
+    """A T4 (sm75) or V100 (sm70) only emulates bf16, though torch.cuda.is_bf16_supported()
+    says True there: ``auto`` trains in fp32 on them, as cluster.yaml says."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for capability, want in (((7, 5), None), ((7, 0), None), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert amp_dtype_for("auto", cuda) is want, capability
+    assert amp_dtype_for("auto", torch.device("cpu")) is None
+    assert amp_dtype_for("bf16", torch.device("cpu")) is torch.bfloat16

@@ -143,6 +143,6 @@ def test_an_optimizer_state_for_the_old_layout_leaves_the_optimizer_fresh(capsys
     opt.step()  # and it trains
 
     again = make_optimizer(new, 1e-3)
-    assert restore_optimizer(again, opt.state_dict(), lr=5e-3, who="rank 0")
-    assert [g["lr"] for g in again.param_groups] == [5e-3]
+    assert restore_optimizer(again, opt.state_dict(), lr=5e-3, who="rank 0", weight_decay=0.05)
+    assert [(g["lr"], g["weight_decay"]) for g in again.param_groups] == [(5e-3, 0.05)]  # the config's, not the saved
     assert len(again.state_dict()["state"]) == len(list(new.parameters()))

@@ -166,9 +166,11 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
-def restore_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any], lr: float, who: str) -> bool:
-    """Load a checkpoint's optimizer state, with the configured ``lr`` (a drift
-    reaction may have scaled the saved one). False, and the optimizer left
+def restore_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any], lr: float, who: str,
+                      weight_decay: float | None = None) -> bool:
+    """Load a checkpoint's optimizer state (Adam's moments and step counts) with the
+    configured ``lr`` (a drift reaction may have scaled the saved one) and
+    ``weight_decay`` (the config may have changed since). False, and the optimizer left
     fresh, when the state is for other parameters: an MLP saved before its
     input norm lost its affine part has two more (its weights fold into the
     new layout on load; Adam's moments for them cannot)."""
@@ -180,16 +182,21 @@ def restore_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any], lr: flo
         return False
     for group in opt.param_groups:
         group["lr"] = lr
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay
     return True
 
 
 def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
-    """``train.amp``: ``auto`` -> bf16 on a CUDA device that supports it, else full precision."""
+    """``train.amp``: ``auto`` -> bf16 on a CUDA device that computes in it (compute
+    capability 8.0 on: A100, L4, H100), else full precision. Not
+    ``torch.cuda.is_bf16_supported()``: it is True on a T4 or V100 too, which only
+    emulate bf16 (slower than fp32, and no bf16 convolutions in cuDNN)."""
     if setting == "off":
         return None
     if setting == "bf16":
         return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.bfloat16
     return None
 

@@ -131,7 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP
     if data is not None and data.optimizer is not None:
-        restore_optimizer(opt, data.optimizer, tc.lr, f"rank {rank}")  # after the move: state follows the params' device
+        restore_optimizer(opt, data.optimizer, tc.lr, f"rank {rank}", tc.weight_decay)  # after the move: state follows the params' device
     learner = Learner(
         model,
         opt,
