@@ -165,6 +165,7 @@ class Pipeline:
         self._probe = {"ok": 0, "no_model": 0, "failed": 0}
         """Probe answers; ``no_model``: 503 "no model has been promoted yet" (not a drop)."""
         self.started_at = time.time()
+        self._t0 = time.monotonic()  # durations: immune to the wall clock being set
         self.first_promotion_s: float | None = None
         self.url: str | None = None
         self.store: Store | None = None
@@ -416,7 +417,7 @@ class Pipeline:
         buf = ray.get(self.buffer.stats.remote())
         c = self.ingest.counters
         if self.first_promotion_s is None and reg["served_version"] is not None:
-            self.first_promotion_s = time.time() - self.started_at
+            self.first_promotion_s = time.monotonic() - self._t0
         return {
             "rows_ingested": c.rows_ingested,
             "rows_quarantined": c.rows_quarantined,
@@ -450,7 +451,7 @@ class Pipeline:
             "probe_requests_no_model": self._probe["no_model"],
             "probe_requests_failed": self._probe["failed"],
             "endpoint": self.url,
-            "elapsed_s": time.time() - self.started_at,
+            "elapsed_s": time.monotonic() - self._t0,
             "last_decision": getattr(self, "_last_decision", None),
         }
 
