@@ -353,7 +353,7 @@ def test_a_restarted_registry_comes_back_with_the_versions_served_before(ray_ses
     and the gate keeps comparing candidates with them."""
     import ray
 
-    cfg = serving_config(tmp_path, 0)
+    cfg = serving_config(tmp_path, 8000)  # no HTTP here: the registry alone
     registry = start_registry(cfg, "livetrain_restarted_registry", "livetrain-tests")
     promoter = Promoter(registry)
     versions = [promoter.promote() for _ in range(3)]
