@@ -436,6 +436,7 @@ class Pipeline:
             "train_samples_per_s": reg.get("train_samples_per_s"),
             "train_steps": reg.get("train_steps", 0),
             "train_loss": reg.get("train_loss"),
+            "train_divergences": reg.get("train_divergences", 0),
             "train_resumed_from_step": reg.get("train_resumed_from_step"),
             **{k: reg[k] for k in ("versions_proposed", "versions_promoted", "versions_rejected", "served_version")},
             "prequential_accuracy": reg["prequential_accuracy"],

@@ -22,7 +22,15 @@ from livetrain.config import ModelConfig
 from livetrain.messages import ServedVersion
 from livetrain.serving.predictor import load_version, replica_device
 from livetrain.training.checkpoint import CheckpointData, load_checkpoint, save_checkpoint, state_dict_numpy, unwrap
-from livetrain.training.learner import Learner, amp_dtype_for, lean_step, make_optimizer, max_over_ranks
+from livetrain.training.learner import (
+    Learner,
+    amp_dtype_for,
+    lean_step,
+    make_optimizer,
+    max_over_ranks,
+    reset_weights,
+    weights_finite,
+)
 from livetrain.training.models import build_model, model_spec
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
@@ -204,3 +212,38 @@ def test_amp_auto_is_bf16_only_where_the_gpu_computes_in_it(monkeypatch):
         assert amp_dtype_for("auto", cuda) is want, capability
     assert amp_dtype_for("auto", torch.device("cpu")) is None
     assert amp_dtype_for("bf16", torch.device("cpu")) is torch.bfloat16
+
+
+@pytest.mark.parametrize("process_group", DEVICES, indirect=True)
+def test_diverged_training_goes_on_from_the_served_weights_with_a_fresh_optimizer(process_group):
+    """A learning rate that blows the weights up: the round leaves non-finite
+    weights, ``weights_finite`` says so, and ``reset_weights`` puts the served
+    version's back (through the process group's broadcast) and empties Adam's
+    state; training then goes on and learns. Weights of another model fall back
+    to fresh ones."""
+    device = process_group
+    cfg, d, classes = MODELS["mlp"]
+    spec = model_spec(cfg, d, classes)
+    x, y = separable(2048, d, classes)
+    torch.manual_seed(0)
+    served = state_dict_numpy(build_model(spec))
+    model = DistributedDataParallel(build_model(spec).to(device), device_ids=[0] if device.type == "cuda" else None)
+    opt = make_optimizer(model, 1e30)
+    learner = Learner(model, opt, 256, device=device)
+    for _ in range(5):
+        learner.train_round(x, y, 20)
+        if not weights_finite(model):
+            break
+    assert not weights_finite(model) and opt.state
+    assert reset_weights(model, opt, served, lambda: build_model(spec))
+    assert weights_finite(model) and not opt.state
+    assert all(np.array_equal(v, served[k]) for k, v in state_dict_numpy(model).items())
+    learner.base_lrs = [3e-3]
+    learner.set_lr_scale(1.0)
+    learner.train_round(x, y, 300)
+    assert weights_finite(model) and accuracy(model, x, y, device) > 0.8
+
+    other = state_dict_numpy(build_model(model_spec(ModelConfig(name="mlp", hidden=[8]), d, classes)))
+    torch.manual_seed(1)
+    assert not reset_weights(model, opt, other, lambda: build_model(spec))
+    assert weights_finite(model)

@@ -201,6 +201,40 @@ def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def weights_finite(model: nn.Module) -> bool:
+    """No NaN or infinite parameter (one device sync). DDP keeps every rank's
+    parameters equal, so every rank gets the same answer."""
+    params = [p.detach() for p in _unwrap(model).parameters()]
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+
+
+def reset_weights(model: nn.Module, opt: torch.optim.Optimizer, weights: dict[str, Any] | None,
+                  fresh: Callable[[], nn.Module]) -> bool:
+    """After training diverged (non-finite weights): load ``weights`` (the served
+    version's), or ``fresh()``'s when there are none or they are another model's,
+    and empty the optimizer's state (Adam's moments are as broken as the weights).
+    Every rank calls it: rank 0's result is broadcast to the others, so the
+    ranks agree even if they fetched different versions. True if ``weights`` were used."""
+    target = _unwrap(model)
+    used = False
+    if weights is not None:
+        try:
+            target.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+            used = True
+        except (RuntimeError, KeyError):  # another model's weights (the config changed since)
+            pass
+    if not used:
+        target.load_state_dict(fresh().state_dict())
+    if dist.is_available() and dist.is_initialized():
+        for t in target.state_dict().values():
+            dist.broadcast(t, src=0)
+        flag = torch.tensor([float(used)], device=next(target.parameters()).device)
+        dist.broadcast(flag, src=0)
+        used = bool(flag.item())
+    opt.state.clear()
+    return used
+
+
 def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     """Each value's maximum over the DDP group (the values themselves when no
     group is set up): one collective per round for every rank's flags. NCCL

@@ -7,7 +7,9 @@ Each worker loops until the buffer closes:
     meanwhile)
       -> one all_reduce of control flags (stop / propose / checkpoint / no data),
          so every rank takes the same branch and calls ``report`` equally often
-      -> fetch the blocks zero-copy, K DDP steps
+      -> fetch the blocks zero-copy, K DDP steps (weights that went non-finite
+         are neither proposed nor checkpointed; the next round every rank goes
+         on from the served version's weights, with a fresh optimizer state)
       -> rank 0: propose weights to the registry (object store) on its cadence
       -> all: ``ray.train.report`` with rank 0's checkpoint on its cadence
 
@@ -51,12 +53,14 @@ from livetrain.training.learner import (
     amp_dtype_for,
     make_optimizer,
     max_over_ranks,
+    reset_weights,
     restore_optimizer,
     say,
+    weights_finite,
 )
 from livetrain.training.models import build_model
 
-STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST, NEW_BLOCKS = range(7)
+STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST, NEW_BLOCKS, DIVERGED = range(8)
 
 
 @dataclass
@@ -158,6 +162,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     newest_blocks: tuple[int, set[str]] = (-1, set())
     grown = False
     """Trained on blocks of the newest shard since the last proposal (same seq)."""
+    diverged, divergences = False, 0
+    """The last round left non-finite weights (checked on every rank; DDP keeps them equal)."""
 
     def draw(fresh_after: int) -> ray.ObjectRef:
         return buffer.sample.remote(tc.blocks_per_round, fresh_after, tc.min_buffer_rows, 0.5)
@@ -165,8 +171,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     next_sample = draw(progress.fresh_after)
     while True:
         sample = ray.get(next_sample)
-        flags = [0.0] * 7
+        flags = [0.0] * 8
         flags[NO_DATA] = float(not sample.blocks)
+        flags[DIVERGED] = float(diverged)
         flags[NEWEST] = max((m.seq for m in sample.metas), default=-1)
         if flags[NEWEST] > newest_blocks[0]:
             newest_blocks = (int(flags[NEWEST]), set())
@@ -187,6 +194,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             next_sample = draw(seen)  # unseen-first after what this round trains on
 
         learner.set_lr_scale(float(flags[LR_SCALE]) or 1.0)  # rank 0's knob, on every rank
+        if flags[DIVERGED]:  # every rank, together: the weights come from rank 0
+            divergences += 1
+            _recover(model, opt, spec, registry, rank, progress.step)
+            diverged = False
         if tc.anchor_l2:
             anchor_version = _refresh_anchor(learner, registry, anchor_version)
         if trains:
@@ -200,6 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                          [b.key for b in sample.blocks], through, small_holdout[1])
             last_result = learner.train_round(x, y, tc.steps_per_round)
             last_result.seconds = time.perf_counter() - t0
+            diverged = not weights_finite(model)  # neither proposed nor checkpointed; reset next round
             progress.step += tc.steps_per_round
             grown = grown or (bool(flags[NEW_BLOCKS]) and through == progress.trained_through)
             progress.trained_through = through
@@ -219,10 +231,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "samples_per_s": world * last_result.samples / max(last_result.seconds, 1e-9),
                     "trained_through": progress.trained_through,
                     "resumed_from_step": resumed_from_step,
+                    "divergences": divergences,
                 }
             )
             proposal_free = pending_proposal is None or ray.wait([pending_proposal], timeout=0)[0]
-            if (progress.trained_through > progress.last_proposed_through or grown) and proposal_free:
+            if (progress.trained_through > progress.last_proposed_through or grown) and proposal_free and not diverged:
                 pending_proposal = registry.propose.remote(
                     Candidate(
                         weights=ray.put(state_dict_numpy(model)),
@@ -238,7 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 progress.last_proposed_through, grown = progress.trained_through, False
 
         if flags[CHECKPOINT]:
-            _report(rank, model, opt, spec, cfg, progress, last_result)
+            _report(rank, model, opt, spec, cfg, progress, last_result, with_weights=not diverged)
         if flags[STOP]:
             return
 
@@ -252,11 +265,24 @@ def _refresh_anchor(learner: Learner, registry: Any, have: int) -> int:
     return served.version
 
 
-def _report(rank, model, opt, spec, cfg, progress, result) -> None:
+def _recover(model, opt, spec: ModelSpec, registry: Any, rank: int, step: int) -> None:
+    """Training diverged: go on from the served version's weights (fresh ones if
+    none is served, or it is another model), with a fresh optimizer state."""
+    served = ray.get(registry.wait_for_version.remote(-1, 0.0)) if rank == 0 else None
+    weights = weights_from_bytes(ray.get(served.weights)) if served is not None else None
+    torch.manual_seed(step)
+    used = reset_weights(model, opt, weights, lambda: build_model(spec))
+    if rank == 0:
+        whence = f"served v{served.version}'s weights" if used else "fresh weights"
+        say(f"livetrain: training diverged at step {step} (non-finite weights): it goes on from {whence}, "
+            "with a fresh optimizer state")
+
+
+def _report(rank, model, opt, spec, cfg, progress, result, with_weights: bool = True) -> None:
     metrics = {"step": progress.step, "trained_through": progress.trained_through}
     if result is not None:
         metrics["loss"] = result.loss
-    if rank != 0:
+    if rank != 0 or not with_weights:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as d:
