@@ -171,6 +171,11 @@ def test_a_buffer_too_small_to_start_training_is_refused_naming_both_keys():
         load_config(overrides=["train.min_buffer_rows=5000", "buffer.capacity_rows=4000", "buffer.window_rows=100"])
 
 
+def test_a_buffer_that_holds_exactly_min_buffer_rows_is_accepted():
+    cfg = load_config(overrides=["train.min_buffer_rows=4000", "buffer.capacity_rows=4000", "buffer.window_rows=100"])
+    assert cfg.train.min_buffer_rows == cfg.buffer.capacity_rows == 4000
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -189,6 +194,12 @@ def test_a_buffer_too_small_to_start_training_is_refused_naming_both_keys():
         ("gate.tolerance=1.5", r"gate.tolerance: must be in \[0, 1\]"),
         ("gate.tolerance=-0.1", r"gate.tolerance: must be in \[0, 1\]"),
         ("gate.alarm_min_z=0", "gate.alarm_min_z: must be > 0"),
+        ("schema={infer: true, classes: [0, 0, 1]}", "schema.classes: need at least two distinct labels"),
+        ("buffer={backpressure: coverage, max_unseen_rows: 200001}", r"buffer.max_unseen_rows: must be in \[1, buffer.capacity_rows\]"),
+        ("gate.min_eval_rows=5001", r"gate.min_eval_rows: must be in \[1, gate.max_eval_rows\]"),
+        ("gate.holdout_fraction=1.0", r"gate.holdout_fraction: must be in \[0, 1\)"),
+        ("train.lr=true", "train.lr: expected a number, got True"),
+        ("train.batch_size=true", "train.batch_size: expected an integer, got True"),
     ],
 )
 def test_a_value_that_cannot_work_is_refused_naming_the_key(override, message):

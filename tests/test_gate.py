@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from livetrain.config import GateConfig
-from livetrain.training.gate import Prequential, classification_metrics, decide
+from livetrain.training.gate import Prequential, classification_metrics, confusion_matrix, decide, holds_out
 
 
 def test_metrics_match_hand_computation():
@@ -18,6 +18,31 @@ def test_metrics_match_hand_computation():
     assert m["precision"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert m["recall"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert m["f1"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_precision_and_recall_are_not_swapped_on_an_asymmetric_confusion():
+    y = np.array([0, 0, 0, 1])
+    p = np.array([0, 0, 1, 1])
+    np.testing.assert_array_equal(confusion_matrix(y, p, 2), [[2, 1], [0, 1]])  # rows: true, columns: predicted
+    m = classification_metrics(y, p, 2)
+    # class 0: P=2/2 R=2/3 F1=4/5 ; class 1: P=1/2 R=1/1 F1=2/3
+    assert m["accuracy"] == pytest.approx(3 / 4)
+    assert m["precision"] == pytest.approx((1 + 1 / 2) / 2)
+    assert m["recall"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["f1"] == pytest.approx((4 / 5 + 2 / 3) / 2)
+
+
+def test_macro_metrics_average_over_the_classes_present_only():
+    """A class neither in the labels nor predicted (2 of 3 here) is left out of the
+    macro averages, as scikit-learn does; it does not pull them down as a 0."""
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0, 1, 1, 1])
+    m = classification_metrics(y, p, 3)
+    # class 0: P=1/1 R=1/2 F1=2/3 ; class 1: P=2/3 R=2/2 F1=4/5
+    assert m["precision"] == pytest.approx((1 + 2 / 3) / 2)
+    assert m["recall"] == pytest.approx((1 / 2 + 1) / 2)
+    assert m["f1"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert m == pytest.approx(classification_metrics(y, p, 2))
 
 
 def test_metrics_refuse_empty_input():
@@ -51,6 +76,15 @@ def test_prequential_window_forgets_old_rows():
     pq.update(np.zeros(100), np.ones(100))  # all wrong
     assert pq.accuracy == pytest.approx(0.5)
     assert pq.window_accuracy == pytest.approx(0.0)
+
+
+def test_prequential_log_loss_is_the_mean_negative_log_probability_of_the_true_class():
+    pq = Prequential(2, window_rows=100)
+    probs = np.array([[0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
+    pq.update(np.array([0, 1, 1]), np.array([0, 0, 1]), probs)
+    expected = -(np.log(0.8) + np.log(0.4) + np.log(0.7)) / 3
+    assert pq.report(window=False)["log_loss"] == pytest.approx(expected)
+    assert pq.report(window=True)["log_loss"] == pytest.approx(expected)
 
 
 def test_prequential_window_keeps_the_newest_block_even_with_no_window_rows():
@@ -203,6 +237,11 @@ def test_holdout_mask_is_a_stable_share_picked_by_content():
     wide = np.zeros((4000, 300), np.float32)
     wide[:, 299] = np.arange(4000)
     assert abs(holdout_mask(wide, 0.2).mean() - 0.2) < 0.03
+
+
+def test_a_block_whose_held_out_share_is_exactly_min_rows_holds_rows_out():
+    assert holds_out(400, 0.25, 100)
+    assert not holds_out(399, 0.25, 100)
 
 
 def test_training_rows_leave_out_the_newest_shards_held_out_rows():

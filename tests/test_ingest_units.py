@@ -14,13 +14,14 @@ from livetrain.actors.blocks import (
     HeldPart,
     RebuildShard,
     Snapshot,
+    label_index,
     part_rows,
     plan_rebuild,
     read_back,
     read_snapshot,
     write_snapshot,
 )
-from livetrain.actors.manifest import Manifest
+from livetrain.actors.manifest import Manifest, ShardRecord
 from livetrain.actors.rate_limiter import CoverageLimiter, FreshnessPolicy
 from livetrain.actors.replay_buffer import ReplayBuffer
 from livetrain.actors.ingest import CHUNK_BLOCKS, chunks_of
@@ -177,6 +178,45 @@ def test_rebuild_of_a_shard_going_in_by_parts_at_the_snapshot_adds_the_parts_com
     del body["open"]
     (tmp_path / SNAPSHOT_FILE).write_text(json.dumps(body))
     assert read_snapshot(tmp_path).open == {} and len(read_snapshot(tmp_path).parts) == 2
+
+
+def _record(name: str, seq: int, status: str = "ingested", good_rows: int | None = None,
+            rows_committed: int = 0) -> ShardRecord:
+    return ShardRecord(name, f"/landing/{name}", 1, 1, "", seq, status, None, None, good_rows, None, None, None,
+                       0.0, 0.0, rows_committed)
+
+
+def test_rebuild_ignores_held_parts_of_a_shard_quarantined_and_ingested_again_since():
+    """The snapshot held a part of ``a`` at seq 5; ``a`` has since been quarantined and
+    ingested again as seq 9. The old part is not read back: ``a`` comes back (or not)
+    as any shard committed after the snapshot, here not: ``b`` fills the budget."""
+    held = [HeldPart("a", 5, 0, 100, 100, 1, 0.0, True, 1)]
+    recs = [_record("a", 9, good_rows=100), _record("b", 10, good_rows=1000)]
+    plan = plan_rebuild(Snapshot(held, newest_seq=8), recs, capacity_rows=1000)
+    assert [(p.shard, p.starts) for p in plan] == [("b", None)]
+
+
+def test_rebuild_reads_a_shard_reopened_by_parts_since_the_snapshot_whole_to_its_watermark():
+    """The snapshot named ``a`` going in by parts at seq 5 (watermark 300); it was
+    quarantined and is going in by parts again as seq 9, at 600 now: every row
+    before 600 is read, not only those from the old watermark on."""
+    snap = Snapshot([], newest_seq=8, open={"a": (5, 300)})
+    (shard,) = plan_rebuild(snap, [], capacity_rows=1000, partly=[_record("a", 9, "claimed", rows_committed=600)])
+    assert (shard.seq, shard.starts, shard.tail_from, shard.upto) == (9, None, None, 600)
+
+
+def test_rebuild_of_a_shard_by_parts_in_a_snapshot_without_open_reads_it_whole_to_its_watermark():
+    """A snapshot written before ``open`` existed holds parts of a shard still going in
+    by parts: which parts came after it is unknown, so all are read to the watermark."""
+    held = [HeldPart("a", 5, 0, 100, 100, 1, 0.0, True, 1)]
+    (shard,) = plan_rebuild(Snapshot(held, newest_seq=5), [], capacity_rows=1000,
+                            partly=[_record("a", 5, "claimed", rows_committed=600)])
+    assert (shard.starts, shard.tail_from, shard.upto) == (None, None, 600)
+
+
+def test_labels_map_to_their_place_in_the_declared_classes_even_unsorted():
+    np.testing.assert_array_equal(label_index(np.array([9, 1, 5, 9]), [9, 1, 5]), [0, 1, 2, 0])
+    np.testing.assert_array_equal(label_index(np.array([5, 1]), [1, 5]), [1, 0])
 
 
 def test_a_poll_stats_only_new_files_until_the_recheck_is_due(tmp_path):

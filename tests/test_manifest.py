@@ -174,6 +174,14 @@ def test_a_claimed_shard_keeps_its_row_watermark_through_requeue_and_ingest(mani
     assert rec.status == "ingested" and rec.good_rows == 150 and manifest.partly_committed() == []
 
 
+def test_partly_committed_lists_only_shards_with_rows_in_the_buffer(manifest, tmp_path):
+    a, b, c = _shards(tmp_path / "landing", 3)
+    manifest.discover([a, b, c])
+    manifest.claim("w", 2)  # a and b claimed, c discovered
+    manifest.mark_ingested_many([], [(b.name, 100)])
+    assert [r.name for r in manifest.partly_committed()] == [b.name]
+
+
 def test_a_manifest_from_before_the_watermark_gets_the_column(tmp_path):
     state = tmp_path / "state"
     (a,) = _shards(tmp_path / "landing", 1)
@@ -276,6 +284,15 @@ def test_a_quarantined_shard_keeps_its_reason_and_cannot_be_ingested(manifest, t
     assert (record.status, record.reason) == ("quarantined", "zero rows")
     with pytest.raises(ManifestError, match="quarantined"):
         manifest.mark_ingested(shard.name, 1, 0)
+
+
+def test_a_shard_not_claimed_yet_can_be_quarantined(manifest, tmp_path):
+    (path,) = _shards(tmp_path / "landing", 1)
+    manifest.discover([path])
+    manifest.mark_quarantined(path.name, "unreadable")
+    record = manifest.get(path.name)
+    assert (record.status, record.reason) == ("quarantined", "unreadable")
+    assert manifest.claim("w", 1) == []
 
 
 def test_a_released_shard_is_claimed_again_keeping_its_place(manifest, tmp_path):

@@ -164,6 +164,17 @@ def test_the_tolerance_is_not_spent_again_at_every_promotion():
     assert decisions[0].action == "reject" and "v1, served before, has accuracy 1.0000" in decisions[0].reason
 
 
+def test_a_candidate_within_the_tolerance_of_the_versions_served_before_is_promoted():
+    """compare_versions holds back only a candidate more than the tolerance below an
+    earlier version: 0.98 against v1's 1.00 is within 0.025."""
+    r = registry(tolerance=0.025, compare_versions=4)
+    for k, t in enumerate((0.0, 0.01, 0.02)):  # accuracy 1.00, 0.99, 0.98 on the ramp
+        r.propose(Candidate(None, SPEC, k - 1, 0.0, 0, 0.0, 0.0), weights_above(t))
+        (decision,) = r.observe(*ramp(k))
+    assert decision.action == "promote", decision.reason
+    assert r.served.version == 3 and decision.candidate["accuracy"] == pytest.approx(0.98)
+
+
 def test_a_long_run_keeps_counts_but_only_the_newest_decisions_and_freshness(monkeypatch):
     """Months of decisions must not pile up in the registry's memory, nor make
     every ``stats`` call slower: counts are kept, the lists are trimmed."""
@@ -293,6 +304,18 @@ def test_poisoned_burst_puts_the_gate_on_hold():
     for s in range(seq + 1, seq + 4):
         decisions += r.observe(*xor_block(s))
     assert [d.action for d in decisions] == ["reject"] and r.served.version == 1
+
+
+def test_a_feature_drift_alarm_alone_does_not_put_the_gate_on_hold():
+    """x1, which the label does not depend on, moves: a PSI alarm reacts (the mix
+    leans recent) but the served model errs no more, so promotion is not held."""
+    r = served_well_for_20_blocks(alarm_hold_rows=3000)
+    for seq in range(20, 26):
+        meta, x, y = xor_block(seq)
+        x[:, 1] += 3.0
+        r.observe(meta, x, y)
+    assert [a.detector for a in r.drift.alarms] == ["features:psi"]
+    assert r.reaction.recent_fraction > 0.9 and not r.holding and r.hold_state() is None
 
 
 def holding_after_noise(**gate) -> tuple[Registry, np.random.Generator]:

@@ -234,3 +234,72 @@ def test_the_blocks_of_one_chunk_leave_the_reservoir_together():
         in_part = {h // 2 for h in held if (h ^ 1) in gone}
         assert len(in_part) <= 1, f"chunks held in part after chunk {k}: {sorted(in_part)}"
     assert len(gone) == 560 and buf.stats().reservoir_blocks > 20
+
+
+def test_a_block_of_exactly_the_capacity_is_accepted():
+    rows = ReplayBuffer(cfg(capacity_rows=100, window_rows=100))
+    rows.add(0, meta(0, rows=100))
+    assert rows.stats().rows == 100
+    nbytes = ReplayBuffer(cfg(capacity_bytes=1600))
+    nbytes.add(0, meta(0, rows=100, nbytes=1600))
+    assert nbytes.stats().bytes == 1600
+
+
+def test_a_late_shard_in_a_backlog_is_drawn_in_seq_order_not_arrival_order():
+    """A retried shard (seq 3) lands after 4 and 5 while the backlog reaches into
+    the reservoir: unseen blocks still come oldest shard first."""
+    buf = ReplayBuffer(cfg())  # window 300 rows: the last three to arrive
+    for seq in (0, 1, 2, 4, 5, 3):
+        buf.add(seq, meta(seq))
+    assert [e.meta.seq for e in buf.window_entries()] == [4, 5, 3]
+    assert [e.meta.seq for e in buf.sample(6, fresh_after=-1)] == [0, 1, 2, 3, 4, 5]
+
+
+def test_drawing_blocks_again_never_counts_their_rows_unseen_twice():
+    buf = ReplayBuffer(cfg())
+    fill(buf, 5)
+    buf.sample(2, fresh_after=-1)
+    for _ in range(5):  # the mix draws blocks 0 and 1 (and others) again and again
+        buf.sample(20, fresh_after=1)
+        assert buf.stats().unseen_rows == sum(e.meta.rows for e in buf.entries() if e.sampled == 0)
+    assert buf.stats().unseen_rows == 0
+
+
+def test_mixed_draws_are_weighted_by_rows():
+    buf = ReplayBuffer(cfg(capacity_rows=2000, window_rows=2000))
+    buf.add("big", meta(0, rows=1000))
+    buf.add("small", meta(1, rows=10))
+    picked = buf.sample(4000, fresh_after=10**9)
+    share = sum(e.handle == "big" for e in picked) / len(picked)
+    assert 0.98 < share  # 1000 / 1010 = 0.990; unweighted it would be 0.5
+
+
+def test_a_block_restored_unsampled_counts_as_unseen_and_a_sampled_one_does_not():
+    buf = ReplayBuffer(cfg())
+    buf.restore_to_reservoir(0, meta(0), sampled=1)
+    assert buf.stats().unseen_rows == 0
+    buf.restore_to_reservoir(1, meta(1, rows=40), sampled=0)
+    assert buf.stats().unseen_rows == 40
+
+
+def test_the_window_scale_is_relative_to_the_configured_window_not_the_current_one():
+    buf = ReplayBuffer(cfg(window_rows=500))
+    buf.set_mix(0.5, window_rows_scale=0.4)
+    assert buf.window_limit == 200
+    buf.set_mix(0.5, window_rows_scale=1.0)
+    assert buf.window_limit == 500
+    buf.set_mix(0.5, window_rows_scale=0.5)
+    buf.set_mix(0.5, window_rows_scale=0.5)
+    assert buf.window_limit == 250
+
+
+def test_withdrawing_a_shard_already_drawn_leaves_the_unseen_count_alone():
+    buf = ReplayBuffer(cfg())
+    fill(buf, 5)
+    for part in range(2):
+        buf.add(("big", part), meta(7))
+    buf.sample(7, fresh_after=-1)  # every block drawn, the shard's two among them
+    buf.add(8, meta(8))
+    assert buf.stats().unseen_rows == 100
+    buf.withdraw("shard-000007.parquet")
+    assert buf.stats().unseen_rows == 100

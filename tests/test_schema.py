@@ -15,10 +15,12 @@ from livetrain.actors.schema import (
     INTERLEAVE_ROWS,
     NAN_FEATURE,
     NULL_FEATURE,
+    NULL_ID,
     NULL_LABEL,
     UNKNOWN_LABEL,
     ValidatedShard,
     _interleave,
+    iter_parts,
     read_and_validate,
 )
 from livetrain.config import SchemaConfig
@@ -190,6 +192,23 @@ def test_a_row_with_several_faults_is_counted_once_under_the_first_reason(tmp_pa
     shard = read_and_validate(path, SCHEMA)
     assert shard.reasons == {NULL_FEATURE: 1}
     assert shard.good_rows == 2
+
+
+def test_a_nan_row_with_a_null_label_or_id_is_counted_under_nan(tmp_path):
+    """NaN comes before null label and null id in REASONS; null label before null id."""
+    path = _column_shard(
+        tmp_path / "s.parquet",
+        n=4,
+        a=pa.array([np.nan, np.nan, 1.0, 2.0], pa.float32()),
+        label=pa.array([None, 1, None, 2], pa.int64()),
+        id=pa.array([0, None, None, 3], pa.int64()),
+    )
+    schema = SchemaConfig(features=FEATURES, classes=[0, 1, 2], id_column="id")
+    (part,) = iter_parts(path, schema, 10)  # what ingestion reads
+    assert part.reasons == {NAN_FEATURE: 2, NULL_LABEL: 1} and NULL_ID not in part.reasons
+    assert [r["reason"] for r in part.bad.to_pylist()] == [NAN_FEATURE, NAN_FEATURE, NULL_LABEL]
+    assert part.good_rows == 1
+    assert read_and_validate(path, schema).reasons == part.reasons
 
 
 def test_float64_beyond_float32_range_is_quarantined_as_inf(tmp_path):

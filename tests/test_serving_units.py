@@ -201,6 +201,7 @@ class FakeRegistry:
         self.store: dict[Any, dict[str, np.ndarray]] = {}
         self.versions: dict[int, ServedVersion] = {}
         self.served: ServedVersion | None = None
+        self.fetched: list[Any] = []
 
     def promote(self, version: int, w: dict[str, np.ndarray]) -> None:
         ref = ("ref", version)
@@ -211,6 +212,7 @@ class FakeRegistry:
         return None if self.served is None or self.served.version == have else self.served
 
     def fetch(self, ref: Any) -> dict[str, np.ndarray]:
+        self.fetched.append(ref)
         return self.store[ref]
 
 
@@ -246,6 +248,40 @@ def test_mismatched_or_corrupt_weights_are_refused_while_the_current_version_kee
     reg.promote(4, weights(4))
     assert f.step(0) and f.current.version == 4
     assert f.health_problem() is None
+
+
+def refused_v2_serving_v1() -> tuple[FakeRegistry, VersionFollower]:
+    reg = FakeRegistry()
+    f = VersionFollower(reg.wait_for_version, reg.fetch, log=lambda _: None)
+    reg.promote(1, weights(1))
+    f.step(0)
+    bad = weights(2)
+    bad.pop("net.1.bias")
+    reg.promote(2, bad)
+    assert not f.step(0) and 2 in f.refused and f.last_error is not None
+    return reg, f
+
+
+def test_a_refused_version_is_not_fetched_again_while_the_registry_serves_it():
+    reg, f = refused_v2_serving_v1()
+    for _ in range(3):
+        assert not f.step(0)
+    assert reg.fetched == [("ref", 1), ("ref", 2)]
+
+
+def test_a_rollback_to_the_version_still_served_after_a_refusal_loads_nothing():
+    reg, f = refused_v2_serving_v1()
+    current = f.current
+    reg.served = reg.versions[1]  # the registry rolls v2 back to v1, which this replica never left
+    assert not f.step(0)
+    assert f.current is current and f.swaps == 1 and reg.fetched == [("ref", 1), ("ref", 2)]
+    assert f.announced == 1 and f.health_problem() is None
+
+
+def test_a_swap_after_a_refusal_clears_the_last_error():
+    reg, f = refused_v2_serving_v1()
+    reg.promote(3, weights(3))
+    assert f.step(0) and f.current.version == 3 and f.last_error is None
 
 
 def test_a_replica_without_a_model_is_unhealthy_once_the_registry_serves_one():
@@ -292,6 +328,31 @@ def test_pinned_versions_load_on_demand_keep_a_few_and_404_when_gone():
     assert pins.loads == 4, "the least recently used version was dropped"
     with pytest.raises(VersionGone, match="model version 99 is not available"):
         pins.get(99)
+
+
+def test_pinned_versions_drop_the_least_recently_used_not_the_first_loaded():
+    reg = FakeRegistry()
+    for v in (1, 2, 3):
+        reg.promote(v, weights(v))
+    pins = PinnedVersions(lambda v: reg.versions.get(v), reg.fetch, capacity=2)
+    for v in (1, 2, 1, 2):
+        pins.get(v)
+    assert pins.loads == 2, "two versions fit: each is loaded once"
+    pins.get(1)
+    pins.get(3)  # 2 is now the least recently used
+    pins.get(1)
+    assert pins.loads == 3
+    pins.get(2)
+    assert pins.loads == 4 and reg.fetched == [("ref", 1), ("ref", 2), ("ref", 3), ("ref", 2)]
+
+
+def test_a_pinned_lookup_answered_with_another_version_is_gone():
+    reg = FakeRegistry()
+    reg.promote(5, weights(5))
+    pins = PinnedVersions(lambda v: reg.served, reg.fetch, capacity=2)  # a lookup that answers the served one
+    with pytest.raises(VersionGone, match="model version 4 is not available"):
+        pins.get(4)
+    assert pins.loads == 0 and pins.get(5).version == 5
 
 
 def test_a_batch_is_answered_by_one_version_with_the_same_numbers_as_alone():
@@ -348,6 +409,8 @@ def test_serve_config_binds_loopback_and_checks_batching_fields():
         (bodies.ARROW, bodies.ARROW),
         (f"{bodies.ARROW}, application/json;q=0.5", bodies.ARROW),
         (f"application/json, {bodies.ARROW};q=0.9", bodies.JSON),
+        (f"application/json;q=0.8, {bodies.ARROW};q=0.8", bodies.ARROW),  # a tie goes to Arrow
+        (f"application/json, {bodies.ARROW}", bodies.ARROW),
         (f"{bodies.ARROW};q=0", bodies.JSON),
         (f"{bodies.ARROW};q=oops", bodies.JSON),
         ("application/vnd.apache.arrow.file", bodies.JSON),

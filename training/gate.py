@@ -13,7 +13,9 @@ from livetrain.config import GateConfig
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Accuracy and macro precision/recall/F1 (classes absent from both count as 0)."""
+    """Accuracy and macro precision/recall/F1 over the classes in ``y_true`` or ``y_pred``
+    (one absent from both is left out of the averages, as scikit-learn does; a class
+    never predicted has precision 0, one never true recall 0)."""
     if len(y_true) == 0:
         raise ValueError("no rows to evaluate")
     return metrics_from_confusion(confusion_matrix(y_true, y_pred, num_classes), per_class=False)
