@@ -8,10 +8,12 @@ it at once. Each ``Manifest`` holds its own connection; every write is one
 A shard's life::
 
     discovered ──claim──▶ claimed ──mark_ingested──▶ ingested
-        │  ▲                 │
-        │  └──release / requeue_claimed (crash mid-shard)
-        │                    └──mark_quarantined──▶ quarantined
-        └─(same bytes as a shard already known)──▶ duplicate
+      ▲ │  ▲                 │
+      │ │  └──release / requeue_claimed (crash mid-shard)
+      │ │                    └──mark_quarantined──▶ quarantined
+      │ ├──mark_quarantined (before any read)──▶ quarantined
+      │ └─(same bytes as a shard already known)──▶ duplicate
+      └── duplicate or discovered whose file changed before any read: its new bytes
 
 A shard larger than ``ingest.commit_rows`` is committed in parts while it
 is read: each part moves its ``rows_committed`` watermark (file rows before
