@@ -1,7 +1,8 @@
 """Read one Parquet shard and split it into good rows and quarantined rows.
 
-Pure: pyarrow and numpy only, no Ray. An ingest actor calls
-``read_and_validate`` and forwards the result.
+Pure: pyarrow and numpy only, no Ray. An ingest actor reads a shard in
+parts (``iter_reads``); ``read_and_validate`` reads one whole (tools, tests).
+Both split rows alike.
 
 Two kinds of failure:
 
@@ -11,7 +12,7 @@ Two kinds of failure:
   wrong type, or a feature list of the wrong width. Nothing in it is trusted;
   the file is quarantined as it is.
 * **per row** (``ValidatedShard.bad``): a null feature, a NaN, an infinity, a
-  null label, or a label outside ``schema.classes``. Good rows are kept, in
+  null label, a label outside ``schema.classes``, or a null id. Good rows are kept, in
   file order; each bad row gets one reason (the first in ``REASONS`` order).
 
 Type rules: feature columns (or the list's values) may be any float or
@@ -250,6 +251,7 @@ def _read_rows(pf: pq.ParquetFile, schema: SchemaConfig) -> ValidatedShard:
         xb = x[read : read + n]
         code = _fill_features(batch, schema, xb)
         _check_label(batch.column(schema.label), classes, code, y[read : read + n])
+        _check_ids(batch, schema, code)
         bad = code < len(REASONS)
         nbad = int(np.count_nonzero(bad))
         if nbad:
@@ -549,19 +551,24 @@ def iter_reads(path: str | Path, schema: SchemaConfig, part_rows: int):
         pf.close()
 
 
+def _check_ids(batch: pa.RecordBatch, schema: SchemaConfig, code: np.ndarray) -> np.ndarray | None:
+    """int64 row ids (``schema.id_column``), a null one marked ``null id`` in ``code``."""
+    if schema.id_column is None:
+        return None
+    col = batch.column(schema.id_column)
+    if col.null_count:
+        code[_is_null(col) & (code == len(REASONS))] = REASONS.index(NULL_ID)
+        col = pc.fill_null(col, pa.scalar(0, col.type))
+    return col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
 def _validate_batch(batch: pa.RecordBatch, schema: SchemaConfig, classes: np.ndarray, start: int) -> Part:
     n = batch.num_rows
     x = np.empty((n, int(schema.num_features)), dtype=np.float32)
     y = np.empty(n, dtype=np.int64)
     code = _fill_features(batch, schema, x)
     _check_label(batch.column(schema.label), classes, code, y)
-    ids = None
-    if schema.id_column is not None:
-        col = batch.column(schema.id_column)
-        if col.null_count:
-            code[_is_null(col) & (code == len(REASONS))] = REASONS.index(NULL_ID)
-            col = pc.fill_null(col, pa.scalar(0, col.type))
-        ids = col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    ids = _check_ids(batch, schema, code)
     bad = code < len(REASONS)
     if not bad.any():
         return Part(start, start + n, x, y, ids, None, {})

@@ -211,6 +211,13 @@ def test_a_nan_row_with_a_null_label_or_id_is_counted_under_nan(tmp_path):
     assert read_and_validate(path, schema).reasons == part.reasons
 
 
+def test_a_null_id_is_a_bad_row_whether_the_shard_is_read_whole_or_in_parts(tmp_path):
+    path = _column_shard(tmp_path / "s.parquet", n=3, id=pa.array([0, None, 2], pa.int64()))
+    schema = SchemaConfig(features=FEATURES, classes=[0, 1, 2], id_column="id")
+    (part,) = iter_parts(path, schema, 10)
+    assert part.reasons == {NULL_ID: 1} == read_and_validate(path, schema).reasons
+
+
 def test_float64_beyond_float32_range_is_quarantined_as_inf(tmp_path):
     path = _column_shard(tmp_path / "s.parquet", n=3, a=pa.array([1e300, 1.0, 2.0], pa.float64()))
     assert read_and_validate(path, SCHEMA).reasons == {INF_FEATURE: 1}
