@@ -196,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         learner.set_lr_scale(float(flags[LR_SCALE]) or 1.0)  # rank 0's knob, on every rank
         if flags[DIVERGED]:  # every rank, together: the weights come from rank 0
             divergences += 1
-            _recover(model, opt, spec, registry, rank, progress.step)
+            _recover(model, opt, spec, registry, rank, progress.step, divergences)
             diverged = False
         if tc.anchor_l2:
             anchor_version = _refresh_anchor(learner, registry, anchor_version)
@@ -265,17 +265,18 @@ def _refresh_anchor(learner: Learner, registry: Any, have: int) -> int:
     return served.version
 
 
-def _recover(model, opt, spec: ModelSpec, registry: Any, rank: int, step: int) -> None:
+def _recover(model, opt, spec: ModelSpec, registry: Any, rank: int, step: int, count: int) -> None:
     """Training diverged: go on from the served version's weights (fresh ones if
-    none is served, or it is another model), with a fresh optimizer state."""
+    none is served, or it is another model), with a fresh optimizer state. Said
+    the first time and every 100th (a learning rate far too high diverges every round)."""
     served = ray.get(registry.wait_for_version.remote(-1, 0.0)) if rank == 0 else None
     weights = weights_from_bytes(ray.get(served.weights)) if served is not None else None
     torch.manual_seed(step)
     used = reset_weights(model, opt, weights, lambda: build_model(spec))
-    if rank == 0:
+    if rank == 0 and (count == 1 or count % 100 == 0):
         whence = f"served v{served.version}'s weights" if used else "fresh weights"
-        say(f"livetrain: training diverged at step {step} (non-finite weights): it goes on from {whence}, "
-            "with a fresh optimizer state")
+        say(f"livetrain: training diverged at step {step} (non-finite weights; {count} time(s) so far, "
+            f"train_divergences): it goes on from {whence}, with a fresh optimizer state")
 
 
 def _report(rank, model, opt, spec, cfg, progress, result, with_weights: bool = True) -> None:
