@@ -177,9 +177,11 @@ class ReplayBufferActor:
 
     # --- from trainers ----------------------------------------------------------
 
-    def sample(self, n_blocks: int, fresh_after: int, min_rows: int, wait_s: float) -> Sample:
+    def sample(self, n_blocks: int, fresh_after: int, min_rows: int, wait_s: float,
+               rank: int = 0, world: int = 1) -> Sample:
         """``n_blocks`` blocks once the buffer holds ``min_rows`` rows
-        (waits up to ``wait_s``); an empty sample if it still does not."""
+        (waits up to ``wait_s``); an empty sample if it still does not.
+        ``rank`` of ``world``: the DDP ranks share out a backlog (``ReplayBuffer.sample``)."""
         deadline = time.monotonic() + wait_s
         with self._grown:
             while not self._closed and self._buf.stats().rows < min_rows:
@@ -188,7 +190,7 @@ class ReplayBufferActor:
                     break
                 self._grown.wait(left)
             rows = self._buf.stats().rows
-            picked = self._buf.sample(n_blocks, fresh_after) if rows >= min_rows else []
+            picked = self._buf.sample(n_blocks, fresh_after, rank, world) if rows >= min_rows else []
             if picked:
                 self._grown.notify_all()  # unseen rows may have dropped: a waiting insert may go
             return Sample(

@@ -208,14 +208,24 @@ class ReplayBuffer(Generic[H]):
 
     # --- sampling ------------------------------------------------------------
 
-    def sample(self, n_blocks: int, fresh_after: int = -1) -> list[Entry[H]]:
+    def sample(self, n_blocks: int, fresh_after: int = -1, rank: int = 0, world: int = 1) -> list[Entry[H]]:
         """Up to ``n_blocks`` entries: unseen-by-caller blocks first, then the mix.
 
         Unseen blocks (newer than ``fresh_after``, or of that shard and never
         drawn by anyone) are taken oldest first from the whole buffer (window and reservoir): a
         backlog is trained in arrival order, so the newest rows stay unseen by
         the first candidate and the gate can judge it on them.
+
+        ``rank`` of ``world`` callers (DDP ranks, each with its own
+        ``fresh_after``): when more unseen blocks wait than one draw takes (a
+        backlog), each rank takes only its share of them (every ``world``-th
+        block by arrival), so the ranks work through a backlog side by side
+        instead of all training on the same blocks. When they fit in one draw,
+        every rank takes them all (fresh rows count ``world`` times in the
+        global batch, as with one worker).
         """
+        if not 0 <= rank < world:
+            raise ValueError(f"sample: rank {rank} is not one of {world} callers")
         if n_blocks < 1 or self.empty:
             return []
         if self._window and self._window[0].meta.seq < fresh_after:
@@ -230,8 +240,10 @@ class ReplayBuffer(Generic[H]):
         # a shard's blocks share its seq: those of the caller's newest shard that no one has
         # drawn yet are fresh too (a draw took only some of them, or a large shard's
         # later parts arrived since)
-        fresh = [e for e in pool
-                 if e.meta.seq > fresh_after or (e.meta.seq == fresh_after and e.sampled == 0)][:n_blocks]
+        fresh = [e for e in pool if e.meta.seq > fresh_after or (e.meta.seq == fresh_after and e.sampled == 0)]
+        if world > 1 and len(fresh) > n_blocks:
+            fresh = [e for e in fresh if e.order % world == rank]
+        fresh = fresh[:n_blocks]
         n_mix = n_blocks - len(fresh)
         if not self._reservoir:
             n_recent = n_mix

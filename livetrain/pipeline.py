@@ -27,7 +27,8 @@
         |   in by parts as it is read (row watermark in the manifest; withdraw_shard takes
         |   the parts out again if the rest turns out unreadable); may make ingest wait
         |   (buffer.backpressure: coverage) ; snapshot for restarts
-        |  Sample(BlockRefs): unseen blocks oldest first, then the window/reservoir mix
+        |  Sample(BlockRefs): unseen blocks oldest first (a backlog shared out
+        |  among the ranks), then the window/reservoir mix
         |                                   [TorchTrainer job, fit() in a driver thread]
         v
     train_loop_per_worker x2 (DDP/gloo): fetch blocks zero-copy (slices of chunks), K steps

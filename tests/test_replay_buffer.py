@@ -203,6 +203,66 @@ def test_a_backlog_is_trained_oldest_first_so_the_newest_rows_stay_unseen():
     assert [e.meta.seq for e in buf.sample(4, fresh_after=7)][:2] == [8, 9]  # then the mix fills the round
 
 
+def test_ranks_share_out_a_backlog_each_block_once_oldest_first():
+    """Two DDP ranks, each with its own ``fresh_after``, draw 4 blocks a round
+    from a backlog of 16: each takes every other block, oldest first, and no
+    block goes to both (before, both trained on the same 4 blocks a round)."""
+    buf = ReplayBuffer(cfg(capacity_rows=10_000))
+    fill(buf, 16)
+    fresh_after = [-1, -1]
+    drawn: list[list[int]] = [[], []]
+    for _ in range(2):
+        for rank in (0, 1):
+            seqs = [e.meta.seq for e in buf.sample(4, fresh_after[rank], rank=rank, world=2)]
+            drawn[rank] += seqs
+            fresh_after[rank] = max([fresh_after[rank], *seqs])
+    assert drawn == [[0, 2, 4, 6, 8, 10, 12, 14], [1, 3, 5, 7, 9, 11, 13, 15]]
+    assert [e.sampled for e in sorted(buf.entries(), key=lambda e: e.meta.seq)] == [1] * 16
+    assert buf.unseen_rows == 0
+
+
+def test_unseen_blocks_that_fit_one_draw_go_to_every_rank():
+    """No backlog: every rank trains on the new blocks (as one worker would)."""
+    buf = ReplayBuffer(cfg(capacity_rows=10_000))
+    fill(buf, 8)
+    buf.sample(4, fresh_after=-1)  # 0-3 drawn
+    for rank in (0, 1, 2):
+        assert [e.meta.seq for e in buf.sample(4, fresh_after=3, rank=rank, world=3)] == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="rank 2 is not one of 2"):
+        buf.sample(4, rank=2, world=2)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ranks_drawing_while_blocks_arrive_leave_no_block_undrawn(seed):
+    """Blocks arrive (one-block and several-block shards) while 1-3 ranks draw
+    rounds in turn, each moving its ``fresh_after`` as the trainer does; once
+    arrivals stop and every rank has drawn its unseen blocks, none was skipped:
+    backlog or not, shared out or not."""
+    import random
+
+    rng = random.Random(seed)
+    world, n_blocks = rng.randint(1, 3), rng.randint(1, 5)
+    buf = ReplayBuffer(cfg(capacity_rows=100_000, window_rows=rng.choice([100, 500, 5_000])))
+    fresh_after, seq, handle = [-1] * world, 0, 0
+    for _ in range(60):
+        for _ in range(rng.choice([0, 0, 1, 3, 9])):  # a shard of 1-3 blocks
+            for _ in range(rng.randint(1, 3)):
+                buf.add(handle, meta(seq))
+                handle += 1
+            seq += 1
+        rank = rng.randrange(world)
+        picked = buf.sample(n_blocks, fresh_after[rank], rank=rank, world=world)
+        fresh_after[rank] = max([fresh_after[rank], *(e.meta.seq for e in picked)])
+    for _ in range(10 * handle):
+        if buf.unseen_rows == 0:
+            break
+        for rank in range(world):
+            picked = buf.sample(n_blocks, fresh_after[rank], rank=rank, world=world)
+            fresh_after[rank] = max([fresh_after[rank], *(e.meta.seq for e in picked)])
+    assert buf.unseen_rows == 0
+    assert all(e.sampled for e in buf.entries())
+
+
 def test_withdraw_takes_a_shards_blocks_out_of_window_and_reservoir():
     buf = ReplayBuffer(cfg())
     fill(buf, 5)  # seqs 0-1 in the reservoir, 2-4 in the window

@@ -4,7 +4,7 @@ Each worker loops until the buffer closes:
 
     sample refs from the buffer (waits for ``min_buffer_rows``; the next
     round's draw goes out before this round trains, so the buffer answers it
-    meanwhile)
+    meanwhile; unseen blocks first, a backlog shared out among the ranks)
       -> one all_reduce of control flags (stop / propose / checkpoint / no data),
          so every rank takes the same branch and calls ``report`` equally often
       -> fetch the blocks zero-copy, K DDP steps (weights that went non-finite
@@ -69,7 +69,8 @@ class Progress:
 
     step: int = 0
     fresh_after: int = -1
-    """Newest shard seq this worker has trained on (its unseen-first draws start after it)."""
+    """Newest shard seq this worker has trained on (its unseen-first draws start after it).
+    A checkpoint stores the lowest over the ranks."""
     trained_through: int = -1
     """Newest shard seq any worker has trained on: the shared weights' lineage.
     Training leaves out that shard's held-out rows (``gate.holdout_fraction``)."""
@@ -165,8 +166,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     diverged, divergences = False, 0
     """The last round left non-finite weights (checked on every rank; DDP keeps them equal)."""
 
-    def draw(fresh_after: int) -> ray.ObjectRef:
-        return buffer.sample.remote(tc.blocks_per_round, fresh_after, tc.min_buffer_rows, 0.5)
+    world = ray.train.get_context().get_world_size()
+
+    def draw(fresh_after: int) -> ray.ObjectRef:  # the ranks share out a backlog
+        return buffer.sample.remote(tc.blocks_per_round, fresh_after, tc.min_buffer_rows, 0.5, rank, world)
 
     next_sample = draw(progress.fresh_after)
     while True:
@@ -223,7 +226,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and flags[PROPOSE] and last_result is None:
             propose_clock = Cadence(tc.propose_every_s, due_at_start=True)  # no round yet: stay due
         if rank == 0 and flags[PROPOSE] and last_result is not None:
-            world = ray.train.get_context().get_world_size()
             knobs_ref = registry.report_train.remote(
                 {
                     "steps": progress.step,
@@ -251,7 +253,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 progress.last_proposed_through, grown = progress.trained_through, False
 
         if flags[CHECKPOINT]:
-            _report(rank, model, opt, spec, cfg, progress, last_result, with_weights=not diverged)
+            _report(rank, model, opt, spec, cfg, progress, last_result, device, with_weights=not diverged)
         if flags[STOP]:
             return
 
@@ -279,7 +281,11 @@ def _recover(model, opt, spec: ModelSpec, registry: Any, rank: int, step: int, c
             f"train_divergences): it goes on from {whence}, with a fresh optimizer state")
 
 
-def _report(rank, model, opt, spec, cfg, progress, result, with_weights: bool = True) -> None:
+def _report(rank, model, opt, spec, cfg, progress, result, device, with_weights: bool = True) -> None:
+    """Every rank calls it together (a collective): a resumed run starts every
+    rank's unseen-first draws after the *lowest* rank's ``fresh_after``, so a
+    backlog the ranks shared out is not skipped past where one of them was."""
+    resume = dataclasses.replace(progress, fresh_after=int(-max_over_ranks([-progress.fresh_after], device)[0]))
     metrics = {"step": progress.step, "trained_through": progress.trained_through}
     if result is not None:
         metrics["loss"] = result.loss
@@ -292,7 +298,7 @@ def _report(rank, model, opt, spec, cfg, progress, result, with_weights: bool = 
             CheckpointData(
                 spec=spec,
                 weights=unwrap(model).state_dict(),
-                meta={"progress": dataclasses.asdict(progress), "config": cfg.to_dict()},
+                meta={"progress": dataclasses.asdict(resume), "config": cfg.to_dict()},
                 optimizer=opt.state_dict(),
             ),
         )
