@@ -216,6 +216,7 @@ class IngestCounters:
     shards_ingested: int = 0
     shards_quarantined: int = 0
     shards_retried: int = 0
+    """Reads sent again because a reader died: the shard it was reading, and those queued behind it."""
     shards_duplicate: int = 0
     """Deliveries of bytes already known: same content under another name, or rewritten in place."""
     shards_changed_in_place: int = 0
@@ -236,6 +237,8 @@ class _InFlight:
     actor: int
     committed_upto: int = 0
     """The shard's row watermark: file rows before it are in the buffer (parts committed)."""
+    handle: Any = None
+    """The ingest actor reading it (``actor`` is its slot, which a replacement takes over)."""
     items: list[Any] = field(default_factory=list)
     """Refs of the stream not taken apart yet: a chunk waiting for its ``Chunk``, or the verdict."""
     blocks: list[BlockRef] = field(default_factory=list)
@@ -466,7 +469,7 @@ class IngestLoop:
         upto = rec.rows_committed if resume_from is None else resume_from
         every = -(-self.cfg.ingest.commit_rows // self._rows_per_part) if self.cfg.ingest.commit_rows else 0
         gen = self._actors[i].read_shard.remote(str(rec.path), rec.name, upto, every)
-        self._in_flight[rec.name] = _InFlight(rec, gen, i, upto)
+        self._in_flight[rec.name] = _InFlight(rec, gen, i, upto, handle=self._actors[i])
 
     def _drain(self, f: _InFlight) -> None:
         # a part waiting for the buffer stops the draining: the actor then stops
@@ -621,22 +624,36 @@ class IngestLoop:
         c.shards_ingested += 1
 
     def _retry(self, f: _InFlight, error: BaseException) -> None:
+        """``f``'s stream broke (its actor died, or raised). An actor reads its shards in
+        the order they were sent, which is the loop's order, and the loop finishes them
+        head first: ``f`` is the first of its actor's shards to fail, the one it was
+        reading. Only ``f``'s attempt counts. The shards sent to the same actor after it
+        failed with it (or would, once it is killed): they are read again on its
+        replacement, behind ``f`` and in the same order, with no attempt counted, so a
+        shard that kills its reader is quarantined after ``MAX_ATTEMPTS`` and costs the
+        others nothing. A replacement already made for an earlier death is not killed."""
         name = f.record.name
         self._attempts[name] = self._attempts.get(name, 0) + 1
         self.counters.shards_retried += 1
-        try:
-            ray.kill(self._actors[f.actor])
-        except Exception:
-            pass
-        self._actors[f.actor] = self._new_actor()
+        behind: list[_InFlight] = []
+        if self._actors[f.actor] is f.handle:
+            try:
+                ray.kill(f.handle)
+            except Exception:
+                pass
+            self._actors[f.actor] = self._new_actor()
+            behind = [g for g in self._in_flight.values() if g.handle is f.handle]
         if self._attempts[name] >= MAX_ATTEMPTS:
             self._quarantine_whole(f, f"ingest failed {MAX_ATTEMPTS} times: {str(error).strip().splitlines()[0][:200]}",
                                    record=True)
-            return
-        # read it again at once, still claimed, from its watermark (parts committed stay), and
-        # keep it at the head: arrival order holds
-        self._dispatch(f.record, actor=f.actor, resume_from=f.committed_upto)
-        self._in_flight.move_to_end(name, last=False)
+        else:
+            # read it again at once, still claimed, from its watermark (parts committed stay), and
+            # keep it at the head: arrival order holds
+            self._dispatch(f.record, actor=f.actor, resume_from=f.committed_upto)
+            self._in_flight.move_to_end(name, last=False)
+        for g in behind:  # keeps its place in the loop's order
+            self.counters.shards_retried += 1
+            self._dispatch(g.record, actor=f.actor, resume_from=g.committed_upto)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Give back every shard the buffer did not take; a batch on its way is waited for first."""

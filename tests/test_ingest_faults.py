@@ -47,6 +47,41 @@ def test_ingest_actor_killed_mid_shard_loses_and_repeats_no_row(ray_session, tmp
     close(loop, buffer)
 
 
+def test_a_death_counts_against_the_shard_being_read_not_those_queued_behind_it(ray_session, tmp_path):
+    """One ingest actor, two shards sent to it. Its reader dies (killed here) while
+    reading the first: that death counts against the first only. The second, queued
+    behind it, then loses its reader twice while it is being read: two deaths of its
+    own, under ``MAX_ATTEMPTS``, so it is read a third time and goes in. (Before, the
+    death it only queued behind counted too, and it was quarantined whole.)"""
+    import ray
+
+    from livetrain.actors.ingest import MAX_ATTEMPTS
+
+    assert MAX_ATTEMPTS == 3
+    cfg, loop, buffer = make_loop(tmp_path, "ingest.block_rows=100", "ingest.max_in_flight=2", "ingest.num_actors=1")
+    landing = cfg.landing_dir
+    ids = write_id_shard(landing / "p-000.parquet", 0, 20_000) | write_id_shard(landing / "p-001.parquet", 100_000, 20_000)
+    assert not ids  # no bad rows
+    wait_until(lambda: (loop.step(0.05), len(loop.in_flight()) == 2)[1], 30, "both shards sent to the one actor")
+
+    def kill_while_reading(name: str) -> None:
+        wait_until(lambda: (loop.step(0.05), loop.in_flight().get(name, 0) >= 2)[1], 30, f"{name} being read")
+        assert loop.in_flight()[name] < 200, f"{name} was read whole before the kill"
+        victim = loop.actors[0]
+        ray.kill(victim)
+        wait_until(lambda: (loop.step(0.05), loop.actors[0] is not victim)[1], 30, "the death noticed")
+
+    kill_while_reading("p-000.parquet")  # p-001 is queued behind it
+    wait_until(lambda: (loop.step(0.05), loop.manifest.get("p-000.parquet").status == "ingested")[1], 60, "p-000 in")
+    kill_while_reading("p-001.parquet")
+    kill_while_reading("p-001.parquet")
+    run_until_done(loop)
+    assert [loop.manifest.get(n).status for n in ("p-000.parquet", "p-001.parquet")] == ["ingested", "ingested"]
+    in_buffer = buffer_ids(buffer)
+    assert sorted(in_buffer) == list(range(20_000)) + list(range(100_000, 120_000))  # each row once
+    close(loop, buffer)
+
+
 def test_buffer_actor_killed_restarts_rebuilt_from_snapshot_and_manifest(ray_session, tmp_path):
     import ray
 

@@ -60,7 +60,7 @@ from livetrain.training.learner import (
 )
 from livetrain.training.models import build_model
 
-STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST, NEW_BLOCKS, DIVERGED = range(8)
+STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST, NEW_BLOCKS, DIVERGED, NEWEST_WRITTEN = range(9)
 
 
 @dataclass
@@ -174,10 +174,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     next_sample = draw(progress.fresh_after)
     while True:
         sample = ray.get(next_sample)
-        flags = [0.0] * 8
+        flags = [0.0] * 9
         flags[NO_DATA] = float(not sample.blocks)
         flags[DIVERGED] = float(diverged)
         flags[NEWEST] = max((m.seq for m in sample.metas), default=-1)
+        flags[NEWEST_WRITTEN] = max((m.written_at for m in sample.metas), default=0.0)  # float64: exact
         if flags[NEWEST] > newest_blocks[0]:
             newest_blocks = (int(flags[NEWEST]), set())
         keys = {b.key for b, m in zip(sample.blocks, sample.metas) if m.seq == newest_blocks[0]}
@@ -218,10 +219,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             progress.step += tc.steps_per_round
             grown = grown or (bool(flags[NEW_BLOCKS]) and through == progress.trained_through)
             progress.trained_through = through
-            newest = max(sample.metas, key=lambda m: m.seq)
-            if newest.seq > progress.fresh_after:
-                progress.fresh_after = newest.seq
-                progress.data_written_at = newest.written_at
+            # the newest data any rank trained on (a rank's share of a backlog may be older)
+            progress.data_written_at = max(progress.data_written_at, flags[NEWEST_WRITTEN])
+            progress.fresh_after = max(progress.fresh_after, max(m.seq for m in sample.metas))
 
         if rank == 0 and flags[PROPOSE] and last_result is None:
             propose_clock = Cadence(tc.propose_every_s, due_at_start=True)  # no round yet: stay due
