@@ -60,7 +60,9 @@ from livetrain.training.learner import (
 )
 from livetrain.training.models import build_model
 
-STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST, NEW_BLOCKS, DIVERGED, NEWEST_WRITTEN = range(9)
+STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST, NEW_BLOCKS, DIVERGED, NEWEST_WRITTEN, ANCHOR = range(10)
+ANCHOR_POLL_S = 30.0
+"""Rank 0's long-poll for a newly served version (``train.anchor_l2``), renewed when it ends."""
 
 
 @dataclass
@@ -151,6 +153,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     knobs: dict[str, float] = {"lr_scale": 1.0}
     knobs_ref: ray.ObjectRef | None = None
     anchor_version = -1
+    anchor_ref: ray.ObjectRef | None = None
+    """Rank 0's long-poll (``wait_for_version``) for a version served after the anchor."""
     # propose right after the first round: on a backlog, the candidate is then
     # judged on the shards it has not reached yet instead of waiting for new ones
     propose_clock = Cadence(tc.propose_every_s, due_at_start=True)
@@ -174,7 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     next_sample = draw(progress.fresh_after)
     while True:
         sample = ray.get(next_sample)
-        flags = [0.0] * 9
+        flags = [0.0] * 10
         flags[NO_DATA] = float(not sample.blocks)
         flags[DIVERGED] = float(diverged)
         flags[NEWEST] = max((m.seq for m in sample.metas), default=-1)
@@ -191,6 +195,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             flags[STOP] = float(sample.closed)
             flags[PROPOSE] = float(propose_clock.due())
             flags[CHECKPOINT] = float(ckpt_clock.due() or sample.closed)
+            if tc.anchor_l2:  # a newly served version, as version + 1 (0: none); no call per round
+                if anchor_ref is None:
+                    anchor_ref = registry.wait_for_version.remote(anchor_version, ANCHOR_POLL_S)
+                if ray.wait([anchor_ref], timeout=0)[0]:
+                    served, anchor_ref = ray.get(anchor_ref), None
+                    flags[ANCHOR] = float(served.version + 1) if served is not None else 0.0
         flags = max_over_ranks(flags, device)
         trains = not flags[NO_DATA] and not flags[STOP]
         if not flags[STOP]:  # one round ahead: the call's round trip (~1-3 ms) overlaps this round
@@ -202,7 +212,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             divergences += 1
             _recover(model, opt, spec, registry, rank, progress.step, divergences)
             diverged = False
-        if tc.anchor_l2:
+        if flags[ANCHOR]:  # every rank, together: anchor on the version served now
             anchor_version = _refresh_anchor(learner, registry, anchor_version)
         if trains:
             t0 = time.perf_counter()
@@ -259,7 +269,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _refresh_anchor(learner: Learner, registry: Any, have: int) -> int:
-    """Anchor on the served version's weights when it changed (non-blocking check)."""
+    """Anchor on the served version's weights (rank 0 saw it change; a promotion
+    since then is taken too: the pull is towards what serves now)."""
     served = ray.get(registry.wait_for_version.remote(have, 0.0))
     if served is None:
         return have
