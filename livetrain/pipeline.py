@@ -38,6 +38,8 @@
         rank 0 -> ModelRegistry.propose(Candidate(weights ref))   (time cadence; when
                   a newer shard, or a new part of the newest one, was trained on)
         all    -> ray.train.report(checkpoint)                    (time cadence)
+        (train.anchor_l2: rank 0 long-polls ModelRegistry.wait_for_version; on a
+        newly served version every rank fetches it and anchors on it)
         v
     ModelRegistry: gate on unseen rows: newer shards, and the held-out rows of the
         newest shard trained on (on hold after a drift alarm; then a marked shard's
