@@ -195,7 +195,11 @@ def plan_rebuild(snapshot: Snapshot | None, ingested: list, capacity_rows: int,
         budget -= rec.good_rows or 0
     for rec in partly:
         if rec.name in plan and plan[rec.name].tail_from is not None:  # held parts, then the rest to the watermark
-            plan[rec.name] = replace(plan[rec.name], upto=rec.rows_committed)
+            # none past it: a snapshot may be newer than the manifest (both restored from
+            # storage.uri, pushed on their own cadences), and the rows past the watermark
+            # are read again by ingestion
+            held = {lo: p for lo, p in (plan[rec.name].starts or {}).items() if lo < rec.rows_committed}
+            plan[rec.name] = replace(plan[rec.name], starts=held, upto=rec.rows_committed)
         else:  # no snapshot names it going in by parts: every part up to the watermark
             plan[rec.name] = RebuildShard(rec.name, rec.path, rec.seq, rec.written_at, rec.size, rec.mtime_ns, None,
                                           rec.rows_committed)

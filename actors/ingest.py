@@ -27,7 +27,11 @@ committed part (they are dropped, never added) and the shard is read again
 by a fresh actor from its row watermark. A crash of the whole process leaves
 the shard ``claimed``; ``Manifest.requeue_claimed`` at start-up puts it back,
 watermark kept. Arrival order: shards are finished in claim (``seq``) order,
-whatever actor read them.
+whatever actor read them. A file rewritten after it was hashed (a writer that
+does not rename into the landing directory) is read as it is and its record
+takes the new bytes, so a rebuild of the buffer finds it unchanged; once rows
+of the old file went in, it is quarantined whole instead (``read_shard``).
+An I/O error reading a remote shard is a failed read, retried, not a bad file.
 
 Memory: the actor streams chunks at most ``BACKPRESSURE_PARTS`` items
 ahead of the loop. A shard with more than ``ingest.commit_rows`` rows is
@@ -66,7 +70,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from livetrain.actors.blocks import PartSpan, ShardCommit, block_nbytes, block_of, label_index, part_rows
-from livetrain.actors.manifest import Manifest, ShardRecord
+from livetrain.actors.manifest import Fingerprint, Manifest, ShardRecord, file_hash
 from livetrain.actors.quarantine import list_quarantine, reingest, write_quarantine
 from livetrain.actors.schema import Part, SchemaError, iter_reads, warm_up
 from livetrain.actors.sources import DirectorySource
@@ -74,7 +78,7 @@ from livetrain.actors.store_memory import SYNC_BYTES, prefault_object_store
 from livetrain.config import Config, SchemaConfig, StorageConfig
 from livetrain.messages import BlockMeta, BlockRef
 from livetrain.storage import configure as configure_storage
-from livetrain.storage import shard_name, shard_path
+from livetrain.storage import shard_name, shard_path, shard_stat
 
 __all__ = ["IngestActor", "IngestLoop", "IngestResult", "IngestCounters", "label_index"]
 
@@ -120,6 +124,9 @@ class IngestResult:
     """Set when the shard was quarantined whole; the yielded blocks are void."""
     reader: str = ""
     """Which actor read it (``host:pid``)."""
+    rewritten: Fingerprint | None = None
+    """Set when the file was rewritten with other bytes after it was hashed, before it
+    was opened: the rows are the new file's, and its record must say so."""
 
 
 def chunks_of(read: Part, rows_per_part: int, resume_from: int = 0, progress_blocks: int = 0,
@@ -140,6 +147,24 @@ def chunks_of(read: Part, rows_per_part: int, resume_from: int = 0, progress_blo
             out.append((chunk, part_end))
             chunk = []
     return out
+
+
+class Rewriting(Exception):
+    """The file changed while its bytes were being compared with its record."""
+
+
+def rewritten(path: str, size: int, mtime_ns: int, digest: str, algorithm: str) -> Fingerprint | None:
+    """None when ``path`` holds the bytes its record names (same size and mtime, or,
+    when those moved, as after a ``touch``, the same hash); else the file's new
+    ``Fingerprint``. FileNotFoundError when it is gone; ``Rewriting`` when it
+    changes while it is hashed."""
+    stat = shard_stat(path)
+    if stat == (size, mtime_ns):
+        return None
+    new = file_hash(path, algorithm)
+    if shard_stat(path) != stat:
+        raise Rewriting(path)
+    return None if new == digest else Fingerprint(*stat, new)
 
 
 @ray.remote(num_cpus=0.25, max_restarts=-1)
@@ -168,7 +193,8 @@ class IngestActor:
         self.prefaulted += prefault_object_store(end, begin)
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE_PARTS)
-    def read_shard(self, path: str, name: str, resume_from: int = 0, progress_blocks: int = 0):
+    def read_shard(self, path: str, name: str, resume_from: int = 0, progress_blocks: int = 0,
+                   claimed: tuple[int, int, str, str] | None = None):
         """Yield the good rows from file row ``resume_from`` on (the rows before it were
         committed in parts) as chunks: one object per read (``schema.iter_reads``) holding
         its blocks (at most ``CHUNK_BLOCKS``; a chunk ends where a part of
@@ -178,11 +204,21 @@ class IngestActor:
         Validation covers the whole file whatever ``resume_from``: bad rows are
         written to quarantine at the end (one file per shard, replaced on a
         retry); a shard that cannot be used at all is quarantined whole.
+
+        ``claimed``: the record's size, mtime, content hash and hash algorithm. A
+        file rewritten since (a writer that does not rename into the landing
+        directory) is read as it is now and the verdict carries its
+        ``rewritten`` fingerprint, unless rows of the old file went in already
+        (``resume_from``): then it is quarantined whole, as is a file that
+        changes while it is compared.
         """
         bad: list[pa.Table] = []
         reasons: dict[str, int] = {}
         good = blocks = 0
+        new: Fingerprint | None = None
         try:
+            if claimed is not None:
+                new = self._rewritten(path, claimed, resume_from)
             for read in iter_reads(path, self._schema, self._rows_per_part):
                 if read.bad is not None:
                     bad.append(read.bad)
@@ -199,7 +235,21 @@ class IngestActor:
         table = pa.concat_tables(bad) if bad else None
         if table is not None:
             write_quarantine(self._state, name, table, None, shard_path(path))
-        yield IngestResult(name, good, 0 if table is None else table.num_rows, [], reasons, None, self._me)
+        yield IngestResult(name, good, 0 if table is None else table.num_rows, [], reasons, None, self._me, new)
+
+    @staticmethod
+    def _rewritten(path: str, claimed: tuple[int, int, str, str], resume_from: int) -> Fingerprint | None:
+        """``rewritten`` for ``read_shard``; raises ``SchemaError`` for a shard it must quarantine."""
+        try:
+            new = rewritten(path, *claimed)
+        except FileNotFoundError:
+            return None  # gone: the read says so
+        except Rewriting:
+            raise SchemaError("its file changed while it was compared with its record; "
+                              "write shards elsewhere and rename them into the landing directory") from None
+        if new is not None and resume_from:
+            raise SchemaError("its file was rewritten with other bytes while it went in by parts")
+        return new
 
     def _chunk(self, read: Part, parts: list[Part], part_end: bool):
         """One object for ``parts`` (adjacent views of ``read``: no copy), then its ``Chunk``."""
@@ -413,8 +463,8 @@ class IngestLoop:
         # landing order, so the loop keeps dispatching while a backlog is hashed
         while self._landed and len(self._hashing) < 2 * self.cfg.ingest.max_in_flight:
             p = self._landed.popleft()
-            self._hashing[p] = self._hasher.submit(self.manifest.content_hash, p)
-        hashed: dict[Path | str, str] = {}
+            self._hashing[p] = self._hasher.submit(self.manifest.fingerprint, p)  # stat, then hash
+        hashed: dict[Path | str, Fingerprint] = {}
         while self._hashing and next(iter(self._hashing.values())).done():
             p, future = self._hashing.popitem(last=False)
             try:
@@ -468,7 +518,8 @@ class IngestLoop:
         self._next_actor += actor is None
         upto = rec.rows_committed if resume_from is None else resume_from
         every = -(-self.cfg.ingest.commit_rows // self._rows_per_part) if self.cfg.ingest.commit_rows else 0
-        gen = self._actors[i].read_shard.remote(str(rec.path), rec.name, upto, every)
+        claimed = (rec.size, rec.mtime_ns, rec.content_hash, self.manifest.hash_algorithm)
+        gen = self._actors[i].read_shard.remote(str(rec.path), rec.name, upto, every, claimed)
         self._in_flight[rec.name] = _InFlight(rec, gen, i, upto, handle=self._actors[i])
 
     def _drain(self, f: _InFlight) -> None:
@@ -532,6 +583,10 @@ class IngestLoop:
         except (ray.exceptions.RayError, RuntimeError) as e:  # the ingest actor died mid-shard
             self._retry(f, e)
             return
+        if result.rewritten is not None and result.error is None:
+            rec = self._take_new_bytes(f, result.rewritten)
+            if rec.status == "duplicate":
+                return
         # with the parts read but not committed yet (they go in with the rest)
         blocks = [b for bs, _ in f.parts for b in bs] + f.blocks
         result = dataclasses.replace(result, spans=[s for _, ss in f.parts for s in ss] + f.spans)
@@ -550,6 +605,25 @@ class IngestLoop:
         else:
             self.manifest.mark_ingested(rec.name, 0, result.bad_rows)
             self._count_ingested(result)
+
+    def _take_new_bytes(self, f: _InFlight, new: Fingerprint) -> ShardRecord:
+        """``f``'s file was rewritten after it was hashed and its reader read the new
+        bytes: its record takes them, so a rebuild of the buffer finds the file
+        unchanged. If another shard has them and none of ``f``'s rows went in yet,
+        it is that shard's duplicate: its blocks are dropped."""
+        name = f.record.name
+        rec, taken_back = self.manifest.rewritten_before_read(
+            name, *new, may_be_duplicate=not (f.parts_taken or f.committed_upto))
+        if taken_back:  # a poll counted the new bytes as not read: they are, after all
+            self.counters.shards_changed_in_place = max(0, self.counters.shards_changed_in_place - 1)
+        if rec.status == "duplicate":
+            self.counters.shards_duplicate += 1
+            self._attempts.pop(name, None)
+            log.warning("livetrain: %s was rewritten before it was read, with the bytes of %s: "
+                        "recorded as a duplicate", name, rec.duplicate_of)
+        else:
+            log.info("livetrain: %s was rewritten after it was claimed: read and registered with its new bytes", name)
+        return rec
 
     def _quarantine_whole(self, f: _InFlight, reason: str, record: bool = False) -> None:
         """Mark ``f``'s shard quarantined whole (``record``: write its quarantine record

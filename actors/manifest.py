@@ -14,6 +14,14 @@ A shard's life::
       │ ├──mark_quarantined (before any read)──▶ quarantined
       │ └─(same bytes as a shard already known)──▶ duplicate
       └── duplicate or discovered whose file changed before any read: its new bytes
+          (a claimed one too, when its reader finds it changed: ``rewritten_before_read``)
+
+A shard's bytes are identified by their hash (``Fingerprint``): the first
+shard with them is their original; a later file with them is its duplicate
+and never read. A shard quarantined whole is no original (nothing of it went
+in), and when an original takes other bytes its first duplicate stands for
+the old ones. A file touched or copied again with the same bytes keeps its
+shard; the record takes its new size and mtime.
 
 A shard larger than ``ingest.commit_rows`` is committed in parts while it
 is read: each part moves its ``rows_committed`` watermark (file rows before
@@ -50,6 +58,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import blake3
 import xxhash
@@ -130,6 +139,14 @@ class Redelivery:
     refreshed: bool = False
     """True: nothing of it had been read yet (``discovered`` or ``duplicate``), so the
     shard now stands for its new bytes (a file written in place, first seen unfinished)."""
+
+
+class Fingerprint(NamedTuple):
+    """What identifies a shard's file: its stat, taken before its bytes were hashed."""
+
+    size: int
+    mtime_ns: int
+    digest: str
 
 
 class ManifestError(ValueError):
@@ -221,16 +238,24 @@ class Manifest:
         """``path``'s digest as this manifest records it; thread-safe (no database access)."""
         return file_hash(path, self.hash_algorithm)
 
+    def fingerprint(self, path: str | Path) -> Fingerprint:
+        """``path``'s size and mtime, then its digest; thread-safe. Stat'ed first: a file
+        rewritten while it is hashed is recorded with the older stat, so the next look at
+        it sees it changed (the other order would pin the new stat to the old bytes)."""
+        size, mtime_ns = shard_stat(path)
+        return Fingerprint(size, mtime_ns, self.content_hash(path))
+
     # --- discovery ---------------------------------------------------------------
 
-    def discover(self, paths: Iterable[str | Path], digests: Mapping[str, str] | None = None) -> list[ShardRecord]:
+    def discover(self, paths: Iterable[str | Path], digests: Mapping[str, str | Fingerprint] | None = None,
+                 ) -> list[ShardRecord]:
         """Register files not known by name, in the order given; return the new records.
 
         The caller orders ``paths`` (by mtime, then name). Hashing happens
-        outside the transaction (``digests``: name -> ``content_hash`` the
-        caller already computed); a file whose bytes match a known shard is
-        recorded as ``duplicate`` (``duplicate_of`` names the first) and is
-        never claimed.
+        outside the transaction (``digests``: name -> the ``fingerprint`` the
+        caller already took, or a bare ``content_hash``, then stat'ed here); a
+        file whose bytes match a known shard is recorded as ``duplicate``
+        (``duplicate_of`` names the first) and is never claimed.
         """
         digests = digests or {}
         paths = [shard_path(p) for p in paths]
@@ -241,8 +266,11 @@ class Manifest:
             if name in known or name in fresh:
                 continue
             try:
-                size, mtime_ns = shard_stat(p)
-                fresh[name] = (p, size, mtime_ns, digests.get(name) or self.content_hash(p))
+                given = digests.get(name)
+                if isinstance(given, Fingerprint):
+                    fresh[name] = (p, *given)
+                else:  # stat'ed after it was hashed: a rewrite in between goes unseen (``fingerprint``)
+                    fresh[name] = (p, *shard_stat(p), given or self.content_hash(p))
             except FileNotFoundError:  # gone since it was listed (or hashed): nothing to read
                 log.warning("livetrain: %s disappeared before it was registered", name)
         if not fresh:
@@ -251,17 +279,12 @@ class Manifest:
         added = []
         with self._write() as db:
             for name, (p, size, mtime_ns, digest) in fresh.items():
-                first = db.execute(
-                    "SELECT name FROM shards WHERE content_hash = ? AND status != 'duplicate'"
-                    " ORDER BY seq LIMIT 1",
-                    (digest,),
-                ).fetchone()
+                first = _original(db, digest)
                 cur = db.execute(
                     "INSERT INTO shards (name, path, size, mtime_ns, content_hash, status, duplicate_of,"
                     " discovered_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (name) DO NOTHING",
-                    (name, str(p), size, mtime_ns, digest, "duplicate" if first else "discovered",
-                     first[0] if first else None, now, now),
+                    (name, str(p), size, mtime_ns, digest, "duplicate" if first else "discovered", first, now, now),
                 )
                 if cur.rowcount:  # another process may have registered it since known_names()
                     added.append(name)
@@ -311,6 +334,10 @@ class Manifest:
                     out.append(Redelivery(rec.name, False, rec.status, refreshed=True))
                     continue
             with self._write() as db:
+                if digest == rec.content_hash:  # touched, copied again: the record follows the file, or a
+                    # rebuild of the buffer would take it for changed and leave its rows out
+                    db.execute("UPDATE shards SET size = ?, mtime_ns = ?, updated_at = ? WHERE name = ?",
+                               (size, mtime_ns, time.time(), rec.name))
                 cur = db.execute(
                     "INSERT INTO redeliveries (name, size, mtime_ns, content_hash, same_content, at)"
                     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -322,20 +349,46 @@ class Manifest:
 
     def _refresh(self, name: str, size: int, mtime_ns: int, digest: str) -> bool:
         """A shard nothing has read yet takes its file's new bytes (and is a duplicate
-        only if another shard has them); False if it was claimed meanwhile."""
+        only if another shard has them); False if it was claimed meanwhile, or if rows
+        of it are in the buffer (requeued after a crash while it went in by parts: its
+        read resumes at the watermark, which means nothing in other bytes)."""
         with self._write() as db:
-            first = db.execute(
-                "SELECT name FROM shards WHERE content_hash = ? AND status != 'duplicate' AND name != ?"
-                " ORDER BY seq LIMIT 1",
-                (digest, name),
-            ).fetchone()
+            first = _original(db, digest, name)
             cur = db.execute(
                 "UPDATE shards SET size = ?, mtime_ns = ?, content_hash = ?, status = ?, duplicate_of = ?,"
-                " updated_at = ? WHERE name = ? AND status IN ('discovered', 'duplicate')",
-                (size, mtime_ns, digest, "duplicate" if first else "discovered", first[0] if first else None,
-                 time.time(), name),
+                " updated_at = ? WHERE name = ? AND status IN ('discovered', 'duplicate') AND rows_committed = 0",
+                (size, mtime_ns, digest, "duplicate" if first else "discovered", first, time.time(), name),
             )
+            if cur.rowcount:
+                _rehome_duplicates(db, name)
         return bool(cur.rowcount)
+
+    def rewritten_before_read(self, name: str, size: int, mtime_ns: int, digest: str,
+                              may_be_duplicate: bool = True) -> tuple[ShardRecord, bool]:
+        """A claimed shard whose file was rewritten after it was hashed, before its
+        reader opened it, and read as its new bytes: the record takes them
+        (``written_at`` too) and stays claimed, or, if another shard has them and
+        ``may_be_duplicate`` (none of its rows went to the buffer yet), becomes its
+        ``duplicate``. A redelivery a poll recorded for those bytes meanwhile is
+        taken back: they are the shard's now. Returns the record and whether one
+        was taken back."""
+        with self._write() as db:
+            row = db.execute("SELECT status FROM shards WHERE name = ?", (name,)).fetchone()
+            if row is None or row[0] != "claimed":
+                raise ManifestError(f"shard {name!r} is {row[0] if row else 'unknown'}; only a claimed shard"
+                                    " can take the bytes its reader found")
+            first = _original(db, digest, name) if may_be_duplicate else None
+            status, claimed = ("duplicate", None) if first else ("claimed", name)
+            db.execute(
+                "UPDATE shards SET size = ?, mtime_ns = ?, content_hash = ?, status = ?, duplicate_of = ?,"
+                " claimed_by = CASE WHEN ? IS NULL THEN NULL ELSE claimed_by END,"
+                " claimed_at = CASE WHEN ? IS NULL THEN NULL ELSE claimed_at END, updated_at = ? WHERE name = ?",
+                (size, mtime_ns, digest, status, first, claimed, claimed, time.time(), name),
+            )
+            _rehome_duplicates(db, name)
+            taken_back = db.execute("DELETE FROM redeliveries WHERE name = ? AND size = ? AND mtime_ns = ?",
+                                    (name, size, mtime_ns)).rowcount
+        return self._get(name), bool(taken_back)
 
     def redeliveries(self) -> list[Redelivery]:
         rows = self._read(
@@ -360,15 +413,12 @@ class Manifest:
             if row[0] != "quarantined":
                 raise ManifestError(f"shard {name!r} is {row[0]}; only a quarantined shard can be re-ingested")
             db.execute("DELETE FROM shards WHERE name = ?", (name,))
-            first = db.execute(
-                "SELECT name FROM shards WHERE content_hash = ? AND status != 'duplicate' ORDER BY seq LIMIT 1",
-                (digest,),
-            ).fetchone()
+            first = _original(db, digest)
             db.execute(
                 "INSERT INTO shards (name, path, size, mtime_ns, content_hash, status, duplicate_of,"
                 " discovered_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, str(p), st.st_size, st.st_mtime_ns, digest, "duplicate" if first else "discovered",
-                 first[0] if first else None, now, now),
+                 first, now, now),
             )
         return self._get(name)
 
@@ -586,6 +636,31 @@ class Manifest:
 
     def _write(self) -> _WriteTx:
         return _WriteTx(self._db, self._lock)
+
+
+def _original(db: sqlite3.Connection, digest: str, besides: str | None = None) -> str | None:
+    """The shard whose rows ``digest``'s bytes are (another file with them is its duplicate).
+    A shard quarantined whole is none: nothing of it went in, and the same bytes under
+    a new name (the way back from a remote landing directory) must be read."""
+    row = db.execute(
+        "SELECT name FROM shards WHERE content_hash = ? AND status NOT IN ('duplicate', 'quarantined')"
+        " AND name != ? ORDER BY seq LIMIT 1",
+        (digest, besides or ""),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _rehome_duplicates(db: sqlite3.Connection, name: str) -> None:
+    """``name`` took other bytes: the first of its duplicates (same old bytes, another
+    file) stands for them now and is read; the rest become its duplicates."""
+    rows = db.execute("SELECT name FROM shards WHERE status = 'duplicate' AND duplicate_of = ? ORDER BY seq",
+                      (name,)).fetchall()
+    if not rows:
+        return
+    heir, now = rows[0][0], time.time()
+    db.execute("UPDATE shards SET status = 'discovered', duplicate_of = NULL, updated_at = ? WHERE name = ?", (now, heir))
+    db.execute("UPDATE shards SET duplicate_of = ?, updated_at = ? WHERE status = 'duplicate' AND duplicate_of = ?",
+               (heir, now, name))
 
 
 def _transition_in(db: sqlite3.Connection, name: str, allowed_from: tuple[str, ...], to: str, **values: object) -> None:

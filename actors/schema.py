@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from livetrain.config import SchemaConfig
-from livetrain.storage import open_shard
+from livetrain.storage import is_uri, open_shard
 
 NULL_FEATURE = "null feature"
 NAN_FEATURE = "nan feature"
@@ -529,6 +529,7 @@ def iter_reads(path: str | Path, schema: SchemaConfig, part_rows: int):
     try:
         pf = pq.ParquetFile(open_shard(path))
     except (pa.ArrowException, OSError) as e:
+        _raise_if_transient(path, e)
         raise SchemaError(f"not a readable parquet file: {_first_line(e)}") from None
     try:
         check_schema(pf.schema_arrow, schema)
@@ -544,11 +545,23 @@ def iter_reads(path: str | Path, schema: SchemaConfig, part_rows: int):
                 yield _validate_batch(batch, schema, classes, read)
                 read += batch.num_rows
         except (pa.ArrowException, OSError) as e:  # corrupt pages, truncated row groups
+            _raise_if_transient(path, e)
             raise SchemaError(f"unreadable parquet data: {_first_line(e)}") from None
         if read != total:
             raise SchemaError(f"read {read} rows, the footer declares {total}")
     finally:
         pf.close()
+
+
+def _raise_if_transient(path: str | Path, e: BaseException) -> None:
+    """Re-raise an I/O error reading a remote shard as it is, not as a ``SchemaError``:
+    a reset connection or a throttled request says nothing of the file, so its reader
+    fails and the shard is read again (``MAX_ATTEMPTS`` in ``actors/ingest.py``)
+    rather than quarantined at once. (Arrow reports a bad footer as ``ArrowInvalid``;
+    corrupt pages can surface as a plain ``OSError`` too, and are then quarantined
+    after the retries.)"""
+    if is_uri(path) and isinstance(e, OSError) and not isinstance(e, (pa.ArrowInvalid, FileNotFoundError)):
+        raise e
 
 
 def _check_ids(batch: pa.RecordBatch, schema: SchemaConfig, code: np.ndarray) -> np.ndarray | None:

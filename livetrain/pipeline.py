@@ -419,7 +419,7 @@ class Pipeline:
         reg = ray.get(self.registry.stats.remote())
         buf = ray.get(self.buffer.stats.remote())
         c = self.ingest.counters
-        if self.first_promotion_s is None and reg["served_version"] is not None:
+        if self.first_promotion_s is None and reg["versions_promoted"]:  # not a version restored at start-up
             self.first_promotion_s = time.monotonic() - self._t0
         return {
             "rows_ingested": c.rows_ingested,

@@ -21,6 +21,24 @@ from livetrain.actors.quarantine import list_quarantine
 pytestmark = [pytest.mark.ray]
 
 
+def _restart_rebuilt(buffer) -> dict:
+    """Kill the buffer actor after its snapshot; the stats of the instance that replaced
+    it, once it has rebuilt itself from the state dir (the same handle works again)."""
+    import ray
+
+    ray.get(buffer.close.remote())  # writes the snapshot now (it is also written on a cadence)
+    ray.kill(buffer, no_restart=False)
+
+    def rebuilt():  # ray.kill is asynchronous: the old instance may still answer first
+        try:
+            s = ray.get(buffer.stats.remote(), timeout=30)
+        except ray.exceptions.RayError:
+            return None
+        return s if s["rebuilt_rows"] or s["rebuilt_rows_lost"] else None
+
+    return wait_until(rebuilt, 60, "the restarted, rebuilt buffer")
+
+
 def test_ingest_actor_killed_mid_shard_loses_and_repeats_no_row(ray_session, tmp_path):
     import ray
 
@@ -95,17 +113,7 @@ def test_buffer_actor_killed_restarts_rebuilt_from_snapshot_and_manifest(ray_ses
     ray.get(buffer.sample.remote(4, -1, 1, 0))  # some blocks are now seen
     before = ray.get(buffer.stats.remote())
     assert before["reservoir_blocks"] > 0 and before["window_blocks"] > 0
-    ray.get(buffer.close.remote())  # writes the snapshot now (it is also written on a cadence)
-    ray.kill(buffer, no_restart=False)
-    # the same handle works again: the restarted actor rebuilt itself from the state dir
-    def restarted():  # ray.kill is asynchronous: the old instance may still answer first
-        try:
-            s = ray.get(buffer.stats.remote(), timeout=30)
-        except ray.exceptions.RayError:
-            return None
-        return s if s["rebuilt_rows"] > 0 else None
-
-    after = wait_until(restarted, 60, "the restarted, rebuilt buffer")
+    after = _restart_rebuilt(buffer)
     assert after["rebuilt_rows"] == before["rows"] > 0
     assert (after["rows"], after["reservoir_blocks"], after["window_blocks"]) == (
         before["rows"], before["reservoir_blocks"], before["window_blocks"])
@@ -244,6 +252,48 @@ def test_a_shard_first_seen_half_written_goes_in_once_complete(ray_session, tmp_
     run_until_done(loop)
     assert loop.counters.shards_changed_in_place == 1 and loop.counters.shards_reread == 1
     assert sorted(buffer_ids(buffer)) == sorted(in_buffer)
+    close(loop, buffer)
+
+
+def test_a_shard_rewritten_after_its_claim_goes_in_as_its_new_bytes_and_survives_a_rebuild(ray_session, tmp_path):
+    """The file changes after the loop hashed and claimed it, before its reader
+    opens it: the rows read are the new file's, so the manifest must record the
+    new file, or the buffer's rebuild after a restart takes the file for changed
+    and leaves its rows out. Then a rewrite to bytes another shard has makes it
+    that shard's duplicate, read never."""
+    import ray
+
+    from livetrain.storage import shard_stat
+
+    cfg, loop, buffer = make_loop(tmp_path, "source.recheck_every_s=0", "ingest.block_rows=300")
+    landing = cfg.landing_dir
+    path = landing / "r-000.parquet"
+    write_id_shard(path, 0, 1000)
+    loop.manifest.discover([path], {path.name: loop.manifest.content_hash(path)})
+    write_id_shard(tmp_path / "new.parquet", 50_000, 1500)
+    os.replace(tmp_path / "new.parquet", path)  # a new file under the name, after it was hashed
+    loop.step(0.2, poll=False)  # claimed with the old record, before any listing sees the new file
+    assert loop.manifest.get(path.name).status == "claimed"
+    run_until_done(loop)
+    rec = loop.manifest.get(path.name)
+    assert rec.status == "ingested" and rec.good_rows == 1500
+    assert (rec.size, rec.mtime_ns) == shard_stat(path) and rec.content_hash == loop.manifest.content_hash(path)
+    assert sorted(buffer_ids(buffer)) == list(range(50_000, 51_500))
+    assert loop.counters.shards_changed_in_place == 0 and loop.counters.shards_quarantined == 0
+
+    after = _restart_rebuilt(buffer)
+    assert (after["rebuilt_rows"], after["rebuilt_rows_lost"]) == (1500, 0)
+    assert sorted(buffer_ids(buffer)) == list(range(50_000, 51_500))
+
+    dup = landing / "d-001.parquet"
+    write_id_shard(dup, 90_000, 700)
+    loop.manifest.discover([dup], {dup.name: loop.manifest.content_hash(dup)})
+    shutil.copyfile(path, tmp_path / "same.parquet")
+    os.replace(tmp_path / "same.parquet", dup)  # now the bytes of r-000
+    run_until_done(loop)
+    rec = loop.manifest.get(dup.name)
+    assert (rec.status, rec.duplicate_of) == ("duplicate", path.name)
+    assert sorted(buffer_ids(buffer)) == list(range(50_000, 51_500))
     close(loop, buffer)
 
 

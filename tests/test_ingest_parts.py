@@ -24,6 +24,17 @@ def _big_shard(cfg) -> set[int]:
     return set(range(ROWS)) | set(range(100_000, 100_700))
 
 
+def _reingest_exactly_once(loop, cfg, all_ids: set[int]) -> None:
+    """``livetrain quarantine --reingest big-000.parquet``, then every row is in once."""
+    from livetrain.actors.quarantine import list_quarantine, reingest
+
+    (entry,) = [e for e in list_quarantine(cfg.state_dir) if e.shard == "big-000.parquet"]
+    reingest(cfg.state_dir, cfg.landing_dir, entry, loop.manifest)
+    run_until_done(loop)
+    assert loop.manifest.get("big-000.parquet").status == "ingested"
+    assert_exactly_once(all_ids, buffer_ids(loop.buffer), quarantined_ids(cfg.state_dir))
+
+
 def _until_parts_committed(loop) -> int:
     """Step the loop until the big shard has parts in the buffer; its watermark."""
     def committed():
@@ -149,8 +160,6 @@ def test_a_shard_unreadable_after_parts_is_taken_out_and_reingested_once(ray_ses
     whole file back and re-ingests it, every row is there exactly once."""
     import ray
 
-    from livetrain.actors.quarantine import list_quarantine, reingest
-
     cfg, loop, buffer = make_loop(tmp_path, *PARTS)
     all_ids = _big_shard(cfg)
     path = cfg.landing_dir / "big-000.parquet"
@@ -166,12 +175,39 @@ def test_a_shard_unreadable_after_parts_is_taken_out_and_reingested_once(ray_ses
     assert ray.get(buffer.stats.remote())["rows_withdrawn"] >= upto - upto // 97 - 1
 
     path.write_bytes(whole)  # the user's fix
-    (entry,) = [e for e in list_quarantine(tmp_path) if e.shard == "big-000.parquet"]
-    reingest(tmp_path, cfg.landing_dir, entry, loop.manifest)
-    run_until_done(loop)
-    assert loop.manifest.get("big-000.parquet").status == "ingested"
-    assert_exactly_once(all_ids, buffer_ids(buffer), quarantined_ids(tmp_path))
+    _reingest_exactly_once(loop, cfg, all_ids)
     close(loop, buffer)
+
+
+def test_a_shard_rewritten_after_its_first_parts_went_in_is_taken_out_not_resumed_in_the_new_file(ray_session, tmp_path):
+    """The loop's process dies while the big shard goes in by parts, and its file is
+    then replaced by another file of the same name. Resuming at the watermark would
+    put rows of the new file after rows of the old under one record (and the new
+    file's first rows never): the shard is quarantined whole, its parts taken out,
+    and a re-ingest reads the new file whole, each row once."""
+    import ray
+
+    from livetrain.actors.ingest import IngestLoop
+    from livetrain.actors.manifest import Manifest
+
+    cfg, loop, buffer = make_loop(tmp_path, *PARTS)
+    all_ids = _big_shard(cfg) - set(range(ROWS))
+    _until_parts_committed(loop)
+    for actor in loop.actors:
+        ray.kill(actor)
+    loop.manifest.close()
+    all_ids |= set(range(200_000, 200_000 + ROWS))
+    write_id_shard(tmp_path / "new.parquet", 200_000, ROWS, bad_every=97)
+    (tmp_path / "new.parquet").replace(cfg.landing_dir / "big-000.parquet")
+    again = IngestLoop(cfg, Manifest(tmp_path), buffer, None)
+    run_until_done(again)
+    big = again.manifest.get("big-000.parquet")
+    assert big.status == "quarantined" and "rewritten" in big.reason and "taken out again" in big.reason, big.reason
+    wait_until(lambda: not any(i < ROWS for i in buffer_ids(buffer)), 30, "the old file's parts taken out")
+    assert not any(200_000 <= i for i in buffer_ids(buffer))
+
+    _reingest_exactly_once(again, cfg, all_ids)
+    close(again, buffer)
 
 
 def test_buffer_killed_after_a_shard_finished_its_parts_rebuilds_the_parts_after_its_snapshot(ray_session, tmp_path):

@@ -319,3 +319,20 @@ def test_a_read_goes_out_as_chunks_of_adjacent_blocks_that_end_where_parts_do(tm
         assert ids == expected
         assert ends == list(range(every, blocks + 1, every)) if every else not ends
         assert blocks == len(range(resume_from - resume_from % 100, 10_000, 100))
+
+
+def test_rebuild_from_a_snapshot_newer_than_the_manifest_holds_no_part_past_the_watermark(tmp_path):
+    """Both restored from ``storage.uri``, pushed on their own cadences: the snapshot
+    held parts to 600 of a shard going in by parts, the manifest's watermark is 300.
+    Ingestion reads the shard again from 300, so the rebuild must stop there, or rows
+    300-600 are held twice."""
+    path = tmp_path / "s.parquet"
+    write_id_shard(path, 0, 1000)
+    held = [HeldPart("s.parquet", 5, lo, lo + 300, 300, 1, 0.0, False, 0) for lo in (0, 300)]
+    snap = Snapshot(held, newest_seq=5, open={"s.parquet": (5, 600)})
+    (shard,) = plan_rebuild(snap, [], capacity_rows=10_000,
+                            partly=[ShardRecord("s.parquet", str(path), 1, 1, "", 5, "claimed", None, None, None,
+                                                None, None, None, 0.0, 0.0, 300)])
+    assert (sorted(shard.starts), shard.upto) == ([0], 300)
+    ids = [i for _, block in read_back(shard, SCHEMA, 300) for i in block["id"].tolist()]
+    assert ids == list(range(300))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import multiprocessing
 import random
 import sqlite3
@@ -380,3 +381,101 @@ def test_a_part_of_a_shard_quarantined_meanwhile_is_refused_not_committed(manife
     assert refused == {a.name}
     assert manifest.get(a.name).status == "quarantined" and manifest.get(b.name).status == "ingested"
     assert manifest.partly_committed() == []  # a rebuild re-reads none of it
+
+
+def test_a_claimed_shard_rewritten_before_its_read_takes_the_new_bytes_or_becomes_a_duplicate(manifest, tmp_path):
+    a, b, c = _shards(tmp_path / "landing", 3)
+    manifest.discover([a, b, c])
+    assert [r.name for r in manifest.claim("me", 2)] == [a.name, b.name]
+    a.write_bytes(b"a's new bytes, longer than before")
+    assert [(e.name, e.refreshed) for e in manifest.redelivered([a])] == [(a.name, False)]  # a poll saw it claimed
+    st = a.stat()
+    rec, taken_back = manifest.rewritten_before_read(a.name, st.st_size, st.st_mtime_ns, manifest.content_hash(a))
+    assert taken_back and manifest.redeliveries() == []
+    assert (rec.status, rec.claimed_by, rec.size, rec.mtime_ns) == ("claimed", "me", st.st_size, st.st_mtime_ns)
+    assert rec.content_hash == manifest.content_hash(a) and rec.seq == 1  # keeps its place
+    b.write_bytes(c.read_bytes())  # now the bytes of a shard discovered after it
+    st = b.stat()
+    rec, taken_back = manifest.rewritten_before_read(b.name, st.st_size, st.st_mtime_ns, manifest.content_hash(b))
+    assert not taken_back and (rec.status, rec.duplicate_of, rec.claimed_by) == ("duplicate", c.name, None)
+    manifest.mark_ingested(a.name, 10, 0)
+    with pytest.raises(ManifestError, match="only a claimed shard"):
+        manifest.rewritten_before_read(a.name, 1, 1, "x")
+
+
+def test_a_shard_requeued_with_rows_in_the_buffer_does_not_take_a_rewritten_files_bytes(manifest, tmp_path):
+    """Its read resumes at the watermark: rows past it of another file would go in
+    under it, and rows before it never. The rewrite is recorded instead (its reader
+    then finds the file changed and it is quarantined whole)."""
+    (a,) = _shards(tmp_path / "landing", 1)
+    manifest.discover([a])
+    manifest.claim("me", 1)
+    manifest.mark_ingested_many([], [(a.name, 300)])
+    manifest.requeue_claimed()
+    before = manifest.get(a.name)
+    a.write_bytes(b"another file altogether")
+    assert [(e.refreshed, e.same_content) for e in manifest.redelivered([a])] == [(False, False)]
+    after = manifest.get(a.name)
+    assert (after.size, after.mtime_ns, after.content_hash) == (before.size, before.mtime_ns, before.content_hash)
+
+
+def test_a_file_touched_or_copied_again_with_the_same_bytes_keeps_its_shard_and_its_new_stat(manifest, tmp_path):
+    """Else a rebuild of the buffer would find the ingested file "changed" and leave its rows out."""
+    (a,) = _shards(tmp_path / "landing", 1)
+    manifest.discover([a])
+    manifest.claim("me", 1)
+    manifest.mark_ingested(a.name, 10, 0)
+    os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 5_000_000_000))
+    assert [(e.same_content, e.status) for e in manifest.redelivered([a])] == [(True, "ingested")]
+    rec = manifest.get(a.name)
+    assert (rec.status, rec.size, rec.mtime_ns) == ("ingested", a.stat().st_size, a.stat().st_mtime_ns)
+
+
+def test_the_bytes_of_a_shard_quarantined_whole_under_a_new_name_are_read_not_a_duplicate(manifest, tmp_path):
+    """The way back on a remote landing directory (no ``--reingest`` there): nothing of
+    the quarantined shard went in, so the same bytes under a new name must be read."""
+    a, b = _shards(tmp_path / "landing", 2)
+    manifest.discover([a])
+    manifest.claim("me", 1)
+    manifest.mark_quarantined(a.name, "the store was unreachable")
+    b.write_bytes(a.read_bytes())
+    (rec,) = manifest.discover([b])
+    assert (rec.status, rec.duplicate_of) == ("discovered", None)
+
+
+def test_when_an_original_takes_new_bytes_its_first_duplicate_stands_for_the_old_ones(manifest, tmp_path):
+    a, b, c = _shards(tmp_path / "landing", 3)
+    b.write_bytes(a.read_bytes())
+    c.write_bytes(a.read_bytes())
+    manifest.discover([a, b, c])
+    assert [manifest.get(p.name).status for p in (a, b, c)] == ["discovered", "duplicate", "duplicate"]
+    a.write_bytes(b"a's new bytes")
+    assert [e.refreshed for e in manifest.redelivered([a])] == [True]
+    got = {p.name: (manifest.get(p.name).status, manifest.get(p.name).duplicate_of) for p in (a, b, c)}
+    assert got == {a.name: ("discovered", None), b.name: ("discovered", None), c.name: ("duplicate", b.name)}
+
+
+def test_a_fingerprint_is_stated_before_it_is_hashed(manifest, tmp_path, monkeypatch):
+    """A file rewritten while it is hashed must keep the stat of before: the next look
+    at it then sees it changed. (Stat'ed after, the new stat would vouch for the old
+    bytes' hash for good.)"""
+    import livetrain.actors.manifest as manifest_module
+
+    (a,) = _shards(tmp_path / "landing", 1)
+    old = (a.stat().st_size, a.stat().st_mtime_ns)
+    real = manifest_module.file_hash
+
+    def hash_then_rewrite(path, algorithm):
+        digest = real(path, algorithm)
+        a.write_bytes(b"rewritten while it was hashed")
+        os.utime(a, ns=(old[1] + 10**9, old[1] + 10**9))
+        return digest
+
+    monkeypatch.setattr(manifest_module, "file_hash", hash_then_rewrite)
+    fp = manifest.fingerprint(a)
+    assert (fp.size, fp.mtime_ns) == old and fp != (a.stat().st_size, a.stat().st_mtime_ns, fp.digest)
+    monkeypatch.setattr(manifest_module, "file_hash", real)
+    (rec,) = manifest.discover([a], {a.name: fp})
+    assert (rec.size, rec.mtime_ns) == old
+    assert [e.refreshed for e in manifest.redelivered([a])] == [True]  # seen changed: takes its bytes
+    assert manifest.get(a.name).content_hash == manifest.content_hash(a)

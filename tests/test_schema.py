@@ -18,9 +18,11 @@ from livetrain.actors.schema import (
     NULL_ID,
     NULL_LABEL,
     UNKNOWN_LABEL,
+    SchemaError,
     ValidatedShard,
     _interleave,
     iter_parts,
+    iter_reads,
     read_and_validate,
 )
 from livetrain.config import SchemaConfig
@@ -448,3 +450,27 @@ def test_parts_cut_from_one_read_hold_the_rows_of_reading_a_part_at_a_time(tmp_p
     whole = read_and_validate(path, schema)
     np.testing.assert_array_equal(whole.x, x[good])
     assert whole.reasons == {NULL_FEATURE: 1, NAN_FEATURE: 4}
+
+
+@pytest.mark.parametrize("error, transient", [
+    (OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 56"), True),
+    (OSError("Corrupt snappy compressed data."), True),  # remote: retried, then quarantined by the loop
+    (FileNotFoundError("s3://bucket/landing/a.parquet"), False),
+    (pa.ArrowInvalid("Parquet magic bytes not found in footer."), False),
+])
+def test_an_io_error_reading_a_remote_shard_is_raised_for_a_retry_not_taken_for_a_bad_file(
+        monkeypatch, error, transient):
+    """A reset connection or a throttled request says nothing of the file: quarantined
+    at once, a good shard on S3 would be lost (no ``--reingest`` for a remote landing
+    directory). The same errors on a local file are the file's."""
+    import livetrain.actors.schema as schema_module
+
+    def fails(path):
+        raise error
+
+    monkeypatch.setattr(schema_module, "open_shard", fails)
+    schema = SchemaConfig(features=["x0"])
+    with pytest.raises(type(error) if transient else SchemaError, match=str(error)[:20]):
+        list(iter_reads("s3://bucket/landing/a.parquet", schema, 100))
+    with pytest.raises(SchemaError):
+        list(iter_reads("/landing/a.parquet", schema, 100))

@@ -167,6 +167,8 @@ def test_run_restarts_on_a_fresh_state_dir_from_s3(s3: str, tmp_path: Path):
     assert "resumed from checkpoint" in output
     assert second["train_steps"] > first["train_steps"]
     assert second["served_version"] >= first["served_version"]
+    # the version restored at start-up is not this run's first promotion
+    assert (second["first_promotion_s"] is None) == (second["versions_promoted"] == 0)
     assert (fresh / "wandb_run_id").read_text() == (tmp_path / "a" / "wandb_run_id").read_text()
     history = [json.loads(line) for line in (fresh / "decisions.jsonl").read_text().splitlines()]
     assert any(d["action"] == "promote" and d["version"] == first["served_version"] for d in history)
