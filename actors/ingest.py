@@ -489,6 +489,10 @@ class IngestLoop:
             elif event.status == "quarantined" and self._reread_whole(event.name):
                 self.counters.shards_reread += 1
                 log.warning("livetrain: %s, quarantined whole, was rewritten: read again", event.name)
+            elif event.status == "claimed":  # its reader compares the file with its record (read_shard)
+                self.counters.shards_changed_in_place += 1
+                log.warning("livetrain: %s was rewritten while it was claimed: if its reader had not opened it yet, "
+                            "the new bytes are read; else they are not", event.name)
             else:
                 self.counters.shards_changed_in_place += 1
                 log.warning("livetrain: %s was rewritten with other bytes after discovery: not read again", event.name)
