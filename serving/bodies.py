@@ -19,6 +19,7 @@ stream (``answer_type``): then ``encode_arrow`` writes one row per input row
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections import Counter
 from collections.abc import Callable
@@ -134,11 +135,21 @@ def decode_json(raw: bytes, features: list[str], max_instances: int) -> np.ndarr
         raise BadRequest(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}", 400) from None
     except RecursionError:
         raise BadRequest("malformed JSON: nested too deeply", 400) from None
+    except ValueError as e:  # Python's int-string limit (CVE-2020-10735): a plain ValueError
+        raise BadRequest(f"JSON not read: {_digits(e)}", 400) from None
     if not isinstance(body, dict):
         raise BadRequest(f"the body must be a JSON object with 'instances', got a JSON {type(body).__name__}")
     if "instances" not in body:
         raise BadRequest("'instances' is missing: send {\"instances\": [[...], ...]}")
     return instances_to_array(body["instances"], features, max_instances)
+
+
+def _digits(e: ValueError) -> str:
+    """What the int-string limit refused, said to a client (not "use sys.set_int_max_str_digits")."""
+    m = re.search(r"limit \((\d+) digits\).*value has (\d+) digits", str(e))
+    if m is None:
+        return _first_line(e)
+    return f"a number of {m[2]} digits: integers may have at most {m[1]}"
 
 
 def read_table(raw: bytes, kind: str, limits: Limits) -> pa.Table:

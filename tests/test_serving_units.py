@@ -63,6 +63,7 @@ BAD_JSON = [
     (b'{"instances": [[0.1, Infinity, 0.3]]}', 422, "not finite"),
     (b'{"instances": [[0.1, 1e39, 0.3]]}', 422, "out of float32 range"),
     (b'{"instances": [[0.1, 1' + b"0" * 400 + b', 0.3]]}', 422, "out of float32 range"),
+    (b'{"instances": [[0.1, 1' + b"0" * 4300 + b', 0.3]]}', 400, "a number of 4301 digits"),  # past int()'s limit
     (b'{"instances": [{"x0": 1, "x1": 2}]}', 422, "missing features ['x2']"),
     (b'{"instances": [{"x0": 1, "x1": 2, "x2": 3, "y": 4}]}', 422, "unknown features ['y']"),
     (b'{"instances": []}', 422, "empty"),
