@@ -367,6 +367,27 @@ def test_a_batch_is_answered_by_one_version_with_the_same_numbers_as_alone():
         assert np.allclose(t["probabilities"], a["probabilities"], atol=1e-5)
 
 
+def overflowing() -> tuple[Any, np.ndarray]:
+    """A version standardising with variance 0.25 (features of std 0.5), and rows with a
+    feature of 3e38: finite float32, accepted by the body checks, inf once standardised."""
+    w = weights(7)
+    w["net.0.running_var"] = np.full_like(w["net.0.running_var"], 0.25)
+    x = np.array([[0.1, 0.2, 0.3], [3e38, 0.2, 0.3], [0.1, 0.2, 0.3], [0.1, -3e38, 0.3]], dtype=np.float32)
+    return load_version(served(7), w), x
+
+
+def test_rows_the_model_cannot_score_are_a_422_naming_them_and_the_rest_of_the_batch_is_answered():
+    loaded, x = overflowing()
+    assert not np.isfinite(loaded.probabilities(x)).all()  # the overflow this guards against
+    ok, refused = loaded.predict_many([x[:1], x], [0, 1])
+    assert ok["model_version"] == 7 and np.isfinite(ok["probabilities"]).all()
+    assert isinstance(refused, BadRequest) and refused.status == 422
+    assert "rows [1, 3]" in str(refused) and "v7" in str(refused)
+    for answer in (lambda: loaded.predict(x, [0, 1]), lambda: loaded.scores(x, [0, 1])):
+        with pytest.raises(BadRequest, match=r"rows \[1, 3\]"):
+            answer()
+
+
 def test_load_version_refuses_weights_for_another_model():
     other = ModelSpec("mlp", {"num_features": 4, "num_classes": 2, "hidden": [8]})
     torch.manual_seed(0)
