@@ -455,7 +455,8 @@ class GateConfig:
     """Roll back by itself when the previous version, scored on the same live
     rows, beats the served one by more than this (window accuracy)."""
     rollback_min_rows: int = 2000
-    """Live rows the served version must have answered before an automatic rollback."""
+    """Live rows the served version must have answered before an automatic rollback
+    (at most ``window_rows``: the live window holds no more)."""
 
     def __post_init__(self) -> None:
         if self.alarm_min_gain < 0 or self.rollback_margin < 0:
@@ -480,6 +481,11 @@ class GateConfig:
             raise ConfigError("gate.holdout_min_rows: must be >= 1")
         if self.window_rows < 1:
             raise ConfigError(f"gate.window_rows: must be >= 1, got {self.window_rows}")
+        if self.window_rows < self.rollback_min_rows:  # the live window would never hold enough rows to roll back
+            raise ConfigError(
+                f"gate.window_rows ({self.window_rows}) must be >= gate.rollback_min_rows ({self.rollback_min_rows}): "
+                "the served version's live window never holds more, so it would never be rolled back by itself"
+            )
 
 
 @dataclass

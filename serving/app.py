@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import ray
@@ -249,6 +249,8 @@ class ModelServer:
                 answer = loaded.version, await asyncio.to_thread(self._arrow, loaded, x)
             else:
                 answer = (await asyncio.to_thread(self._answer, loaded, [x]))[0]
+        if isinstance(answer, BadRequest):  # rows the model could not score (predict_many)
+            raise answer
         if answer is None:
             return JSONResponse(status_code=503, content={"detail": "no model has been promoted yet"}, headers={"Retry-After": "1"})
         v, payload = answer
@@ -319,7 +321,7 @@ class ModelServer:
     # --- internals -------------------------------------------------------------
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _predict_batch(self, xs: list[np.ndarray]) -> list[Optional[tuple[int, bytes]]]:
+    async def _predict_batch(self, xs: list[np.ndarray]) -> list[Optional[Union[tuple[int, bytes], BadRequest]]]:
         loaded = self._follower.current  # ONE snapshot: the whole batch comes from this version
         if loaded is None:
             return [None] * len(xs)
@@ -329,8 +331,11 @@ class ModelServer:
             return self._answer(loaded, xs)
         return await asyncio.to_thread(self._answer, loaded, xs)
 
-    def _answer(self, loaded: Loaded, xs: list[np.ndarray]) -> list[tuple[int, bytes]]:
-        return [(loaded.version, answer_bytes(a)) for a in loaded.predict_many(xs, self._s.classes)]
+    def _answer(self, loaded: Loaded, xs: list[np.ndarray]) -> list[Union[tuple[int, bytes], BadRequest]]:
+        """Per request: (version, JSON body), or its refusal (returned, not raised: the
+        other requests of a batch are answered)."""
+        answers = loaded.predict_many(xs, self._s.classes)
+        return [a if isinstance(a, BadRequest) else (loaded.version, answer_bytes(a)) for a in answers]
 
     def _arrow(self, loaded: Loaded, x: np.ndarray) -> bytes:
         return bodies.encode_arrow(*loaded.scores(x, self._s.classes), loaded.version)

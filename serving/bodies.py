@@ -19,6 +19,7 @@ stream (``answer_type``): then ``encode_arrow`` writes one row per input row
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections import Counter
 from collections.abc import Callable
@@ -120,7 +121,7 @@ def decode(raw: bytes, content_type: str | None, features: list[str], limits: Li
         raise BadRequest(too_large_message(len(raw), limits), 413)
     if kind == JSON:
         return decode_json(raw, features, limits.max_instances)
-    return table_to_array(read_table(raw, kind, limits), features, limits.max_bulk_rows)
+    return table_to_array(read_table(raw, kind, limits, features), features, limits.max_bulk_rows)
 
 
 def decode_json(raw: bytes, features: list[str], max_instances: int) -> np.ndarray:
@@ -134,6 +135,8 @@ def decode_json(raw: bytes, features: list[str], max_instances: int) -> np.ndarr
         raise BadRequest(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}", 400) from None
     except RecursionError:
         raise BadRequest("malformed JSON: nested too deeply", 400) from None
+    except ValueError as e:  # Python's int-string limit (CVE-2020-10735): a plain ValueError
+        raise BadRequest(f"JSON not read: {_digits(e)}", 400) from None
     if not isinstance(body, dict):
         raise BadRequest(f"the body must be a JSON object with 'instances', got a JSON {type(body).__name__}")
     if "instances" not in body:
@@ -141,9 +144,19 @@ def decode_json(raw: bytes, features: list[str], max_instances: int) -> np.ndarr
     return instances_to_array(body["instances"], features, max_instances)
 
 
-def read_table(raw: bytes, kind: str, limits: Limits) -> pa.Table:
+def _digits(e: ValueError) -> str:
+    """What the int-string limit refused, said to a client (not "use sys.set_int_max_str_digits")."""
+    m = re.search(r"limit \((\d+) digits\).*value has (\d+) digits", str(e))
+    if m is None:
+        return _first_line(e)
+    return f"a number of {m[2]} digits: integers may have at most {m[1]}"
+
+
+def read_table(raw: bytes, kind: str, limits: Limits, features: list[str] | None = None) -> pa.Table:
     """The body as a table, its rows (and, compressed, its size) checked from the
-    metadata first: a few KB of zstd can hold GBs of zeros."""
+    metadata first: a few KB of zstd can hold GBs of zeros. With ``features``, a
+    Parquet file's columns are chosen and type-checked from its schema, and only
+    those the model reads are decompressed: a column it never uses may hold GBs."""
     name = "Arrow IPC stream" if kind == ARROW else "Parquet file"
     if not raw:
         raise BadRequest(f"empty body: expected an {name}", 400)
@@ -156,7 +169,8 @@ def read_table(raw: bytes, kind: str, limits: Limits) -> pa.Table:
             f = pq.ParquetFile(pa.BufferReader(raw))
             if f.metadata.num_rows > limits.max_bulk_rows:
                 raise _too_many_rows(f.metadata.num_rows, limits.max_bulk_rows)
-            table = f.read()
+            # only the schema and the row count: per-column sizes abort the process on corrupt files
+            table = f.read(columns=None if features is None else feature_columns(f.schema_arrow, features))
         table.validate(full=True)  # offsets and lengths in bounds: a corrupt body fails here, not mid-conversion
         table.column_names  # noqa: B018 -- names that are not UTF-8 fail here too
         return table
@@ -238,27 +252,51 @@ def _fb_ref(buf: bytes, pos: int) -> int:
     return pos + struct.unpack_from("<I", buf, pos)[0]
 
 
-def table_to_array(table: pa.Table, features: list[str], max_rows: int) -> np.ndarray:
-    """Feature columns (by name) or one list column -> float32 [n, d], checked."""
-    d = len(features)
-    if table.num_rows == 0:
-        raise BadRequest("the table has no rows: send at least one")
-    if table.num_rows > max_rows:
-        raise _too_many_rows(table.num_rows, max_rows)
-    names = table.column_names
+def feature_columns(schema: pa.Schema, features: list[str]) -> list[str]:
+    """The columns that hold the features, chosen and checked from the schema alone:
+    one numeric column per feature (by name), else the one list column of numbers."""
+    names = schema.names
     twice = sorted(n for n, k in Counter(names).items() if k > 1)
     if twice:
         raise BadRequest(f"columns {twice[:10]} appear more than once: send each column once")
     if all(f in names for f in features):
-        x = np.empty((table.num_rows, d), dtype=np.float32)
+        for f in features:
+            _check_number_type(schema.field(f).type, f)
+        return list(features)
+    lists = [n for n in names if _is_list(schema.field(n).type)]
+    if len(lists) != 1:
+        missing = [f for f in features if f not in names]
+        raise BadRequest(f"missing feature columns {missing[:10]} (or one list column of width {len(features)}); got columns {names[:10]}")
+    _check_list_type(schema.field(lists[0]).type, lists[0], len(features))
+    return lists
+
+
+def _check_number_type(tp: pa.DataType, name: str) -> None:
+    if not (pa.types.is_floating(tp) or pa.types.is_integer(tp)):
+        raise BadRequest(f"column {name!r} is {tp}, expected a number type")
+
+
+def _check_list_type(tp: pa.ListType, name: str, d: int) -> None:
+    if pa.types.is_fixed_size_list(tp) and tp.list_size != d:
+        raise BadRequest(f"column {name!r} has {tp.list_size} features per row, expected {d}")
+    values = tp.value_type
+    if not (pa.types.is_floating(values) or pa.types.is_integer(values)):
+        raise BadRequest(f"column {name!r} holds {values}, expected numbers")
+
+
+def table_to_array(table: pa.Table, features: list[str], max_rows: int) -> np.ndarray:
+    """Feature columns (by name) or one list column -> float32 [n, d], checked."""
+    if table.num_rows == 0:
+        raise BadRequest("the table has no rows: send at least one")
+    if table.num_rows > max_rows:
+        raise _too_many_rows(table.num_rows, max_rows)
+    columns = feature_columns(table.schema, features)
+    if columns == features:
+        x = np.empty((table.num_rows, len(features)), dtype=np.float32)
         for j, f in enumerate(features):
             x[:, j] = _numeric_column(table.column(f), f)
     else:
-        lists = [n for n in names if _is_list(table.schema.field(n).type)]
-        if len(lists) != 1:
-            missing = [f for f in features if f not in names]
-            raise BadRequest(f"missing feature columns {missing[:10]} (or one list column of width {d}); got columns {names[:10]}")
-        x = _list_column(table.column(lists[0]), lists[0], d)
+        x = _list_column(table.column(columns[0]), columns[0], len(features))
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         raise BadRequest(f"row {int(np.argmax(bad))}: a feature is NaN or infinite ({int(bad.sum())} such rows)")
@@ -270,9 +308,7 @@ def _is_list(tp: pa.DataType) -> bool:
 
 
 def _numeric_column(col: pa.ChunkedArray, name: str) -> np.ndarray:
-    tp = col.type
-    if not (pa.types.is_floating(tp) or pa.types.is_integer(tp)):
-        raise BadRequest(f"column {name!r} is {tp}, expected a number type")
+    """A feature column whose type ``feature_columns`` checked, as float64."""
     if col.null_count:
         raise BadRequest(f"column {name!r} has {col.null_count} null values")
     a = col.to_numpy().astype(np.float64, copy=False)
@@ -282,22 +318,16 @@ def _numeric_column(col: pa.ChunkedArray, name: str) -> np.ndarray:
 
 
 def _list_column(col: pa.ChunkedArray, name: str, d: int) -> np.ndarray:
+    """The list column ``feature_columns`` chose (value type and fixed width checked) -> [n, d]."""
     arr = col.combine_chunks()
     if arr.null_count:
         raise BadRequest(f"column {name!r} has {arr.null_count} null rows")
-    if pa.types.is_fixed_size_list(arr.type):
-        width = arr.type.list_size
-    else:
+    if not pa.types.is_fixed_size_list(arr.type):
         lengths = arr.value_lengths().to_numpy(zero_copy_only=False)
         if (lengths != d).any():
             i = int(np.argmax(lengths != d))
             raise BadRequest(f"row {i} of column {name!r} has {int(lengths[i])} features, expected {d}")
-        width = d
-    if width != d:
-        raise BadRequest(f"column {name!r} has {width} features per row, expected {d}")
     values = arr.flatten()
-    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
-        raise BadRequest(f"column {name!r} holds {values.type}, expected numbers")
     if values.null_count:
         raise BadRequest(f"column {name!r} has {values.null_count} null features")
     v = values.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)

@@ -112,28 +112,52 @@ class Loaded:
     def scores(self, x: np.ndarray, classes: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """``(labels [n], probabilities [n, classes])`` as arrays (the Arrow answer)."""
         probs = self.probabilities(x)
+        problem = self._unscored(probs)
+        if problem is not None:
+            raise problem
         return np.asarray(classes)[probs.argmax(axis=1)], probs
 
     def predict(self, x: np.ndarray, classes: list[int]) -> dict[str, Any]:
-        return self.predict_many([x], classes)[0]
+        answer = self.predict_many([x], classes)[0]
+        if isinstance(answer, BadRequest):
+            raise answer
+        return answer
 
-    def predict_many(self, xs: list[np.ndarray], classes: list[int]) -> list[dict[str, Any]]:
+    def predict_many(self, xs: list[np.ndarray], classes: list[int]) -> list[dict[str, Any] | BadRequest]:
         """One forward pass over several requests' rows; one answer per request,
-        all from this version."""
+        all from this version. A request with rows the model could not score gets
+        its refusal instead: the other requests of the batch are still answered."""
         probs = self.probabilities(np.concatenate(xs) if len(xs) > 1 else xs[0])
         idx = probs.argmax(axis=1)
         labels = np.asarray(classes)[idx].tolist()
-        rounded = probs.round(6).tolist()
-        out, start = [], 0
+        out: list[dict[str, Any] | BadRequest] = []
+        start = 0
         for x in xs:
             end = start + len(x)
-            out.append({"predictions": labels[start:end], "probabilities": rounded[start:end], "model_version": self.version})
+            p = probs[start:end]
+            problem = self._unscored(p)
+            out.append(problem or {"predictions": labels[start:end], "probabilities": p.round(6).tolist(), "model_version": self.version})
             start = end
         return out
 
+    def _unscored(self, probs: np.ndarray) -> BadRequest | None:
+        """A 422 naming the rows whose probabilities are not finite, if any. Finite
+        features far outside what the model was trained on can overflow it (float32
+        tops out at ~3.4e38): NaN is no answer, and not JSON either."""
+        bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+        if not len(bad):
+            return None
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        return BadRequest(
+            f"v{self.version} cannot score rows {bad[:10].tolist()}{more}: the model overflows on them "
+            "(features far outside the range it was trained on)"
+        )
+
 
 def answer_bytes(answer: dict[str, Any]) -> bytes:
-    return json.dumps(answer, separators=(",", ":")).encode()
+    # allow_nan=False: a NaN that got this far fails the request (500) rather than
+    # going out as a 200 whose body no strict JSON parser reads
+    return json.dumps(answer, separators=(",", ":"), allow_nan=False).encode()
 
 
 def describe(loaded: Loaded | None, now: float | None = None) -> dict[str, Any]:

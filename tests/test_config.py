@@ -122,6 +122,12 @@ def test_a_prequential_window_without_rows_is_refused(rows):
         load_config(overrides=[f"gate.window_rows={rows}"])
 
 
+def test_a_live_window_too_short_for_the_automatic_rollback_is_refused():
+    with pytest.raises(ConfigError, match=r"gate.window_rows \(1999\) must be >= gate.rollback_min_rows \(2000\)"):
+        load_config(overrides=["gate.window_rows=1999"])
+    assert load_config(overrides=["gate.window_rows=1000", "gate.rollback_min_rows=1000"]).gate.window_rows == 1000
+
+
 @pytest.mark.parametrize(
     "override, key",
     [

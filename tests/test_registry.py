@@ -39,6 +39,7 @@ def cand(cls: int, through: int, written_at: float = 0.0) -> tuple[Candidate, di
 def registry(**kw) -> Registry:
     """Judged on newer shards only unless a test names ``holdout_fraction``."""
     kw = {"holdout_fraction": 0.0, **kw}
+    kw.setdefault("rollback_min_rows", 1000)  # at most window_rows (GateConfig)
     return Registry(GateConfig(min_eval_rows=100, max_eval_rows=1000, window_rows=1000, **kw), 2, clock=lambda: 100.0)
 
 
@@ -287,7 +288,7 @@ def cand_w(w, through: int) -> tuple[Candidate, dict]:
 
 
 def test_poisoned_burst_puts_the_gate_on_hold():
-    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=3000), 2)
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000, alarm_hold_rows=3000), 2)
     good, bad = weights_threshold(1.0), weights_threshold(-1.0)
     r.propose(*cand_w(good, -1))
     seq = 0
@@ -320,7 +321,7 @@ def test_a_feature_drift_alarm_alone_does_not_put_the_gate_on_hold():
 
 def holding_after_noise(**gate) -> tuple[Registry, np.random.Generator]:
     """A good model served for 20 blocks, then 6 blocks of random labels: the gate holds."""
-    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000, **gate), 2)
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000, alarm_hold_rows=10_000, **gate), 2)
     r.propose(*cand_w(weights_threshold(1.0), -1))
     for seq in range(20):
         r.observe(*xor_block(seq))
@@ -333,7 +334,7 @@ def holding_after_noise(**gate) -> tuple[Registry, np.random.Generator]:
 
 
 def served_well_for_20_blocks(**gate) -> Registry:
-    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, **gate), 2)
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000, **gate), 2)
     r.propose(*cand_w(weights_threshold(1.0), -1))
     for seq in range(20):
         r.observe(*xor_block(seq))
@@ -429,7 +430,7 @@ def test_equal_candidate_is_not_promoted_while_holding_after_alarm():
 
 
 def test_significant_win_after_a_real_drift_ends_the_hold():
-    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000, alarm_hold_rows=10_000), 2)
     good, flipped = weights_threshold(1.0), weights_threshold(-1.0)
     r.propose(*cand_w(good, -1))
     for seq in range(20):
@@ -447,7 +448,7 @@ def test_significant_win_after_a_real_drift_ends_the_hold():
 
 
 def test_a_modest_win_while_holding_promotes_once_but_keeps_the_hold():
-    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000), 2)
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000, alarm_hold_rows=10_000), 2)
     r.propose(*cand_w(weights_threshold(1.0), -1))
     for seq in range(20):
         r.observe(*xor_block(seq))
@@ -505,7 +506,7 @@ def test_served_version_is_rolled_back_when_previous_beats_it_on_live_rows():
 
 
 def test_drift_alarm_raises_the_recent_share_and_learning_rate_and_shortens_the_window():
-    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, window_rows=1000), 2, recent_fraction=0.7,
+    r = Registry(GateConfig(holdout_fraction=0.0, min_eval_rows=100, window_rows=1000, rollback_min_rows=1000), 2, recent_fraction=0.7,
                  window_rows=4000)
     r.propose(*cand_w(weights_threshold(1.0), -1))
     for seq in range(20):
@@ -615,7 +616,7 @@ def flipped_after_a_good_run(rows: int = 200) -> tuple[Registry, int]:
     good (learnable): the gate holds. Returns the registry and the next seq.
     ``rows * holdout_fraction`` (50) is under ``min_eval_rows`` (100): these shards
     hold rows out only during a hold, down to ``holdout_min_rows`` (20)."""
-    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, alarm_hold_rows=10_000,
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000, alarm_hold_rows=10_000,
                             holdout_fraction=0.25, holdout_min_rows=20), 2)
     r.propose(*cand_w(weights_threshold(1.0), -1))
     for seq in range(20):
@@ -672,7 +673,7 @@ def test_a_few_held_out_rows_never_reject_a_candidate():
 
 
 def test_outside_a_hold_small_shards_hold_nothing_out():
-    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000,
+    r = Registry(GateConfig(min_eval_rows=100, max_eval_rows=500, window_rows=1000, rollback_min_rows=1000,
                             holdout_fraction=0.25, holdout_min_rows=20), 2)
     r.propose(*cand_w(weights_threshold(1.0), -1))
     r.observe(*xor_block(0, rows=200))

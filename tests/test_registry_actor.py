@@ -38,7 +38,7 @@ def start(monkeypatch, tmp_path):
     """Start (or restart, on the same state dir) the registry actor's logic."""
     monkeypatch.setattr(registry_actor, "ray", NoObjectStore)
     cls = registry_actor.ModelRegistry.__ray_metadata__.modified_class
-    return lambda: cls(GATE, 2, str(tmp_path))
+    return lambda gate=GATE: cls(gate, 2, str(tmp_path))
 
 
 def observe(reg, seq: int, label: int) -> None:
@@ -125,3 +125,41 @@ def test_a_rollback_to_a_version_whose_model_pt_is_unreadable_is_a_rollback_erro
     with pytest.raises(RollbackError, match="v9 cannot be loaded"):
         a.rollback(9)
     assert a._served.version == 1
+
+
+@pytest.mark.parametrize("after", ["reject", "supersede"])
+def test_a_restarted_registry_rolls_back_by_itself_after_decisions_that_served_nothing_new(start, after):
+    gate = GateConfig(min_eval_rows=100, max_eval_rows=1000, window_rows=1000, holdout_fraction=0.0,
+                      tolerance=0.5, rollback_min_rows=100)
+    a = start(gate)
+    propose(a, 1, -1)
+    observe(a, 0, 1)  # v1 answers 1
+    propose(a, 0, 0)
+    observe(a, 1, 0)  # v2 answers 0: promoted
+    propose(a, 1, 1)  # v3 answers 1 ...
+    if after == "supersede":
+        propose(a, 1, 1)  # ... superseded by v4 (left pending)
+    else:
+        observe(a, 2, 0)  # ... rejected on rows that say 0
+    a._log.close()
+    assert json.loads((a._state / "decisions.jsonl").read_text().splitlines()[-1])["action"] == after
+    b = start(gate)
+    assert b._reg.previous is not None and b._reg.previous.version == 1
+    observe(b, 10, 1)  # the concept flips back: v2 errs on every row, v1 is right
+    assert b._served.version == 1
+
+
+def test_a_restarted_registry_without_the_served_model_pt_serves_the_one_served_before_it(start, tmp_path):
+    a = start()
+    for seq, cls in enumerate((1, 1, 0)):  # the tolerance promotes each: v1, v2, v3 (answers 0)
+        propose(a, cls, seq - 1)
+        observe(a, seq, 1)
+    a.rollback(2, "v3 is bad")
+    propose(a, 1, 2)
+    observe(a, 3, 1)  # v4 promoted
+    a._log.close()
+    assert a._served.version == 4
+    (tmp_path / "served/v000004/model.pt").unlink()  # its save or push never completed
+    b = start()
+    assert b._served.version == 2  # not v3, the highest left on disk: it was rolled back from
+    assert b._reg.rolled_back_from == {3}

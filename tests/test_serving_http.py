@@ -43,11 +43,12 @@ class Promoter:
         self.weights: dict[int, dict[str, np.ndarray]] = {}
         self._rng = np.random.default_rng(0)
 
-    def promote(self, seed: int | None = None) -> int:
+    def promote(self, seed: int | None = None, w: dict[str, np.ndarray] | None = None) -> int:
         import ray
 
-        torch.manual_seed(seed if seed is not None else self.seq + 1000)
-        w = state_dict_numpy(build_model(self.spec))
+        if w is None:
+            torch.manual_seed(seed if seed is not None else self.seq + 1000)
+            w = state_dict_numpy(build_model(self.spec))
         now = time.time()
         cand = Candidate(ray.put(w), self.spec, self.seq, now, self.seq, now, 0.0)
         version = ray.get(self.registry.propose.remote(cand))
@@ -208,6 +209,20 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_serving_continues(app, name
     assert got == status, answer
     assert fragment.lower() in answer["detail"].lower(), answer
     assert http("POST", url + "/predict", {"instances": [[0.1, 0.2, 0.3]]})[0] == 200
+
+
+def test_rows_the_model_overflows_on_are_a_422_naming_them_never_nan_in_a_200(app):
+    url, promoter, _ = app
+    torch.manual_seed(5)
+    w = state_dict_numpy(build_model(SPEC))
+    w["net.0.running_var"] = np.full_like(w["net.0.running_var"], 0.25)  # features of std 0.5
+    v = promoter.promote(w=w)
+    served_by_replica(url, v)
+    rows = [[0.1, 0.2, 0.3], [3e38, 0.2, 0.3]]  # finite float32: inf once standardised
+    for path in ("/predict", f"/predict?version={v}"):  # batched, and answered alone
+        status, body = http("POST", url + path, {"instances": rows})
+        assert status == 422 and "rows [1]" in body["detail"], body
+    assert http("POST", url + "/predict", {"instances": rows[:1]})[0] == 200
 
 
 def test_bad_query_and_admin_bodies_are_422_with_a_readable_detail(app):

@@ -3,9 +3,11 @@ auth. The registry is a hand-written fake."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -63,6 +65,7 @@ BAD_JSON = [
     (b'{"instances": [[0.1, Infinity, 0.3]]}', 422, "not finite"),
     (b'{"instances": [[0.1, 1e39, 0.3]]}', 422, "out of float32 range"),
     (b'{"instances": [[0.1, 1' + b"0" * 400 + b', 0.3]]}', 422, "out of float32 range"),
+    (b'{"instances": [[0.1, 1' + b"0" * 4300 + b', 0.3]]}', 400, "a number of 4301 digits"),  # past int()'s limit
     (b'{"instances": [{"x0": 1, "x1": 2}]}', 422, "missing features ['x2']"),
     (b'{"instances": [{"x0": 1, "x1": 2, "x2": 3, "y": 4}]}', 422, "unknown features ['y']"),
     (b'{"instances": []}', 422, "empty"),
@@ -149,6 +152,59 @@ def test_a_compressed_bulk_body_is_refused_before_it_is_decompressed(kind, table
         bodies.decode(raw, kind, F, limits)
     assert e.value.status == 413
     assert pool.max_memory() - peak < 1_000_000  # read, the rows take 120 MB
+
+
+_PROXIES: list[pa.MemoryPool] = []
+"""Kept for the whole session: Arrow buffers point at their pool without owning it."""
+
+
+def arrow_peak_bytes(read: Callable[[], Any]) -> int:
+    """The most bytes Arrow held at once while ``read`` ran (through a proxy of its pool)."""
+    base = pa.default_memory_pool()
+    proxy = pa.proxy_memory_pool(base)
+    _PROXIES.append(proxy)
+    pa.set_memory_pool(proxy)
+    try:
+        read()
+    finally:
+        pa.set_memory_pool(base)
+    return proxy.max_memory()
+
+
+HUGE = 10_000_000
+"""Rows of zeros in one cell: 80 MB read, a few KB as zstd."""
+
+
+def test_a_parquet_body_decompresses_only_the_columns_the_model_reads():
+    x = np.array([[0.1, 0.2, 0.3]], dtype=np.float32)
+    table = pa.table({**{f: x[:, j] for j, f in enumerate(F)}, "junk": pa.array([np.zeros(HUGE)])})
+    raw = compressed(bodies.PARQUET, table, 1)
+    got: list[np.ndarray] = []
+    peak = arrow_peak_bytes(lambda: got.append(bodies.decode(raw, bodies.PARQUET, F, LIMITS)))
+    assert len(raw) < LIMITS.max_body_bytes and np.array_equal(got[0], x)
+    assert peak < 100_000
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [  # built in the test: held from collection on, they would take 160 MB all session
+        (lambda: pa.table({"x0": [1.0], "x1": [2.0], "x2": pa.array(["0" * (8 * HUGE)])}),
+         "column 'x2' is string, expected a number type"),
+        (lambda: pa.table({"features": pa.ListArray.from_arrays(pa.array([0, HUGE], pa.int32()), pa.repeat("0", HUGE))}),
+         "column 'features' holds string, expected numbers"),
+    ],
+    ids=["string column", "list column of strings"],
+)
+def test_a_parquet_column_of_the_wrong_type_is_refused_from_the_schema_before_it_is_read(
+    table: Callable[[], pa.Table], message: str
+) -> None:
+    raw = compressed(bodies.PARQUET, table(), 1)
+
+    def refused() -> None:
+        with pytest.raises(BadRequest, match=re.escape(message)):
+            bodies.decode(raw, bodies.PARQUET, F, LIMITS)
+
+    assert len(raw) < LIMITS.max_body_bytes and arrow_peak_bytes(refused) < 100_000
 
 
 @pytest.mark.parametrize("kind", [bodies.ARROW, bodies.PARQUET])
@@ -364,6 +420,27 @@ def test_a_batch_is_answered_by_one_version_with_the_same_numbers_as_alone():
     for t, a, x in zip(together, alone, xs):
         assert len(t["predictions"]) == len(x)
         assert np.allclose(t["probabilities"], a["probabilities"], atol=1e-5)
+
+
+def overflowing() -> tuple[Any, np.ndarray]:
+    """A version standardising with variance 0.25 (features of std 0.5), and rows with a
+    feature of 3e38: finite float32, accepted by the body checks, inf once standardised."""
+    w = weights(7)
+    w["net.0.running_var"] = np.full_like(w["net.0.running_var"], 0.25)
+    x = np.array([[0.1, 0.2, 0.3], [3e38, 0.2, 0.3], [0.1, 0.2, 0.3], [0.1, -3e38, 0.3]], dtype=np.float32)
+    return load_version(served(7), w), x
+
+
+def test_rows_the_model_cannot_score_are_a_422_naming_them_and_the_rest_of_the_batch_is_answered():
+    loaded, x = overflowing()
+    assert not np.isfinite(loaded.probabilities(x)).all()  # the overflow this guards against
+    ok, refused = loaded.predict_many([x[:1], x], [0, 1])
+    assert ok["model_version"] == 7 and np.isfinite(ok["probabilities"]).all()
+    assert isinstance(refused, BadRequest) and refused.status == 422
+    assert "rows [1, 3]" in str(refused) and "v7" in str(refused)
+    for answer in (lambda: loaded.predict(x, [0, 1]), lambda: loaded.scores(x, [0, 1])):
+        with pytest.raises(BadRequest, match=r"rows \[1, 3\]"):
+            answer()
 
 
 def test_load_version_refuses_weights_for_another_model():

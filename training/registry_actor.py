@@ -9,8 +9,9 @@ to ``storage.uri`` when set) so a restart serves the last promoted version at on
 
 The actor restarts when it dies (``max_restarts``) and its calls are retried
 (``max_task_retries``): the new instance comes up serving the version the
-decision log last served (never a candidate nothing judged), with the
-versions served before it (the gate's ``compare_versions``, ``rollback``'s
+decision log last served (never a candidate nothing judged; when that one's
+``model.pt`` is missing, the one served before it that no rollback took out of
+service), with the versions served before it (the gate's ``compare_versions``, ``rollback``'s
 default, the replaced version's shadow scoring) read back from disk, and the
 version numbers going on from the highest the log or ``served/`` holds. A whole-process restart of
 ``livetrain run`` comes up the same way. What lived only in memory starts
@@ -28,6 +29,7 @@ import threading
 import time
 import uuid
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -329,31 +331,37 @@ class ModelRegistry:
         (``gate.compare_versions`` of them: the gate compares candidates with them, and
         ``rollback`` goes back to the newest) and, after a promotion, the one it replaced
         (shadow-scored for the automatic rollback)."""
-        latest = sorted((self._state / SERVED_DIR).glob("v*/model.pt"))
-        last_decision, max_version, order, rolled_back_from = _read_decisions(self._state / DECISIONS_FILE)
+        on_disk = sorted((self._state / SERVED_DIR).glob("v*/model.pt"))
+        log = _read_decisions(self._state / DECISIONS_FILE)
         # a crash between saving served/vN and logging its promotion leaves vN on disk only: never reuse N
-        self._reg.next_version = max([max_version, *(int(p.parent.name[1:]) for p in latest)]) + 1
-        if last_decision is not None:
-            served = last_decision.get("served_version")
-            if last_decision["action"] in ("promote", "rollback"):
-                served = last_decision["version"]
-            if served is not None and (self._dir(served) / "model.pt").exists():
-                latest = [self._dir(served) / "model.pt"]
-        if not latest:
+        self._reg.next_version = max([log.top, *(int(p.parent.name[1:]) for p in on_disk)]) + 1
+        path = self._servable(log, on_disk)
+        if path is None:
             return
-        v = _version_from_checkpoint(latest[-1])
-        before = list(dict.fromkeys(reversed([n for n in order if n != v.version])))  # newest first, once each
-        load = before[: max(1, self._reg.cfg.compare_versions)]
-        default = max((n for n in before if n < v.version and n not in rolled_back_from), default=None)
+        v = _version_from_checkpoint(path)
+        before = list(dict.fromkeys(reversed([n for n in log.order if n != v.version])))  # newest first, once each
+        load = before[: max(1, self._reg.cfg.compare_versions)]  # the replaced version is the first
+        default = max((n for n in before if n < v.version and n not in log.rolled_back_from), default=None)
         if default is not None and default not in load:  # rollback's default; oldest, beyond compare_versions
             load.append(default)
         earlier = [e for e in map(self._from_disk, load) if e is not None]
-        replaced = None
-        if last_decision is not None and last_decision["action"] == "promote" and last_decision["version"] == v.version:
-            replaced = next((e for e in earlier if e.version == last_decision.get("served_version")), None)
+        replaced = log.replaced if log.order and log.order[-1] == v.version else None  # walked back: none
+        previous = next((e for e in earlier if e.version == replaced), None)
         with self._lock:
-            self._reg.restore_served(v, earlier[::-1], replaced, rolled_back_from)
+            self._reg.restore_served(v, earlier[::-1], previous, log.rolled_back_from)
             self._publish(v)
+
+    def _servable(self, log: _DecisionLog, on_disk: list[Path]) -> Path | None:
+        """The model.pt to serve again: the newest version of the log's served order that
+        a rollback did not take out of service and whose model.pt is there (a save or a
+        push that failed leaves none). Never the highest number on disk while the log
+        names one: it may be a version rolled back from. Without any, the highest on
+        disk that no rollback took out of service (a promotion saved, never logged)."""
+        for n in log.servable():
+            if (self._dir(n) / "model.pt").exists():
+                return self._dir(n) / "model.pt"
+        rest = [p for p in on_disk if int(p.parent.name[1:]) not in log.rolled_back_from]
+        return rest[-1] if rest else None
 
 
 def _version_from_checkpoint(path: Path) -> Version:
@@ -374,25 +382,51 @@ def _version_from_checkpoint(path: Path) -> Version:
     )
 
 
-def _read_decisions(path: Path) -> tuple[dict[str, Any] | None, int, list[int], set[int]]:
-    """The last complete decision (a crash may leave a torn line), the highest version,
-    the versions in the order they were served (promoted or rolled back to), and those
-    a rollback took out of service (``Registry.rolled_back_from``)."""
+@dataclass
+class _DecisionLog:
+    """What a restart needs from the decision log."""
+
+    top: int = 0
+    """The highest version it names."""
+    order: list[int] = field(default_factory=list)
+    """The versions in the order they were served (promoted or rolled back to)."""
+    rolled_back_from: set[int] = field(default_factory=set)
+    """Those a rollback took out of service, not served again since (``Registry.rolled_back_from``)."""
+    replaced: int | None = None
+    """The version the last promotion replaced, unless a rollback came after it (the
+    automatic rollback's shadow). Rejections and supersessions serve nothing new: a
+    restart after them still shadow-scores it."""
+
+    def add(self, d: dict[str, Any]) -> None:
+        version, action = int(d["version"]), d["action"]
+        self.top = max(self.top, version)
+        if action not in ("promote", "rollback"):
+            return
+        self.order.append(version)
+        self.rolled_back_from.discard(version)
+        replaced = d.get("served_version") if action == "promote" else None
+        self.replaced = None if replaced is None else int(replaced)
+        if action == "rollback" and d.get("served_version") is not None:
+            self.rolled_back_from.add(int(d["served_version"]))
+
+    def servable(self) -> list[int]:
+        """The served order walked back, newest first, once each, less the versions
+        rolled back from: what a restart may serve, best first."""
+        return [n for n in dict.fromkeys(reversed(self.order)) if n not in self.rolled_back_from]
+
+
+def _read_decisions(path: Path) -> _DecisionLog:
+    """``decisions.jsonl`` read back; a torn line (a crash mid-write) is skipped."""
+    log = _DecisionLog()
     if not path.exists():
-        return None, 0, [], set()
-    last, top, order, rolled_back_from = None, 0, [], set()
+        return log
     for line in path.read_text().splitlines():
         try:
             d = json.loads(line)
         except ValueError:
             continue
-        last, top = d, max(top, int(d["version"]))
-        if d["action"] in ("promote", "rollback"):
-            order.append(int(d["version"]))
-            rolled_back_from.discard(int(d["version"]))
-        if d["action"] == "rollback" and d.get("served_version") is not None:
-            rolled_back_from.add(int(d["served_version"]))
-    return last, top, order, rolled_back_from
+        log.add(d)
+    return log
 
 
 def _describe(s: ServedVersion) -> dict[str, Any]:
