@@ -674,17 +674,19 @@ class IngestLoop:
                 self._send(self._commit)
 
     def _observe(self, shards: list[_Ready]) -> list[Any]:
+        """The registry scores the batch's blocks before the buffer takes them (test
+        before train): one call, so it sees them in arrival order (the registry is a
+        threaded actor, whose calls may run in any order)."""
         if self.registry is None:
             return []
-        now = time.time()  # test before train: the served model scores the rows first
-        calls = []
+        now = time.time()
+        metas, blocks = [], []
         for r in (r for r in shards if not r.observed):
             r.observed = True
-            calls += [
-                self.registry.observe.remote(BlockMeta(r.record.name, r.record.seq, s.rows, s.nbytes, r.record.written_at, now), b)
-                for s, b in zip(r.result.spans, r.blocks)
-            ]
-        return calls
+            metas += [BlockMeta(r.record.name, r.record.seq, s.rows, s.nbytes, r.record.written_at, now)
+                      for s in r.result.spans]
+            blocks += r.blocks
+        return [self.registry.observe_many.remote(metas, blocks)] if metas else []
 
     def _send(self, commit: _Commit) -> None:
         commit.observing = []

@@ -10,14 +10,16 @@
         v
         |  XXH3-128 content hash on a hashing thread, in landing order
         v
-    Manifest (SQLite) -- discover (same bytes: recorded as a duplicate) -> claim
+    Manifest (SQLite) -- discover (stat, then hash; same bytes: a duplicate) -> claim
         |
         v
-    IngestActor xN (beside the driver): read by row group -> validate ->
+    IngestActor xN (beside the driver): file still as its record says? (else its
+        new bytes are read and recorded) -> read by row group -> validate ->
         quarantine/ ; streams one chunk object per read (up to 8 blocks) and a
         Chunk item naming its blocks (the driver owns them: it made the call)
         v
-    ModelRegistry.observe(meta, BlockRef)   test: served model scores each block,
+    ModelRegistry.observe_many(metas, BlockRefs)   test, one call per batch, in
+        |                                arrival order: served model scores each block,
         |                                drift detectors watch errors + features;
         |                                marks the shard if the gate holds (small_holdout)
         v

@@ -297,6 +297,39 @@ def test_a_shard_rewritten_after_its_claim_goes_in_as_its_new_bytes_and_survives
     close(loop, buffer)
 
 
+class _ObserveRecorder:
+    """The registry's handle, as far as the loop uses it: records what each
+    ``observe_many`` call carries."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[int, int]]] = []
+        self.observe_many = self
+
+    def remote(self, metas, blocks):
+        import ray
+
+        assert len(metas) == len(blocks)
+        self.calls.append([(m.seq, m.rows) for m in metas])
+        return ray.put(None)
+
+
+def test_the_registry_scores_each_batch_in_one_call_in_arrival_order(ray_session, tmp_path):
+    """Test before train, in arrival order: the registry is a threaded actor, so one
+    call per block could be scored in any order (its live window, small holdouts and
+    freshness assume arrival order). One call per batch keeps the order, and no
+    block is scored twice or skipped."""
+    cfg, loop, buffer = make_loop(tmp_path, "ingest.block_rows=300", "ingest.max_in_flight=4")
+    loop.registry = recorder = _ObserveRecorder()
+    for i in range(8):
+        write_id_shard(cfg.landing_dir / f"o-{i:03d}.parquet", i * 10_000, 1000)
+    run_until_done(loop)
+    scored = [c for call in recorder.calls for c in call]
+    assert [seq for seq, _ in scored] == sorted(seq for seq, _ in scored)
+    assert sum(rows for _, rows in scored) == 8000 == len(buffer_ids(buffer))
+    assert len(recorder.calls) < len(scored)  # batches, not a call per block
+    close(loop, buffer)
+
+
 class _SlowRemoteListing:
     """The landing directory as a remote one whose listing hangs until ``go`` is set
     (an S3 prefix with 100k objects takes ~100 requests to list)."""

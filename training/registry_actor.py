@@ -102,12 +102,18 @@ class ModelRegistry:
     # --- from the ingest loop and the trainer ----------------------------------
 
     def observe(self, meta: BlockMeta, block: BlockRef) -> None:
-        data = fetch_blocks([block])[0]
-        with self._lock:
-            self._apply(self._reg.observe(meta, data["x"], data["y"]))
-            self._log_alarms()
-            self._push_mix()
-            self._save_hold()
+        self.observe_many([meta], [block])
+
+    def observe_many(self, metas: list[BlockMeta], blocks: list[BlockRef]) -> None:
+        """Score blocks in the order given (arrival order: the live window, the small
+        holdouts and freshness assume it), one at a time under the lock, so the
+        serving replicas' calls and ``propose`` get in between."""
+        for meta, data in zip(metas, fetch_blocks(blocks)):
+            with self._lock:
+                self._apply(self._reg.observe(meta, data["x"], data["y"]))
+                self._log_alarms()
+                self._push_mix()
+                self._save_hold()
 
     def propose(self, cand: Candidate) -> int:
         weights = ray.get(cand.weights)
