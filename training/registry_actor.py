@@ -1,8 +1,8 @@
 """ModelRegistry: the thin Ray actor around ``Registry``.
 
 Threaded (``max_concurrency``) so that serving replicas can long-poll
-``wait_for_version`` while blocks and candidates keep arriving; one lock
-guards the plain registry. Promoted weights are re-put into the object store
+``wait_for_version`` (on threads of its own: ``POLL_THREADS``) while blocks
+and candidates keep arriving; one lock guards the plain registry. Promoted weights are re-put into the object store
 by this actor, so the served version outlives the training worker that
 proposed it, and written to ``<state_dir>/served/v<N>/model.pt`` (and pushed
 to ``storage.uri`` when set) so a restart serves the last promoted version at once.
@@ -59,7 +59,15 @@ HOLD_FILE = "hold.json"
 """The drift alarm's hold (``Registry.hold_state``), rewritten whenever it changes."""
 
 
-@ray.remote(num_cpus=0.1, max_concurrency=16, max_restarts=-1, max_task_retries=-1)
+POLL_THREADS = 64
+"""Threads of ``wait_for_version`` (each serving replica keeps one long-poll in
+flight, the trainer one for its anchor): a group of their own, so polls parked
+for up to their timeout never hold the threads ``observe``, ``propose`` and
+``/model`` need (16 replicas once took all of them)."""
+
+
+@ray.remote(num_cpus=0.1, max_concurrency=16, concurrency_groups={"polls": POLL_THREADS}, max_restarts=-1,
+            max_task_retries=-1)
 class ModelRegistry:
     def __init__(
         self,
@@ -141,6 +149,7 @@ class ModelRegistry:
 
     # --- from serving replicas -------------------------------------------------
 
+    @ray.method(concurrency_group="polls")
     def wait_for_version(self, have: int, timeout_s: float) -> ServedVersion | None:
         """Long-poll: the served version once it differs from ``have``."""
         deadline = time.monotonic() + timeout_s
