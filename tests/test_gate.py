@@ -87,6 +87,15 @@ def test_prequential_log_loss_is_the_mean_negative_log_probability_of_the_true_c
     assert pq.report(window=True)["log_loss"] == pytest.approx(expected)
 
 
+def test_a_row_the_model_overflowed_on_is_a_confident_miss_not_nan_in_the_log_loss_for_good():
+    pq = Prequential(2, window_rows=3)
+    pq.update(np.array([0, 1]), np.array([0, 0]), np.array([[0.8, 0.2], [np.nan, np.nan]]))
+    pq.update(np.array([0, 1, 1]), np.array([0, 1, 1]), np.array([[0.8, 0.2], [0.4, 0.6], [0.3, 0.7]]))
+    assert pq.report(window=False)["log_loss"] == pytest.approx(
+        -(np.log(0.8) + np.log(1e-12) + np.log(0.8) + np.log(0.6) + np.log(0.7)) / 5)
+    assert np.isfinite(pq.report(window=True)["log_loss"])
+
+
 def test_prequential_window_keeps_the_newest_block_even_with_no_window_rows():
     pq = Prequential(2, window_rows=0)
     pq.update(np.zeros(10), np.zeros(10))

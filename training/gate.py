@@ -155,7 +155,10 @@ class Prequential:
         cm = confusion_matrix(y_true, y_pred, self.num_classes)
         loss = 0.0
         if probs is not None:
-            p = np.clip(probs[np.arange(len(y_true)), y_true.astype(np.int64)], 1e-12, 1.0)
+            p = probs[np.arange(len(y_true)), y_true.astype(np.int64)]
+            # a row the model overflowed on (NaN: finite features far outside its range)
+            # counts as a confident miss, not as NaN in the cumulative loss for good
+            p = np.clip(np.nan_to_num(p, nan=0.0), 1e-12, 1.0)
             loss = float(-np.log(p).sum())
         self.cm += cm
         self.log_loss_sum += loss
