@@ -4,6 +4,7 @@ the test, with the object store faked as the identity."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -162,4 +163,10 @@ def test_a_restarted_registry_without_the_served_model_pt_serves_the_one_served_
     (tmp_path / "served/v000004/model.pt").unlink()  # its save or push never completed
     b = start()
     assert b._served.version == 2  # not v3, the highest left on disk: it was rolled back from
-    assert b._reg.rolled_back_from == {3}
+    b._log.close()
+    last = json.loads((tmp_path / "decisions.jsonl").read_text().splitlines()[-1])
+    assert (last["action"], last["version"], last["served_version"]) == ("rollback", 2, 4)  # the switch is logged
+    assert "model.pt is missing" in last["reason"]
+    assert b._reg.rolled_back_from == {3, 4}
+    shutil.copyfile(tmp_path / "served/v000003/model.pt", tmp_path / "served/v000004/model.pt")  # back from storage
+    assert start()._served.version == 2  # still not v4: it was taken out of service

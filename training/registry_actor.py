@@ -365,6 +365,13 @@ class ModelRegistry:
         with self._lock:
             self._reg.restore_served(v, earlier[::-1], previous, log.rolled_back_from)
             self._publish(v)
+            if log.order and log.order[-1] != v.version:  # walked back: the log says so, and
+                # a later restart keeps off the missing version even if its model.pt comes back
+                lost = log.order[-1]
+                self._reg.rolled_back_from.add(lost)
+                self._apply([self._reg._record(
+                    v, "rollback", f"restart: v{lost}'s model.pt is missing; serving v{v.version}, "
+                    "the newest version served before it", dict(v.metrics), None, 0, served_version=lost)])
 
     def _servable(self, log: _DecisionLog, on_disk: list[Path]) -> Path | None:
         """The model.pt to serve again: the newest version of the log's served order that
