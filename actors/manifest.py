@@ -247,8 +247,8 @@ class Manifest:
 
     # --- discovery ---------------------------------------------------------------
 
-    def discover(self, paths: Iterable[str | Path], digests: Mapping[str, str | Fingerprint] | None = None,
-                 ) -> list[ShardRecord]:
+    def discover(self, paths: Iterable[str | Path],
+                 digests: Mapping[str, str | Fingerprint] | None = None) -> list[ShardRecord]:
         """Register files not known by name, in the order given; return the new records.
 
         The caller orders ``paths`` (by mtime, then name). Hashing happens
