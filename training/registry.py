@@ -299,16 +299,24 @@ class Registry:
         self.shadow = Prequential(self.num_classes, self.cfg.window_rows)
 
     def restore_served(self, v: Version, earlier: Sequence[Version] = (), previous: Version | None = None,
-                       rolled_back_from: Iterable[int] = ()) -> None:
+                       rolled_back_from: Iterable[int] = (), walked_back_from: int | None = None) -> list[Decision]:
         """Serve ``v`` again after a restart (no gate: it passed one before); ``earlier``:
         versions served before it, oldest first (the gate's ``compare_versions`` and
         ``rollback``'s default); ``previous``: the one ``v`` replaced, shadow-scored for
         the automatic rollback (None after a rollback); ``rolled_back_from``: as the
-        decision log tells it."""
+        decision log tells it; ``walked_back_from``: the version the log last served,
+        when its model.pt is missing and ``v`` was served before it. That walk-back is
+        a rollback, returned to be logged: a later restart then keeps off that version
+        even if its model.pt comes back."""
         self._serve(v, previous=previous)
         self.history.extend([*earlier, v])
         self.rolled_back_from = set(rolled_back_from) - {v.version}
         self.next_version = max(self.next_version, v.version + 1)
+        if walked_back_from is None:
+            return []
+        self.rolled_back_from.add(walked_back_from)
+        reason = f"restart: v{walked_back_from}'s model.pt is missing; serving v{v.version}, the newest served before it"
+        return [self._record(v, "rollback", reason, dict(v.metrics), None, 0, walked_back_from)]
 
     def hold_state(self) -> dict[str, Any] | None:
         """The drift alarm's hold, as ``resume_hold`` takes it back after a restart

@@ -2,17 +2,19 @@
 
 Threaded (``max_concurrency``) so that serving replicas can long-poll
 ``wait_for_version`` (on threads of its own: ``POLL_THREADS``) while blocks
-and candidates keep arriving; one lock guards the plain registry. Promoted weights are re-put into the object store
-by this actor, so the served version outlives the training worker that
-proposed it, and written to ``<state_dir>/served/v<N>/model.pt`` (and pushed
-to ``storage.uri`` when set) so a restart serves the last promoted version at once.
+and candidates keep arriving; one lock guards the plain registry. Promoted
+weights are re-put into the object store by this actor, so the served version
+outlives the training worker that proposed it, and written to
+``<state_dir>/served/v<N>/model.pt`` (and pushed to ``storage.uri`` when set)
+so a restart serves the last promoted version at once.
 
 The actor restarts when it dies (``max_restarts``) and its calls are retried
 (``max_task_retries``): the new instance comes up serving the version the
 decision log last served (never a candidate nothing judged; when that one's
-``model.pt`` is missing, the one served before it that no rollback took out of
-service), with the versions served before it (the gate's ``compare_versions``, ``rollback``'s
-default, the replaced version's shadow scoring) read back from disk, and the
+``model.pt`` is missing, the one served before it that no rollback took out
+of service, a walk-back logged as a rollback), with the versions served
+before it (the gate's ``compare_versions``, ``rollback``'s default, the
+replaced version's shadow scoring) read back from disk, and the
 version numbers going on from the highest the log or ``served/`` holds. A whole-process restart of
 ``livetrain run`` comes up the same way. What lived only in memory starts
 again: the prequential figures and shadow scores, the drift detectors, and
@@ -360,18 +362,13 @@ class ModelRegistry:
         if default is not None and default not in load:  # rollback's default; oldest, beyond compare_versions
             load.append(default)
         earlier = [e for e in map(self._from_disk, load) if e is not None]
-        replaced = log.replaced if log.order and log.order[-1] == v.version else None  # walked back: none
+        walked_back_from = log.order[-1] if log.order and log.order[-1] != v.version else None
+        replaced = log.replaced if walked_back_from is None else None
         previous = next((e for e in earlier if e.version == replaced), None)
         with self._lock:
-            self._reg.restore_served(v, earlier[::-1], previous, log.rolled_back_from)
+            decisions = self._reg.restore_served(v, earlier[::-1], previous, log.rolled_back_from, walked_back_from)
             self._publish(v)
-            if log.order and log.order[-1] != v.version:  # walked back: the log says so, and
-                # a later restart keeps off the missing version even if its model.pt comes back
-                lost = log.order[-1]
-                self._reg.rolled_back_from.add(lost)
-                self._apply([self._reg._record(
-                    v, "rollback", f"restart: v{lost}'s model.pt is missing; serving v{v.version}, "
-                    "the newest version served before it", dict(v.metrics), None, 0, served_version=lost)])
+            self._apply(decisions)
 
     def _servable(self, log: _DecisionLog, on_disk: list[Path]) -> Path | None:
         """The model.pt to serve again: the newest version of the log's served order that
