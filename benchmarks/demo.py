@@ -1,7 +1,7 @@
 """The demo's figures: seconds to the first promoted version, freshness
 p50/p95, peak memory of the whole process tree, and the summary.
 
-    python benchmarks/demo.py [--duration 60]
+    python benchmarks/demo.py [--duration 60] [key=value ...]
 
 Runs ``livetrain demo`` as a user would (a subprocess with its own Ray),
 polls ``GET /model`` to time the first promotion from the command's start,
@@ -32,13 +32,15 @@ def free_port() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the demo")
     args = ap.parse_args()
     port = free_port()
     state = tempfile.mkdtemp(prefix="livetrain-bench-demo-")
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "livetrain.cli", "demo", "--duration", str(args.duration), "--no-live",
-         "--wandb", "disabled", "--state-dir", state, f"serve.port={port}"],
+         "--wandb", "disabled", "--state-dir", state, f"serve.port={port}",
+         *args.overrides],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     peak = [0]

@@ -12,7 +12,9 @@ Learners, each answering every row before it learns from it:
         --> Learner.train_round on buffer.sample(...) blocks, fixed steps per block
             (the newest block's held-out rows left out, ``gate.holdout_fraction``;
             down to ``gate.holdout_min_rows`` while the gate holds after an alarm)
-        --> Registry.propose(weights): the gate decides what is served next
+        --> Registry.propose(weights) every ``train.propose_every_s`` of the simulated
+            clock (rows arrive at ``synthetic.rows_per_second``, 2,000/s: with the
+            shipped 0.25 s, after every 500-row block): the gate decides what is served next
 
   One learner stands in for the DDP group: its batch is ``batch_size x
   num_workers`` and each round draws ``blocks_per_round`` blocks once per
@@ -41,11 +43,15 @@ every learner (``eval_from`` = ``--static-rows``: the static model has not
 been trained before, and livetrain's gate needs unseen rows before it serves
 anything); a row a learner cannot answer counts as wrong.
 ``accuracy_all_rows`` counts from row 0. Drifts are known points of the
-stream: ``dip`` is the windowed accuracy just before the drift (window
-``--window`` rows, ending where the transition starts) minus the lowest
-windowed accuracy before the next drift; ``rows_to_recover`` the rows from
-the drift until the windowed accuracy is back within one point of the level
-before it (0 when it never fell by more; null when it never came back).
+stream: ``dip`` is the accuracy over the ``--window`` rows just before the
+drift (ending where the transition starts) minus the lowest accuracy over
+``--window`` rows starting after that and ending before the next drift (every
+``STRIDE`` rows); ``rows_to_recover`` the rows from the drift to the first
+row from which the next ``--window`` rows are answered within one point of the
+level before it again, after the first window that fell below it (0 when none
+fell by more; null when none came back). A later slump does not undo a
+recovery. Noise alone makes a dip: ~1-2 points at 90% accuracy, the lowest
+of ~60 windows of 1,000 rows.
 ``rows_per_s`` is each learner's own test+train time (scoring bookkeeping
 excluded); torch runs on one thread, as river does. livetrain's is the median
 of ``--repeats`` replays (default 3), which must answer identically. When
@@ -74,7 +80,7 @@ from livetrain.actors.replay_buffer import ReplayBuffer
 from livetrain.config import Config, load_config
 from livetrain.messages import BlockMeta, Candidate, Decision
 from livetrain.training.checkpoint import state_dict_numpy
-from livetrain.training.learner import Holdout, Learner, make_optimizer
+from livetrain.training.learner import Cadence, Holdout, Learner, make_optimizer
 from livetrain.training.models import build_model, model_spec
 from livetrain.training.registry import Registry, Version
 
@@ -222,6 +228,8 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
     holdout = Holdout(cfg.gate.holdout_fraction, cfg.gate.min_eval_rows, cfg.gate.holdout_min_rows)
     outcome = np.full(len(s.y), -1, dtype=np.int8)
     fresh_after, written_at, step, anchored, scoring = -1, 0.0, 0, None, 0.0
+    propose_clock = Cadence(tc.propose_every_s, due_at_start=True, clock=lambda: clock[0])  # as the trainer's
+    proposals = 0
     t0 = time.perf_counter()
     for seq, lo in enumerate(range(0, len(s.y), block_rows)):
         x, y = s.x[lo : lo + block_rows], s.y[lo : lo + block_rows]
@@ -257,6 +265,9 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
                                        registry.small_holdout(fresh_after))  # as the trainer asks the registry
             loss = learner.train_round(*xy, steps).loss
             left, step = left - steps, step + steps
+        if not propose_clock.due():
+            continue
+        proposals += 1
         cand = Candidate(weights=None, spec=spec, trained_through=fresh_after, data_written_at=written_at,
                          train_step=step, proposed_at=clock[0], train_loss=loss,
                          small_holdout=registry.small_holdout(fresh_after))
@@ -268,7 +279,8 @@ def run_livetrain(s: Stream, cfg: Config, block_rows: int, samples_per_row: floa
     answered = np.flatnonzero(outcome >= 0)
     return Run(outcome, seconds, {
         "first_answer_row": int(answered[0]) if len(answered) else None,
-        "steps_per_block": steps_per_block, "train_steps": step,
+        "steps_per_block": steps_per_block, "train_steps": step, "proposals": proposals,
+        "ingest_rows_per_s": cfg.synthetic.rows_per_second, "propose_every_s": tc.propose_every_s,
         "versions_promoted": st["versions_promoted"], "versions_rejected": st["versions_rejected"],
         "rollbacks": st["versions_rolled_back"], "drift_alarms": st["drift_alarms"],
         "registry_prequential_accuracy": st["prequential_accuracy"],
@@ -377,16 +389,19 @@ def drift_figures(outcome: np.ndarray, drifts: list[tuple[int, int]], window: in
     for i, (at, width) in enumerate(drifts):
         start = at - width // 2
         end = drifts[i + 1][0] - drifts[i + 1][1] // 2 if i + 1 < len(drifts) else n
-        ends = np.arange(start + STRIDE, end + 1, STRIDE)
-        if start < window or not len(ends):
+        starts = np.arange(start, end - window + 1, STRIDE)  # windows [s, s + window) from the drift on
+        if start < window or not len(starts):
             out.append({"at": at, "width": width, "dip": None, "rows_to_recover": None})
             continue
         before = float(windowed(right, np.array([start]), window)[0])
-        acc = windowed(right, ends, window)
+        acc = windowed(right, starts + window, window)
         low = int(np.argmin(acc))
-        back = ends[low:][acc[low:] >= before - 0.01]
         dip = before - float(acc[low])
-        recover = 0 if dip <= 0.01 else (max(0, int(back[0]) - at) if len(back) else None)
+        recover = 0
+        if dip > 0.01:  # back after the first window that fell: a later slump does not undo it
+            fell = int(np.argmax(acc < before - 0.01))
+            back = starts[fell:][acc[fell:] >= before - 0.01]
+            recover = max(0, int(back[0]) - at) if len(back) else None
         out.append({"at": at, "width": width, "before": round(before, 4), "lowest": round(float(acc[low]), 4),
                     "dip": round(dip, 4), "rows_to_recover": recover})
     return out
@@ -496,6 +511,10 @@ def main(argv: list[str] | None = None) -> None:
         for name in (n for n in LAGGED if n in learners):
             model, description = river_model(name.removesuffix("-lag"), s.num_classes, args.seed)
             runs[name] = run_river_lagged(model, description, rows, labels, args.block_rows)
+        first = runs["livetrain"].extra.get("first_answer_row") if "livetrain" in runs else None
+        if "livetrain" in runs and (first is None or first > static_rows):
+            print(f"quality.py: {s.name}: livetrain first answered at row {first}, after the first row scored "
+                  f"({static_rows}): its rows before that count as wrong", file=sys.stderr)
         report(s, runs, static_rows, args.window)
 
 

@@ -358,8 +358,11 @@ class TrainConfig:
     """Blocks each worker draws from the buffer per round."""
     min_buffer_rows: int = 1000
     """Training waits until the buffer holds this many rows."""
-    propose_every_s: float = 1.0
-    """Rank 0 proposes its weights to the registry this often."""
+    propose_every_s: float = 0.25
+    """Rank 0 proposes its weights to the registry at most this often: after
+    a round on data newer than its last proposal, one proposal in flight. A
+    large model proposes less often: copying its weights out takes at most a
+    tenth of rank 0's time."""
     checkpoint_every_s: float = 10.0
     """Ray Train checkpoint cadence (what a restarted worker resumes from)."""
     max_failures: int = 3
@@ -409,6 +412,13 @@ class GateConfig:
     candidates, each just within the tolerance of the one before, could walk
     the endpoint down. A candidate at least as good as the served model is
     not compared with them. 0: the served model only."""
+    keep_versions: int = 32
+    """The weights (``served/v<N>/model.pt``, and their copy on
+    ``storage.uri``) of the newest this many versions served (promoted or
+    rolled back to) are kept; older ones are deleted, so a long run's disk
+    use stays bounded. ``livetrain rollback VERSION`` and requests pinned to a
+    version reach only the kept ones. At least ``gate.compare_versions`` + 2;
+    0 keeps them all."""
     min_eval_rows: int = 500
     """Unseen rows (newer than the candidate's data) needed to decide."""
     max_eval_rows: int = 5000
@@ -473,6 +483,14 @@ class GateConfig:
             raise ConfigError(f"gate.alarm_min_z: must be > 0, got {self.alarm_min_z}")
         if self.compare_versions < 0:
             raise ConfigError("gate.compare_versions: must be >= 0")
+        if self.keep_versions < 0:
+            raise ConfigError(f"gate.keep_versions: must be >= 0 (0 keeps all), got {self.keep_versions}")
+        if self.keep_versions and self.keep_versions < self.compare_versions + 2:
+            raise ConfigError(
+                f"gate.keep_versions: {self.keep_versions} keeps too few; the served version, the "
+                f"gate.compare_versions ({self.compare_versions}) served before it and one to roll back to "
+                f"need {self.compare_versions + 2} (0 keeps all)"
+            )
         if not 1 <= self.min_eval_rows <= self.max_eval_rows:
             raise ConfigError("gate.min_eval_rows: must be in [1, gate.max_eval_rows]")
         if not 0.0 <= self.holdout_fraction < 1.0:

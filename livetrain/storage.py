@@ -122,6 +122,13 @@ class Store:
     def put_file(self, local: str | Path, rel: str) -> None:
         self.put_bytes(rel, Path(local).read_bytes())
 
+    def delete(self, rel: str) -> None:
+        """Remove ``rel`` from the store; already gone is fine."""
+        try:
+            self.fs.delete_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
     def get_bytes(self, rel: str) -> bytes | None:
         try:
             with self.fs.open_input_stream(self.path(rel)) as f:

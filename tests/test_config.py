@@ -200,6 +200,8 @@ def test_a_buffer_that_holds_exactly_min_buffer_rows_is_accepted():
         ("gate.tolerance=1.5", r"gate.tolerance: must be in \[0, 1\]"),
         ("gate.tolerance=-0.1", r"gate.tolerance: must be in \[0, 1\]"),
         ("gate.alarm_min_z=0", "gate.alarm_min_z: must be > 0"),
+        ("gate.keep_versions=5", r"gate.keep_versions: 5 keeps too few; .*gate.compare_versions \(4\).* need 6 \(0 keeps all\)"),
+        ("gate.keep_versions=-1", r"gate.keep_versions: must be >= 0 \(0 keeps all\)"),
         ("schema={infer: true, classes: [0, 0, 1]}", "schema.classes: need at least two distinct labels"),
         ("buffer={backpressure: coverage, max_unseen_rows: 200001}", r"buffer.max_unseen_rows: must be in \[1, buffer.capacity_rows\]"),
         ("gate.min_eval_rows=5001", r"gate.min_eval_rows: must be in \[1, gate.max_eval_rows\]"),

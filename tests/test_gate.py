@@ -116,6 +116,27 @@ def test_cadence_is_due_every_period_and_optionally_at_start():
     assert not Cadence(1.0, clock=lambda: 0.0).due()
 
 
+def test_cadence_keeps_a_costly_action_to_its_share_of_time_and_never_brings_it_forward():
+    """The trainer's proposals: copying a large model's weights out for 0.5 s puts the
+    next proposal 5 s away (a tenth of the time), whatever ``propose_every_s`` says."""
+    from livetrain.training.learner import Cadence
+    from livetrain.training.trainer import PROPOSAL_SHARE
+
+    now = [0.0]
+    c = Cadence(0.25, due_at_start=True, clock=lambda: now[0])
+    assert c.due()
+    c.at_least(0.5 / PROPOSAL_SHARE)
+    now[0] = 4.99
+    assert not c.due()
+    now[0] = 5.0
+    assert c.due()
+    c.at_least(0.0001)  # a cheap copy leaves the period in charge
+    now[0] = 5.2
+    assert not c.due()
+    now[0] = 5.25
+    assert c.due()
+
+
 def test_anchor_penalty_pulls_weights_towards_the_anchor():
     import numpy as np
     import torch

@@ -24,7 +24,15 @@ def test_dip_and_recovery_are_read_off_the_windowed_accuracy():
     outcome[3000:3500] = 0  # every answer wrong for 500 rows after the drift at 3000
     (d,) = quality.drift_figures(outcome, [(3000, 1)], window=1000)
     assert d["before"] == 1.0 and d["lowest"] == 0.5 and d["dip"] == 0.5
-    assert d["rows_to_recover"] == 1500  # the 1000-row window is clean again at row 4500
+    assert d["rows_to_recover"] == 500  # from row 3500 on, the next 1000 rows are all right
+
+
+def test_a_recovery_is_not_undone_by_a_later_deeper_slump():
+    outcome = np.ones(9000, dtype=np.int8)
+    outcome[3000:3300] = 0  # a 300-row outage right after the drift at 3000 ...
+    outcome[7000:7600] = 0  # ... and a deeper slump long after it had recovered
+    (d,) = quality.drift_figures(outcome, [(3000, 1)], window=1000)
+    assert d["lowest"] == 0.4 and d["rows_to_recover"] == 300
 
 
 def test_a_drift_without_a_dip_needs_no_recovery():
@@ -123,3 +131,20 @@ def test_poison_replay_counts_the_bursts_that_reached_the_endpoint():
     assert line["name"] == "poison/bursts_reaching_endpoint/4_shards" and line["bursts"] == 1
     assert line["value"] == line["promotions_during"] == 0 and line["burst_rows"] == 2000
     assert line["worst_drop"] <= poison.MAX_DROP
+
+
+@pytest.mark.parametrize("every_s, proposals", [(0.25, 16), (1.0, 4)])
+def test_the_replay_proposes_on_the_trainers_cadence_of_its_simulated_clock(every_s, proposals):
+    """Rows arrive at ``synthetic.rows_per_second`` (2,000/s): a 500-row block every
+    0.25 s. The replay proposes as the trainer does, every ``train.propose_every_s``,
+    not after every block whatever the config: 16 blocks trained on (from the second,
+    ``train.min_buffer_rows``), one proposal each at 0.25 s, one per 4 at 1 s."""
+    from livetrain.config import load_config
+
+    rng = np.random.default_rng(0)
+    x = rng.random((8500, 3)).astype(np.float32)
+    s = quality.Stream("t", x, (x[:, 0] > 0.5).astype(np.int64), 2, [], "toy")
+    cfg = load_config(None, [f"train.propose_every_s={every_s}"])
+    run = quality.run_livetrain(s, cfg, 500, 2.0, 1)
+    assert run.extra["proposals"] == proposals and run.extra["propose_every_s"] == every_s
+    assert run.extra["versions_promoted"] <= proposals

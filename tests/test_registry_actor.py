@@ -170,3 +170,46 @@ def test_a_restarted_registry_without_the_served_model_pt_serves_the_one_served_
     assert b._reg.rolled_back_from == {3, 4}
     shutil.copyfile(tmp_path / "served/v000003/model.pt", tmp_path / "served/v000004/model.pt")  # back from storage
     assert start()._served.version == 2  # still not v4: it was taken out of service
+
+
+def test_only_the_newest_keep_versions_served_have_their_weights_kept_here_and_on_shared_storage(
+        monkeypatch, tmp_path):
+    """A long run promotes thousands of versions: only the newest ``gate.keep_versions``
+    served keep their model.pt (a rollback to one counts as served again), on the state dir
+    and on ``storage.uri``; a rollback to a deleted one says why, and a restart serves the
+    same version and keeps deleting from where the log says."""
+    from livetrain.config import StorageConfig
+    from livetrain.storage import Store
+    from livetrain.training.registry import RollbackError
+
+    monkeypatch.setattr(registry_actor, "ray", NoObjectStore)
+    cls = registry_actor.ModelRegistry.__ray_metadata__.modified_class
+    gate = GateConfig(min_eval_rows=100, max_eval_rows=1000, window_rows=1000, holdout_fraction=0.0, tolerance=1.0,
+                      rollback_min_rows=100, compare_versions=1, keep_versions=3)
+    state, shared = tmp_path / "state", tmp_path / "shared"
+    store = Store(StorageConfig(uri=str(shared)))
+
+    def on(root: Path) -> list[int]:
+        return sorted(int(p.parent.name[1:]) for p in (root / "served").glob("v*/model.pt"))
+
+    a = cls(gate, 2, str(state), store=store)
+    for seq in range(5):  # v1..v5, each promoted (the tolerance) on the block after its data
+        propose(a, 0, seq - 1)
+        observe(a, seq, 0)
+    assert a._served.version == 5 and on(state) == on(shared) == [3, 4, 5]
+    a.rollback(3, "by hand")  # v3 served again: v4, v5 and v3 kept
+    propose(a, 0, 4)
+    observe(a, 5, 0)  # v6: v3 was served more recently than v4
+    assert on(state) == on(shared) == [3, 5, 6]
+    a._log.close()
+    b = cls(gate, 2, str(state), store=store)  # the older weights are in memory no longer
+    assert b._served.version == 6
+    with pytest.raises(RollbackError, match=r"v4's weights were deleted: only the newest 3 .*gate.keep_versions"):
+        b.rollback(4)
+    assert b.rollback().version == 3 and on(state) == on(shared) == [3, 5, 6]
+    b._log.close()
+    c = cls(GateConfig(**{**vars(gate), "keep_versions": 0}), 2, str(state), store=store)  # 0: keeps all
+    for seq in range(6, 9):
+        propose(c, 0, seq - 1)
+        observe(c, seq, 0)
+    assert on(state) == on(shared) == [3, 5, 6, 7, 8, 9]

@@ -306,3 +306,7 @@ class Cadence:
             return False
         self._next = now + self.period_s
         return True
+
+    def at_least(self, seconds: float) -> None:
+        """Not due again for ``seconds`` from now, if that is later than the period says."""
+        self._next = max(self._next, self.clock() + seconds)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import threading
 import time
@@ -89,8 +90,11 @@ class ModelRegistry:
         torch.set_num_threads(1)
         self._state = Path(state_dir)
         self._store = store
+        self._remote: set[str] = set()
+        """The model.pt files on ``storage.uri`` (relative names): listed once, then kept up to date."""
         if store is not None:  # a fresh node: served versions and logs come from shared storage
             store.restore(self._state, only=(SERVED_DIR, DECISIONS_FILE, ALARMS_FILE, HOLD_FILE))
+            self._remote = set(store.list(SERVED_DIR))
         self._reg = Registry(cfg, num_classes, drift=drift, recent_fraction=recent_fraction, window_rows=window_rows)
         self._last_alarm: DriftAlarm | None = None
         self._buffer_name = buffer
@@ -106,6 +110,10 @@ class ModelRegistry:
         self.instance = uuid.uuid4().hex
         """Names this incarnation of the actor (it restarts when it dies)."""
         self._saved_hold: dict[str, Any] | None = None
+        self._kept: dict[int, None] = {}
+        """Versions served whose model.pt is kept, the longest since served first (``gate.keep_versions``)."""
+        self._deleted: set[int] = set()
+        """Versions served whose model.pt was deleted to keep the disk bounded."""
         self._restore_last_served()
         self._resume_hold()
 
@@ -178,6 +186,9 @@ class ModelRegistry:
                     target = self._reg.find(version) or self._from_disk(version)
                 except CheckpointError as e:  # the caller's to hear (409), not a registry failure
                     raise RollbackError(f"v{version} cannot be loaded: {e}") from e
+                if target is None and version in self._deleted:
+                    raise RollbackError(f"v{version}'s weights were deleted: only the newest "
+                                        f"{self._reg.cfg.keep_versions} versions served are kept (gate.keep_versions)")
                 if target is None:
                     raise RollbackError(f"v{version} was never served (no {self._dir(version)})")
             d = self._reg.rollback(target, reason)
@@ -225,6 +236,7 @@ class ModelRegistry:
                 self._save(self._reg.served)  # its weights reach the store before the decision naming it
             if d.action in ("promote", "rollback"):
                 self._publish(self._reg.served)
+                self._keep(d.version)
         self._log.flush()
         if decisions:
             self._push(DECISIONS_FILE)
@@ -290,8 +302,29 @@ class ModelRegistry:
             return
         try:
             self._store.put_file(self._state / rel, rel)
+            self._remote.add(rel)
         except OSError as e:
             print(f"livetrain: registry: could not push {rel} to {self._store.cfg.uri}: {e}", file=sys.stderr)
+
+    def _keep(self, version: int) -> None:
+        """``version`` was served just now: keep its model.pt, delete the one served longest ago
+        beyond ``gate.keep_versions`` (here and on ``storage.uri``)."""
+        self._kept.pop(version, None)
+        self._kept[version] = None
+        self._deleted.discard(version)
+        keep = self._reg.cfg.keep_versions
+        while keep and len(self._kept) > keep:
+            old = next(iter(self._kept))
+            del self._kept[old]
+            self._deleted.add(old)
+            shutil.rmtree(self._dir(old), ignore_errors=True)
+            rel = f"{SERVED_DIR}/{self._dir(old).name}/model.pt"
+            if self._store is not None and rel in self._remote:  # a restart walks the whole log: no call per version
+                try:
+                    self._store.delete(rel)
+                    self._remote.discard(rel)
+                except OSError as e:
+                    print(f"livetrain: registry: could not delete {rel} from {self._store.cfg.uri}: {e}", file=sys.stderr)
 
     def _dir(self, version: int) -> Path:
         return self._state / SERVED_DIR / f"v{version:06d}"
@@ -350,6 +383,9 @@ class ModelRegistry:
         (shadow-scored for the automatic rollback)."""
         on_disk = sorted((self._state / SERVED_DIR).glob("v*/model.pt"))
         log = _read_decisions(self._state / DECISIONS_FILE)
+        for n in log.order:  # kept as the log served them; deleted beyond gate.keep_versions below
+            self._kept.pop(n, None)
+            self._kept[n] = None
         # a crash between saving served/vN and logging its promotion leaves vN on disk only: never reuse N
         self._reg.next_version = max([log.top, *(int(p.parent.name[1:]) for p in on_disk)]) + 1
         path = self._servable(log, on_disk)
@@ -369,6 +405,7 @@ class ModelRegistry:
             decisions = self._reg.restore_served(v, earlier[::-1], previous, log.rolled_back_from, walked_back_from)
             self._publish(v)
             self._apply(decisions)
+            self._keep(v.version)
 
     def _servable(self, log: _DecisionLog, on_disk: list[Path]) -> Path | None:
         """The model.pt to serve again: the newest version of the log's served order that

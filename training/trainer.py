@@ -63,6 +63,9 @@ from livetrain.training.models import build_model
 STOP, PROPOSE, CHECKPOINT, NO_DATA, LR_SCALE, NEWEST, NEW_BLOCKS, DIVERGED, NEWEST_WRITTEN, ANCHOR = range(10)
 ANCHOR_POLL_S = 30.0
 """Rank 0's long-poll for a newly served version (``train.anchor_l2``), renewed when it ends."""
+PROPOSAL_SHARE = 0.1
+"""At most this share of rank 0's time goes to copying its weights out for a proposal: a
+large model proposes less often than ``train.propose_every_s``."""
 
 
 @dataclass
@@ -248,9 +251,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             proposal_free = pending_proposal is None or ray.wait([pending_proposal], timeout=0)[0]
             if (progress.trained_through > progress.last_proposed_through or grown) and proposal_free and not diverged:
+                t0 = time.perf_counter()
+                weights = ray.put(state_dict_numpy(model))
+                propose_clock.at_least((time.perf_counter() - t0) / PROPOSAL_SHARE)
                 pending_proposal = registry.propose.remote(
                     Candidate(
-                        weights=ray.put(state_dict_numpy(model)),
+                        weights=weights,
                         spec=spec,
                         trained_through=progress.trained_through,
                         data_written_at=progress.data_written_at,
