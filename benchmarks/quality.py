@@ -192,7 +192,9 @@ def parquet(directory: str, features: list[str], label: str, classes: list[int],
     keep = np.isin(raw, classes) & np.isfinite(x).all(axis=1)
     y = np.array([index[v] for v in raw[keep].tolist()], dtype=np.int64)
     note = f"{len(xs)} shards, {int((~keep).sum())} rows dropped"
-    return Stream(Path(directory).resolve().name, x[keep], y, len(classes), [(d, 1) for d in drifts], note)
+    kept_before = np.concatenate([[0], np.cumsum(keep)])  # --drift-at counts the files' rows: moved past the dropped
+    at = [int(kept_before[min(d, len(raw))]) for d in drifts]
+    return Stream(Path(directory).resolve().name, x[keep], y, len(classes), [(d, 1) for d in at], note)
 
 
 # --- learners: each returns per-row outcomes (1 right, 0 wrong, -1 no answer) and seconds
@@ -452,7 +454,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--features", default=None, help="with --parquet: feature columns, comma list")
     p.add_argument("--label", default="label", help="with --parquet: label column")
     p.add_argument("--classes", default="0,1", help="with --parquet: declared label values, comma list")
-    p.add_argument("--drift-at", default="", help="with --parquet: known abrupt drift rows, comma list")
+    p.add_argument("--drift-at", default="", help="with --parquet: known abrupt drift rows (of the files, dropped rows counted), comma list")
     args = p.parse_args(argv)
     if args.parquet and not args.features:
         p.error("--parquet needs --features")

@@ -148,3 +148,14 @@ def test_the_replay_proposes_on_the_trainers_cadence_of_its_simulated_clock(ever
     run = quality.run_livetrain(s, cfg, 500, 2.0, 1)
     assert run.extra["proposals"] == proposals and run.extra["propose_every_s"] == every_s
     assert run.extra["versions_promoted"] <= proposals
+
+
+def test_a_parquet_streams_drift_rows_count_the_files_rows_even_when_some_are_dropped(tmp_path):
+    """``--drift-at 300`` names row 300 of the files; with 100 rows before it dropped (a
+    label not declared), the drift is at row 200 of what the learners see."""
+    y = np.zeros(600, dtype=np.int64)
+    y[:100] = 7  # not a declared class: dropped
+    y[300:] = 1  # the drift
+    pq.write_table(pa.table({"a": np.arange(600, dtype=np.float32), "y": y}), tmp_path / "s.parquet")
+    s = quality.parquet(str(tmp_path), ["a"], "y", [0, 1], [300])
+    assert len(s.y) == 500 and s.drifts == [(200, 1)] and s.y[199] == 0 and s.y[200] == 1
