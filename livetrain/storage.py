@@ -11,7 +11,8 @@ it stopped:
     what                          written by                 pushed
     ray_train/ (checkpoints)      Ray Train, directly        (no local copy)
     served/v<N>/model.pt          ModelRegistry              at promotion
-    decisions.jsonl, alarms.jsonl ModelRegistry              each record
+    decisions.jsonl, alarms.jsonl ModelRegistry              each record (``LogMirror``: the newest
+                                                             part of 1,000 lines, <name>.parts/NNNNNNNN)
     hold.json                     ModelRegistry              each change of a drift alarm's hold
     buffer_snapshot.json          ReplayBufferActor          each snapshot
     manifest.sqlite               driver (SQLite backup)     every storage.sync_interval_s, at stop
@@ -35,6 +36,9 @@ from livetrain.config import ConfigError, StorageConfig, s3_bucket_path
 
 TRAIN_DIR = "ray_train"
 """Ray Train's storage under the URI (checkpoints); never mirrored locally."""
+LOG_PART_LINES = 1000
+"""Lines of a JSON-lines log per object on the store (``LogMirror``)."""
+PARTS = ".parts"
 
 
 def filesystem(uri: str, endpoint: str | None = None, region: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -122,6 +126,9 @@ class Store:
     def put_file(self, local: str | Path, rel: str) -> None:
         self.put_bytes(rel, Path(local).read_bytes())
 
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
+
     def delete(self, rel: str) -> None:
         """Remove ``rel`` from the store; already gone is fine."""
         try:
@@ -155,19 +162,26 @@ class Store:
         """
         state = Path(state_dir)
         wanted = None if only is None else tuple(only)
-        fetched = []
+        files, logs = [], {}  # a log mirrored in parts (LogMirror) is put together again, never fetched whole
         for rel in self.list():
+            head, _, part = rel.rpartition("/")
+            if head.endswith(PARTS) and part.isdigit():
+                logs.setdefault(head.removesuffix(PARTS), []).append(rel)
+            else:
+                files.append(rel)
+        fetched = []
+        for rel in [*(f for f in files if f not in logs), *logs]:
             if wanted is not None and not any(rel == w or rel.startswith(w.rstrip("/") + "/") for w in wanted):
                 continue
             target = state / rel
             if target.exists():
                 continue
-            data = self.get_bytes(rel)
-            if data is None:
+            chunks = [self.get_bytes(p) for p in logs.get(rel, [rel])]  # listed sorted: parts in order
+            if any(c is None for c in chunks):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.restore")
-            tmp.write_bytes(data)
+            tmp.write_bytes(b"".join(chunks))
             os.replace(tmp, target)
             fetched.append(rel)
         return fetched
@@ -182,6 +196,44 @@ class Store:
             finally:
                 copy.close()
             self.put_file(Path(d) / "copy.sqlite", rel)
+
+
+class LogMirror:
+    """A JSON-lines log mirrored to a ``Store`` in parts of ``LOG_PART_LINES`` lines
+    (``<rel>.parts/00000000``, ...): a push uploads only the part the new lines went
+    into (and one they completed), so a log that grows for months costs the same to
+    push at every record. ``Store.restore`` puts the parts together again."""
+
+    def __init__(self, store: Store, local: Path, rel: str) -> None:
+        self.store, self.rel = store, rel
+        text = local.read_text() if local.exists() else ""
+        lines = [line if line.endswith("\n") else line + "\n" for line in text.splitlines(keepends=True)]
+        n = LOG_PART_LINES
+        self._part, self._tail = len(lines) // n, lines[len(lines) // n * n :]
+        have = set(store.list(rel + PARTS))
+        for i in range(self._part):  # a log pushed whole before, or parts the store lost: once, at start
+            if self._name(i) not in have:
+                store.put_bytes(self._name(i), "".join(lines[i * n : (i + 1) * n]).encode())
+        if self._tail:
+            store.put_bytes(self._name(self._part), "".join(self._tail).encode())
+        for name in have:  # parts past the local log's end (a store ahead of this state dir) would join it
+            if int(name.rpartition("/")[2]) > self._part or (int(name.rpartition("/")[2]) == self._part and not self._tail):
+                store.delete(name)
+        if store.exists(rel):  # the whole copy an older livetrain pushed: the parts have it all now
+            store.delete(rel)
+
+    def _name(self, part: int) -> str:
+        return f"{self.rel}{PARTS}/{part:08d}"
+
+    def push(self, lines: list[str]) -> None:
+        """``lines`` were just appended to the local log (each ending in a newline)."""
+        for line in lines:
+            self._tail.append(line)
+            if len(self._tail) == LOG_PART_LINES:
+                self.store.put_bytes(self._name(self._part), "".join(self._tail).encode())
+                self._part, self._tail = self._part + 1, []
+        if lines and self._tail:
+            self.store.put_bytes(self._name(self._part), "".join(self._tail).encode())
 
 
 # --- shard files: local paths or URIs (source.path = s3://bucket/landing) ------

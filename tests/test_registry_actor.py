@@ -213,3 +213,6 @@ def test_only_the_newest_keep_versions_served_have_their_weights_kept_here_and_o
         propose(c, 0, seq - 1)
         observe(c, seq, 0)
     assert on(state) == on(shared) == [3, 5, 6, 7, 8, 9]
+    c._log.close()
+    assert "decisions.jsonl" in store.restore(tmp_path / "fresh")  # the log, from its parts on the store
+    assert (tmp_path / "fresh/decisions.jsonl").read_text() == (state / "decisions.jsonl").read_text()

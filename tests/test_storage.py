@@ -37,6 +37,43 @@ def test_store_put_get_list_restore_never_overwrites_local(s3: str, tmp_path: Pa
     assert store.restore(tmp_path / "other", only=("served",)) == ["served/v000001/model.pt"]
 
 
+def test_a_log_is_pushed_a_part_at_a_time_and_restored_whole(s3: str, tmp_path: Path, monkeypatch):
+    """A decision log that grows for months: each push uploads only the part its new
+    lines went into (not the whole log again), a log pushed whole by an older livetrain
+    is split into parts once (its whole copy removed), parts the store lost are put
+    back, and a fresh state dir gets the log back line for line."""
+    from livetrain import storage
+
+    monkeypatch.setattr(storage, "LOG_PART_LINES", 3)
+    store = Store(StorageConfig(uri="s3://livetrain-test/logs", endpoint=s3))
+    local = tmp_path / "state" / "decisions.jsonl"
+    local.parent.mkdir()
+    old = [f'{{"v": {i}}}\n' for i in range(4)]
+    local.write_text("".join(old) + '{"v": 4, "torn')  # a crash mid-line: the next line starts afresh
+    store.put_bytes("decisions.jsonl", "".join(old).encode())  # pushed whole before
+    puts: list[tuple[str, int]] = []
+    put = store.put_bytes
+    monkeypatch.setattr(store, "put_bytes", lambda rel, data: (puts.append((rel, data.count(b"\n"))), put(rel, data)))
+    mirror = storage.LogMirror(store, local, "decisions.jsonl")
+    assert store.list() == ["decisions.jsonl.parts/00000000", "decisions.jsonl.parts/00000001"]
+    with storage.open_lines(local) as f:
+        new = [f'{{"v": {i}}}\n' for i in range(5, 12)]
+        for line in new:
+            f.write(line)
+            f.flush()
+            puts.clear()
+            mirror.push([line])
+            assert all(n <= 3 for _, n in puts) and len(puts) <= 2  # the newest part, and one it completed
+    whole = local.read_text()
+    assert whole.count("\n") == 12
+    assert store.restore(tmp_path / "fresh") == ["decisions.jsonl"]
+    assert (tmp_path / "fresh" / "decisions.jsonl").read_text() == whole
+    store.delete("decisions.jsonl.parts/00000001")  # lost on the store: put back at the next start
+    storage.LogMirror(store, local, "decisions.jsonl")
+    assert store.restore(tmp_path / "again") == ["decisions.jsonl"]
+    assert (tmp_path / "again" / "decisions.jsonl").read_text() == whole
+
+
 def test_store_pushes_a_consistent_sqlite_copy(s3: str, tmp_path: Path):
     from livetrain.actors.manifest import Manifest
 

@@ -41,7 +41,7 @@ import torch
 
 from livetrain.config import DriftConfig, GateConfig
 from livetrain.messages import BlockMeta, BlockRef, Candidate, Decision, ServedVersion, fetch_blocks
-from livetrain.storage import Store, open_lines
+from livetrain.storage import LogMirror, Store, open_lines
 from livetrain.training.drift import DriftAlarm
 from livetrain.training.checkpoint import (
     CheckpointData,
@@ -105,6 +105,11 @@ class ModelRegistry:
         self._served: ServedVersion | None = None
         self._state.mkdir(parents=True, exist_ok=True)
         self._log = open_lines(self._state / DECISIONS_FILE)
+        self._log.flush()  # a torn last line ended, before the mirror reads the log
+        self._mirrors: dict[str, LogMirror | None] = {DECISIONS_FILE: None, ALARMS_FILE: None}
+        """The logs on ``storage.uri``, pushed a part at a time (None: to be set up again)."""
+        for rel in self._mirrors:
+            self._push_lines(rel, None)
         self._train_stats: dict[str, Any] = {}
         self._weight_refs: dict[int, ray.ObjectRef] = {}
         self.instance = uuid.uuid4().hex
@@ -230,16 +235,17 @@ class ModelRegistry:
     # --- internals -------------------------------------------------------------
 
     def _apply(self, decisions: list[Decision]) -> None:
+        lines = []
         for d in decisions:
-            self._log.write(json.dumps(dataclasses.asdict(d)) + "\n")
+            lines.append(json.dumps(dataclasses.asdict(d)) + "\n")
+            self._log.write(lines[-1])
             if d.action == "promote":  # a new number: a model.pt already there is a crashed run's (logged never)
                 self._save(self._reg.served)  # its weights reach the store before the decision naming it
             if d.action in ("promote", "rollback"):
                 self._publish(self._reg.served)
                 self._keep(d.version)
         self._log.flush()
-        if decisions:
-            self._push(DECISIONS_FILE)
+        self._push_lines(DECISIONS_FILE, lines)
 
     def _push_mix(self) -> None:
         """Send the sampling-mix reactions to the buffer when they moved (2 decimals)."""
@@ -262,11 +268,11 @@ class ModelRegistry:
         new = list(alarms)
         if self._last_alarm is not None and self._last_alarm in new:
             new = new[new.index(self._last_alarm) + 1 :]
+        lines = [json.dumps(dataclasses.asdict(a)) + "\n" for a in new]
         with open_lines(self._state / ALARMS_FILE) as f:
-            for a in new:
-                f.write(json.dumps(dataclasses.asdict(a)) + "\n")
+            f.writelines(lines)
         self._last_alarm = alarms[-1]
-        self._push(ALARMS_FILE)
+        self._push_lines(ALARMS_FILE, lines)
 
     def _save_hold(self) -> None:
         """Write the hold down when it changed (started, tested, a tenth of its
@@ -304,6 +310,21 @@ class ModelRegistry:
             self._store.put_file(self._state / rel, rel)
             self._remote.add(rel)
         except OSError as e:
+            print(f"livetrain: registry: could not push {rel} to {self._store.cfg.uri}: {e}", file=sys.stderr)
+
+    def _push_lines(self, rel: str, lines: list[str] | None) -> None:
+        """Mirror ``lines`` just appended to a log (None: set the mirror up); a failed push
+        is reported, never fatal: the next one sets the mirror up again from the local log."""
+        mirror = self._mirrors[rel]
+        if self._store is None or (lines is not None and not lines):
+            return
+        try:
+            if mirror is None:  # the whole local log, with these lines
+                self._mirrors[rel] = LogMirror(self._store, self._state / rel, rel)
+            else:
+                mirror.push(lines or [])
+        except OSError as e:
+            self._mirrors[rel] = None
             print(f"livetrain: registry: could not push {rel} to {self._store.cfg.uri}: {e}", file=sys.stderr)
 
     def _keep(self, version: int) -> None:
