@@ -181,6 +181,7 @@ def _run(cfg: Config) -> int:
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
+    failure = None
     try:
         pipeline.start()
         print(f"livetrain: serving at {pipeline.url}", file=sys.stderr)
@@ -190,12 +191,25 @@ def _run(cfg: Config) -> int:
     except ConfigError as e:
         print(f"livetrain: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # training or a thread failed: still stop cleanly and say what was done
+        failure = _failure_text(e)
+        print(f"livetrain: error: {failure}", file=sys.stderr)
     finally:
         pipeline.stop()
-    if pipeline.stop_reason is not None:
+    if failure is not None:
+        pipeline.final["error"] = " ".join(failure.split())[:500]
+    elif pipeline.stop_reason is not None:
         print(f"livetrain: stopped ({pipeline.stop_reason})", file=sys.stderr)
     print(json.dumps(pipeline.final))
-    return 1 if "train_error" in pipeline.final else 0
+    return 1 if failure is not None or "train_error" in pipeline.final else 0
+
+
+def _failure_text(e: BaseException) -> str:
+    """``e`` and the error it was raised from, if any (the trainer's own), in words."""
+    text = str(e) or type(e).__name__
+    if e.__cause__ is not None:
+        text += f": {type(e.__cause__).__name__}: {e.__cause__}"
+    return text
 
 
 def _history(state_dir: Path, as_json: bool) -> int:
