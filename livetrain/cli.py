@@ -5,7 +5,7 @@
     livetrain config [--config my.yaml] [key=value ...]   # resolved config
     livetrain config --help-fields                        # every field, documented
     livetrain status [--address A] [--namespace NS] [--json]   # a running livetrain's figures
-    livetrain stop [--address A] [--namespace NS]              # stop it cleanly
+    livetrain stop [--address A] [--namespace NS]              # stop it cleanly (not `ray job stop`)
 
 Precedence: defaults < the YAML file < flags (--duration, --wandb,
 --state-dir, --no-live) < key=value overrides. The last stdout line of
@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="a running livetrain's figures (also one run as a Ray job)")
     _where(st)
     st.add_argument("--json", action="store_true", help="one JSON object")
-    sp = sub.add_parser("stop", help="stop a running livetrain cleanly: final checkpoint, summary, exit 0")
+    sp = sub.add_parser("stop", help="stop a running livetrain cleanly, a Ray job too: final checkpoint, summary, exit 0 "
+                        "(`ray job stop` kills it RAY_JOB_STOP_WAIT_TIME_S seconds, 3 by default, after SIGTERM)")
     _where(sp)
     sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait until it has stopped")
     c = sub.add_parser("config", help="print the resolved config, or document every field")
@@ -171,9 +172,10 @@ def _run(cfg: Config) -> int:
     pipeline = Pipeline(cfg)
 
     def interrupt(signum: int, frame: object) -> None:
-        # Ctrl-C, `ray job stop`, `kill`: once the loop runs, it stops cleanly at its next
-        # tick (decisions logged, final checkpoint, summary); while starting, or a second
-        # time, at once
+        # Ctrl-C, `kill`: once the loop runs, it stops cleanly at its next tick (decisions
+        # logged, final checkpoint, summary); while starting, or a second time, at once.
+        # `ray job stop` sends SIGTERM too, but SIGKILLs RAY_JOB_STOP_WAIT_TIME_S (3) s
+        # later, mid-stop: `livetrain stop` is a job's clean stop (README)
         if pipeline.looping and pipeline.interrupted is None:
             pipeline.interrupted = signal.Signals(signum).name
         else:
