@@ -5,7 +5,7 @@
     livetrain config [--config my.yaml] [key=value ...]   # resolved config
     livetrain config --help-fields                        # every field, documented
     livetrain status [--address A] [--namespace NS] [--json]   # a running livetrain's figures
-    livetrain stop [--address A] [--namespace NS]              # stop it cleanly
+    livetrain stop [--address A] [--namespace NS]              # stop it cleanly (not `ray job stop`)
 
 Precedence: defaults < the YAML file < flags (--duration, --wandb,
 --state-dir, --no-live) < key=value overrides. The last stdout line of
@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="a running livetrain's figures (also one run as a Ray job)")
     _where(st)
     st.add_argument("--json", action="store_true", help="one JSON object")
-    sp = sub.add_parser("stop", help="stop a running livetrain cleanly: final checkpoint, summary, exit 0")
+    sp = sub.add_parser("stop", help="stop a running livetrain cleanly, a Ray job too: final checkpoint, summary, exit 0 "
+                        "(`ray job stop` kills it RAY_JOB_STOP_WAIT_TIME_S seconds, 3 by default, after SIGTERM)")
     _where(sp)
     sp.add_argument("--timeout", type=float, default=300.0, help="seconds to wait until it has stopped")
     c = sub.add_parser("config", help="print the resolved config, or document every field")
@@ -171,9 +172,10 @@ def _run(cfg: Config) -> int:
     pipeline = Pipeline(cfg)
 
     def interrupt(signum: int, frame: object) -> None:
-        # Ctrl-C, `ray job stop`, `kill`: once the loop runs, it stops cleanly at its next
-        # tick (decisions logged, final checkpoint, summary); while starting, or a second
-        # time, at once
+        # Ctrl-C, `kill`: once the loop runs, it stops cleanly at its next tick (decisions
+        # logged, final checkpoint, summary); while starting, or a second time, at once.
+        # `ray job stop` sends SIGTERM too, but SIGKILLs RAY_JOB_STOP_WAIT_TIME_S (3) s
+        # later, mid-stop: `livetrain stop` is a job's clean stop (README)
         if pipeline.looping and pipeline.interrupted is None:
             pipeline.interrupted = signal.Signals(signum).name
         else:
@@ -181,6 +183,7 @@ def _run(cfg: Config) -> int:
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
+    failure = None
     try:
         pipeline.start()
         print(f"livetrain: serving at {pipeline.url}", file=sys.stderr)
@@ -190,12 +193,25 @@ def _run(cfg: Config) -> int:
     except ConfigError as e:
         print(f"livetrain: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # training or a thread failed: still stop cleanly and say what was done
+        failure = _failure_text(e)
+        print(f"livetrain: error: {failure}", file=sys.stderr)
     finally:
         pipeline.stop()
-    if pipeline.stop_reason is not None:
+    if failure is not None:
+        pipeline.final["error"] = " ".join(failure.split())[:500]
+    elif pipeline.stop_reason is not None:
         print(f"livetrain: stopped ({pipeline.stop_reason})", file=sys.stderr)
     print(json.dumps(pipeline.final))
-    return 1 if "train_error" in pipeline.final else 0
+    return 1 if failure is not None or "train_error" in pipeline.final else 0
+
+
+def _failure_text(e: BaseException) -> str:
+    """``e`` and the error it was raised from, if any (the trainer's own), in words."""
+    text = str(e) or type(e).__name__
+    if e.__cause__ is not None:
+        text += f": {type(e.__cause__).__name__}: {e.__cause__}"
+    return text
 
 
 def _history(state_dir: Path, as_json: bool) -> int:

@@ -297,6 +297,10 @@ class BufferConfig:
             raise ConfigError("buffer.recent_fraction: must be in [0, 1]")
 
 
+DEFAULT_HIDDEN = (32, 32)
+"""``model.hidden`` unless set."""
+
+
 @dataclass
 class ModelConfig:
     """The model that is trained and served."""
@@ -308,13 +312,18 @@ class ModelConfig:
     task: str = "classification"
     """What is learnt; ``classification`` (regression is planned)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for the builder (e.g. ``image_shape``, ``channels``)."""
-    hidden: list[int] = field(default_factory=lambda: [32, 32])
+    """Extra keyword arguments for the builder (e.g. ``image_shape``, ``channels``);
+    never ``num_features`` / ``num_classes`` (livetrain passes them), nor a built-in's
+    ``hidden`` / ``dropout`` (set the fields below)."""
+    hidden: list[int] = field(default_factory=lambda: list(DEFAULT_HIDDEN))
     """Hidden layer widths of the MLP. Small by default: tabular streams with
     a handful of features need no more, and a step costs ~6x less than at
-    [256, 256] on one CPU thread (more rows trained per second)."""
+    [256, 256] on one CPU thread (more rows trained per second). Set away from
+    the default, it is passed to a plug-in builder as ``hidden`` (an error if
+    the builder takes no such argument)."""
     dropout: float = 0.0
-    """Dropout after each hidden layer."""
+    """Dropout after each hidden layer (``mlp``), before the classifier
+    (``cnn``); set away from 0, passed to a plug-in builder as ``dropout``."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
@@ -323,6 +332,24 @@ class ModelConfig:
             raise ConfigError(f"model.hidden: every width must be >= 1, got {self.hidden}")
         if self.task != "classification":
             raise ConfigError(f"model.task: only 'classification' is supported for now, got {self.task!r}")
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Refuse options livetrain passes itself, and options or fields a built-in
+        would silently drop or override (a plug-in's are checked against its builder)."""
+        for key in ("num_features", "num_classes"):
+            if key in self.options:
+                raise ConfigError(f"model.options.{key}: livetrain passes it itself (from the schema); remove it")
+        if self.name == "mlp":
+            for key in ("hidden", "dropout"):
+                if key in self.options:
+                    raise ConfigError(f"model.options.{key}: set model.{key} instead")
+        elif self.name == "cnn":
+            if "dropout" in self.options:
+                raise ConfigError("model.options.dropout: set model.dropout instead")
+            if "hidden" in self.options or self.hidden != list(DEFAULT_HIDDEN):
+                key = "model.options.hidden" if "hidden" in self.options else "model.hidden"
+                raise ConfigError(f"{key}: the cnn model has no hidden layers (its widths are model.options.channels)")
 
 
 @dataclass

@@ -17,6 +17,7 @@ it stopped:
     buffer_snapshot.json          ReplayBufferActor          each snapshot
     manifest.sqlite               driver (SQLite backup)     every storage.sync_interval_s, at stop
     wandb_run_id                  Tracker                    at start
+    ray_train_at                  make_trainer               (local only: where ray_train/ was)
 
 Objects are written whole (S3 PUTs are atomic per object), so a reader sees
 an old or a new copy, never half of one.
@@ -39,6 +40,11 @@ TRAIN_DIR = "ray_train"
 LOG_PART_LINES = 1000
 """Lines of a JSON-lines log per object on the store (``LogMirror``)."""
 PARTS = ".parts"
+TRAIN_RUN = "livetrain"
+"""Ray Train's run name: its checkpoints are ``<storage>/ray_train/livetrain/checkpoint_*``."""
+TRAIN_AT = "ray_train_at"
+"""A file in the state dir: where Ray Train kept its checkpoints last (``state_dir``
+or ``<storage.uri>/ray_train``), so a run that would keep them elsewhere can tell."""
 
 
 def filesystem(uri: str, endpoint: str | None = None, region: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -326,3 +332,39 @@ def list_parquet(directory: str) -> list[tuple[int, int, str, str]]:
         if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"):
             out.append((info.mtime_ns or 0, info.size, info.base_name, f"{scheme}://{info.path}"))
     return out
+
+
+def check_train_storage(state_dir: str | os.PathLike, store: Store | None) -> str:
+    """Where this run's Ray Train keeps its checkpoints (what ``record_train_storage``
+    writes). A ConfigError when there are none there but this state dir trained
+    elsewhere before (``storage.uri`` added, removed or changed): Ray Train would
+    find no checkpoint and training would silently start from scratch."""
+    local = Path(state_dir).resolve() / TRAIN_DIR
+    here = "state_dir" if store is None else f"{store.cfg.uri.rstrip('/')}/{TRAIN_DIR}"
+    fs, path = (pafs.LocalFileSystem(), str(local)) if store is None else (store.fs, store.path(TRAIN_DIR))
+    if _has_checkpoint(fs, path):
+        return here
+    marker = Path(state_dir) / TRAIN_AT
+    before = marker.read_text().strip() if marker.exists() else None
+    if before in (None, "state_dir"):  # the state dir: look (also one from before the marker)
+        before = "state_dir" if store is not None and _has_checkpoint(pafs.LocalFileSystem(), str(local)) else None
+    if before is None or before == here:
+        return here
+    where = {"state_dir": str(local)}
+    afresh = f"{local}/{TRAIN_RUN}" if before == "state_dir" else str(marker)
+    raise ConfigError(
+        f"storage.uri: this state dir's training checkpoints are under {where.get(before, before)}/{TRAIN_RUN}, "
+        f"but this run keeps them under {where.get(here, here)}/{TRAIN_RUN}, where there are none: training would "
+        f"start from scratch. Copy that {TRAIN_RUN}/ folder there, or set storage.uri back, to go on where it "
+        f"stopped; to start training afresh instead, delete {afresh}"
+    )
+
+
+def record_train_storage(state_dir: str | os.PathLike, here: str) -> None:
+    """Note in the state dir where Ray Train keeps this run's checkpoints."""
+    (Path(state_dir) / TRAIN_AT).write_text(here + "\n")
+
+
+def _has_checkpoint(fs: pafs.FileSystem, train_path: str) -> bool:
+    found = fs.get_file_info(pafs.FileSelector(f"{train_path}/{TRAIN_RUN}", allow_not_found=True))
+    return any(info.base_name.startswith("checkpoint_") for info in found)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from livetrain.config import ConfigError, ModelConfig
+from livetrain.config import ConfigError, ModelConfig, load_config
 from livetrain.training.checkpoint import CheckpointData, load_model, save_checkpoint
 from livetrain.training.learner import make_optimizer, restore_optimizer
-from livetrain.training.models import BUILDERS, build_model, model_spec
+from livetrain.training.models import BUILDERS, build_model, model_spec, register_model
 from livetrain.training.softmax import cross_entropy
 
 
@@ -29,6 +29,68 @@ def test_cnn_refuses_a_shape_that_does_not_fit_the_features():
 def test_unknown_option_is_a_config_error():
     with pytest.raises(ConfigError, match="model.options"):
         model_spec(ModelConfig(options={"depth": 3}), 3, 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["model.options={num_features: 3}"], r"model.options.num_features: livetrain passes it itself"),
+        (["model.name=my_net", "model.options={num_classes: 2}"], r"model.options.num_classes: livetrain passes it"),
+        (["model.options={hidden: [8]}", "model.hidden=[64, 64]"], r"model.options.hidden: set model.hidden instead"),
+        (["model.options={dropout: 0.2}"], r"model.options.dropout: set model.dropout instead"),
+        (["model.name=cnn", "model.options={image_shape: [1, 2, 2], dropout: 0.2}"], r"model.options.dropout: set model"),
+        (["model.name=cnn", "model.options={image_shape: [1, 2, 2]}", "model.hidden=[8]"], r"model.hidden: the cnn model has"),
+    ],
+)
+def test_options_livetrain_sets_or_a_field_duplicates_are_refused_at_load(overrides: list[str], key: str):
+    with pytest.raises(ConfigError, match=rf"^{key}"):
+        load_config(None, overrides)
+
+
+@pytest.fixture
+def my_net():
+    """A plug-in whose builder names ``hidden`` and ``dropout``, one that takes
+    ``**options``, and one that takes neither."""
+    def named(num_features, num_classes, hidden=(8,), dropout=0.0):
+        return torch.nn.Sequential(torch.nn.Linear(num_features, hidden[0]), torch.nn.Dropout(dropout),
+                                   torch.nn.Linear(hidden[0], num_classes))
+
+    def any_options(num_features, num_classes, **options):
+        return named(num_features, num_classes, **options)
+
+    def neither(num_features, num_classes, width=8):
+        return named(num_features, num_classes, hidden=(width,))
+
+    for name, builder in [("named", named), ("any_options", any_options), ("neither", neither)]:
+        register_model(name, builder)
+    yield
+    for name in ("named", "any_options", "neither"):
+        BUILDERS.pop(name)
+
+
+@pytest.mark.parametrize("name", ["named", "any_options"])
+def test_plugin_builder_gets_model_hidden_and_dropout_when_it_takes_them(my_net, name: str):
+    spec = model_spec(ModelConfig(name=name, hidden=[5], dropout=0.25), 3, 2)
+    assert spec.kwargs == {"num_features": 3, "num_classes": 2, "hidden": [5], "dropout": 0.25}
+    assert build_model(spec)[1].p == 0.25
+
+
+def test_plugin_builder_left_at_the_field_defaults_gets_only_its_options(my_net):
+    spec = model_spec(ModelConfig(name="named", options={"hidden": [4]}), 3, 2)
+    assert spec.kwargs == {"num_features": 3, "num_classes": 2, "hidden": [4]}
+
+
+@pytest.mark.parametrize(
+    "cfg, error",
+    [
+        (ModelConfig(name="neither", dropout=0.3), r"model.dropout: the 'neither' builder takes no 'dropout' argument"),
+        (ModelConfig(name="neither", hidden=[512]), r"model.hidden: the 'neither' builder takes no 'hidden' argument"),
+        (ModelConfig(name="named", hidden=[5], options={"hidden": [4]}), r"model.hidden: also set as model.options.hidden"),
+    ],
+)
+def test_plugin_model_fields_its_builder_would_drop_are_a_config_error(my_net, cfg: ModelConfig, error: str):
+    with pytest.raises(ConfigError, match=rf"^{error}"):
+        model_spec(cfg, 3, 2)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import yaml
 
 from _util import S3_ENV, free_port
 from livetrain.config import ConfigError, StorageConfig, load_config
-from livetrain.storage import Store, filesystem
+from livetrain.storage import Store, check_train_storage, filesystem, record_train_storage
 
 def test_store_put_get_list_restore_never_overwrites_local(s3: str, tmp_path: Path):
     store = Store(StorageConfig(uri="s3://livetrain-test/unit", endpoint=s3))
@@ -127,6 +127,46 @@ def _upload(local: Path, fs: pafs.FileSystem, prefix: str) -> None:
         if f.name not in have:
             with fs.open_output_stream(f"{prefix}/{f.name}") as out:
                 out.write(f.read_bytes())
+
+
+def _checkpoint(train_dir: Path) -> None:
+    (train_dir / "livetrain" / "checkpoint_000003").mkdir(parents=True)
+
+
+def test_adding_storage_uri_to_a_state_dir_that_trained_is_refused_until_its_checkpoints_move(tmp_path: Path):
+    """Ray Train's storage moves from the state dir to the URI: it would find no checkpoint."""
+    state, shared = tmp_path / "state", tmp_path / "shared"
+    _checkpoint(state / "ray_train")
+    store = Store(StorageConfig(uri=str(shared)))
+    cfg = load_config(overrides=[f"state_dir={state}", f"storage.uri={shared}", "tracking.wandb=disabled"])
+    from livetrain.training.trainer import make_trainer
+
+    with pytest.raises(ConfigError, match=rf"^storage.uri: this state dir's training checkpoints are under "
+                                          rf"{state}/ray_train/livetrain, but this run keeps them under "
+                                          rf"{shared}/ray_train/livetrain, where there are none"):
+        make_trainer(cfg, None, None, None)
+    _checkpoint(shared / "ray_train")  # copied, as the message says
+    assert check_train_storage(state, store) == f"{shared}/ray_train"
+
+
+def test_removing_storage_uri_after_training_there_is_refused(tmp_path: Path):
+    state, shared = tmp_path / "state", tmp_path / "shared"
+    state.mkdir()
+    store = Store(StorageConfig(uri=f"{shared}/"))
+    _checkpoint(shared / "ray_train")
+    record_train_storage(state, check_train_storage(state, store))
+    with pytest.raises(ConfigError, match=rf"checkpoints are under {shared}/ray_train/livetrain, but this run keeps "
+                                          rf"them under {state}/ray_train/livetrain.*delete {state}/ray_train_at$"):
+        check_train_storage(state, None)
+    assert check_train_storage(state, store) == f"{shared}/ray_train"  # set back: goes on
+
+
+def test_a_state_dir_that_never_trained_may_take_or_drop_storage_uri(tmp_path: Path):
+    store = Store(StorageConfig(uri=str(tmp_path / "shared")))
+    assert check_train_storage(tmp_path, store) == f"{tmp_path}/shared/ray_train"
+    record_train_storage(tmp_path, "state_dir")
+    assert check_train_storage(tmp_path, store) == f"{tmp_path}/shared/ray_train"  # no checkpoint anywhere
+    assert check_train_storage(tmp_path, None) == "state_dir"
 
 
 @pytest.mark.ray

@@ -14,7 +14,9 @@ in an installed package and declare it as an entry point in that package's
     my_tabnet = "my_package.models:build"
 
 then set ``model.name: my_tabnet`` and pass its keyword arguments in
-``model.options``. Entry points are looked up in every process that builds
+``model.options``; ``model.hidden`` / ``model.dropout`` set away from their
+defaults are passed as ``hidden`` / ``dropout`` too (a ConfigError if the
+builder takes no such argument). Entry points are looked up in every process that builds
 the model (trainers, the registry, serving replicas), which is why a name,
 not a function, travels in checkpoints. ``register_model`` does the same for
 code running in one process (tests, notebooks).
@@ -22,6 +24,7 @@ code running in one process (tests, notebooks).
 
 from __future__ import annotations
 
+import inspect
 import math
 from importlib.metadata import entry_points
 from typing import Any, Callable
@@ -164,6 +167,35 @@ def find_builder(name: str) -> Builder:
                      f"'{ENTRY_POINT_GROUP}' entry-point group)")
 
 
+def _plugin_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """``model.hidden`` / ``model.dropout`` for a plug-in: those set away from their
+    defaults go to the builder as keyword arguments; a builder that takes no such
+    argument (by name or ``**options``) is a ConfigError, not a silently dropped field."""
+    defaults = ModelConfig()
+    fields = {k: getattr(cfg, k) for k in ("hidden", "dropout") if getattr(cfg, k) != getattr(defaults, k)}
+    if not fields:
+        return {}
+    try:
+        builder = find_builder(cfg.name)
+    except ConfigError:  # a broken plug-in
+        raise
+    except ValueError:  # an unknown name: model_spec says so, naming model.name
+        return {}
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        params = None
+    takes_any = params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in fields.items():
+        if key in cfg.options:
+            raise ConfigError(f"model.{key}: also set as model.options.{key}; keep one")
+        if not takes_any and key not in params:
+            raise ConfigError(f"model.{key}: the {cfg.name!r} builder takes no {key!r} argument, so {value} would be "
+                              f"ignored; leave model.{key} at its default ({getattr(defaults, key)}) or give the builder "
+                              f"a {key!r} parameter")
+    return {k: list(v) if k == "hidden" else v for k, v in fields.items()}
+
+
 def model_spec(cfg: ModelConfig, num_features: int, num_classes: int) -> ModelSpec:
     """The spec the trainer builds, checked by building it once."""
     kwargs: dict[str, Any] = dict(num_features=num_features, num_classes=num_classes, **cfg.options)
@@ -175,6 +207,8 @@ def model_spec(cfg: ModelConfig, num_features: int, num_classes: int) -> ModelSp
             kwargs.setdefault("dropout", cfg.dropout)
     elif cfg.name == "cnn" and cfg.dropout:
         kwargs.setdefault("dropout", cfg.dropout)
+    elif cfg.name not in ("mlp", "cnn"):
+        kwargs.update(_plugin_fields(cfg))
     spec = ModelSpec(name=cfg.name, kwargs=kwargs)
     try:
         model = build_model(spec)

@@ -37,7 +37,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from livetrain.config import Config
 from livetrain.messages import Candidate, ModelSpec, fetch_blocks
-from livetrain.storage import Store
+from livetrain.storage import TRAIN_RUN, Store, check_train_storage, record_train_storage
 from livetrain.training.checkpoint import (
     CheckpointData,
     load_checkpoint,
@@ -325,6 +325,8 @@ def _report(rank, model, opt, spec, cfg, progress, result, device, with_weights:
 def make_trainer(cfg: Config, spec: ModelSpec, buffer: Any, registry: Any) -> TorchTrainer:
     tc = cfg.train
     store = Store.from_config(cfg.storage)
+    # storage.uri added or removed since the last run: refuse, rather than train from scratch
+    record_train_storage(cfg.state_dir, check_train_storage(cfg.state_dir, store))
     if store is not None:  # every node reaches the checkpoints there
         storage_path, storage_fs = store.ray_train()
     else:
@@ -341,7 +343,7 @@ def make_trainer(cfg: Config, spec: ModelSpec, buffer: Any, registry: Any) -> To
             resources_per_worker={"CPU": tc.cpus_per_worker, **tc.worker_resources},
         ),
         run_config=RunConfig(
-            name="livetrain",
+            name=TRAIN_RUN,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=tc.max_failures),
