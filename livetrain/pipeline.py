@@ -1,5 +1,8 @@
 """Wires livetrain together. The data flow, as this module builds it:
 
+    state dir: an exclusive OS lock on <state_dir>/livetrain.lock, held by the driver
+        from start() to stop() (livetrain.state_lock): one run per state dir
+
     schema: declared, or (schema.infer) defined by the first shard that fits,
         pinned in the Manifest; resolved before anything that depends on it
         starts (model width, buffer, Serve): start() waits for that shard
@@ -119,6 +122,7 @@ from livetrain.live_view import LiveView
 from livetrain.messages import Decision
 from livetrain.serving.app import APP_NAME, start_serving
 from livetrain.serving.deployment import ray_env as serving_ray_env
+from livetrain.state_lock import StateDirLock
 from livetrain.storage import Store
 from livetrain.storage import configure as configure_storage
 from livetrain.tracking import RUN_ID_FILE, Tracker
@@ -184,6 +188,8 @@ class Pipeline:
         """``run``'s loop is going (a signal can wait for its next tick)."""
         # an existing cluster: ray.address, or RAY_ADDRESS as a Ray job's driver gets it
         self.cluster_address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        self._lock = StateDirLock(self.state_dir)
+        """One run per state dir, whatever Ray each runs on: held from ``start`` to ``stop``."""
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -191,6 +197,8 @@ class Pipeline:
         cfg, ns = self.cfg, self.cfg.ray.namespace
         declared = _declared_schema(cfg)  # a synthetic stream that cannot match fails here, before Ray
         _make_dir(self.state_dir, "state_dir")
+        # before anything is written there (a second run stops here, touching nothing)
+        self._lock.acquire({"pid": os.getpid(), "job_id": job_submission_id(), "namespace": ns})
         if isinstance(cfg.landing_dir, Path):
             _make_dir(cfg.landing_dir, "source.path")
         if not ray.is_initialized():
@@ -287,6 +295,12 @@ class Pipeline:
 
     def stop(self) -> None:
         """Stop everything this pipeline started; safe after a partial start."""
+        try:
+            self._shut_down()
+        finally:  # last: a next run on this state dir may start
+            self._lock.release()
+
+    def _shut_down(self) -> None:
         self._stop.set()
         started = hasattr(self, "ingest")
         if hasattr(self, "control"):

@@ -216,6 +216,11 @@ def test_run_killed_then_stopped_then_reconfigured_continues_where_it_stopped_ea
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_until(lambda: ingested(state) >= 3, 120, "a first few shards ingested")
+        # a second run on the state dir is refused at once, naming the first (its own Ray never starts)
+        refused = subprocess.run([sys.executable, "-m", "livetrain.cli", "run", "--config", str(path)],
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert f"state_dir: {str(state)!r} is in use by another livetrain run (pid {killed.pid}" in refused.stderr
     finally:
         kill_tree(killed, sessions)
     done_at_kill = ingested(state)
