@@ -208,8 +208,8 @@ class Pipeline:
                 # back; one machine has no other node to move to (and its restartable actor,
                 # holding handles, logs at every start that a restart may fail). Yours to override
                 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-            ray.init(
-                address=self.cluster_address,
+            ray.init(  # "local": a new Ray, even where `ray start --head` recorded one (None would join it)
+                address=self.cluster_address or "local",
                 num_cpus=None if self.cluster_address else self._local_cpus(),
                 namespace=ns,
                 include_dashboard=False,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
+
+import pytest
 
 from livetrain.config import load_config
 from livetrain.pipeline import Pipeline
@@ -31,3 +34,35 @@ def test_stop_says_when_training_may_not_have_taken_its_last_checkpoint(tmp_path
     hung.set()
     train.join()
     assert p._train_problem() is None
+
+
+def test_a_local_run_starts_its_own_ray_even_where_ray_start_recorded_a_cluster(tmp_path, monkeypatch):
+    """``ray.init(address=None, num_cpus=N)`` would join the cluster ``ray start --head``
+    recorded in Ray's temp dir and refuse ``num_cpus``; no Ray starts here."""
+    import ray
+    from ray._private import services
+
+    recorded = tmp_path / "raytmp" / "ray"
+    recorded.mkdir(parents=True)
+    (recorded / "ray_current_cluster").write_text("127.0.0.1:6379")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for var in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):  # start() sets them
+        monkeypatch.setenv(var, os.environ.get(var, ""))
+    seen = {}
+
+    class Initialised(Exception):
+        pass
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        raise Initialised
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    p = Pipeline(load_config(overrides=[f"state_dir={tmp_path / 'state'}"]))
+    with pytest.raises(Initialised):
+        p.start()
+    p._lock.release()
+    assert seen["num_cpus"] == p._local_cpus()
+    assert services.canonicalize_bootstrap_address(seen["address"]) is None  # None: Ray starts a new local one
