@@ -110,8 +110,8 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from livetrain.actors.buffer_actor import BUFFER_NAME, ReplayBufferActor
-from livetrain.actors.ingest import IngestLoop
+from livetrain.actors.buffer_actor import BUFFER_ACTOR_CPUS, BUFFER_NAME, ReplayBufferActor
+from livetrain.actors.ingest import INGEST_ACTOR_CPUS, IngestLoop
 from livetrain.actors.manifest import MANIFEST_FILE, Manifest
 from livetrain.actors.schema_pin import resolve_schema
 from livetrain.actors.synthetic import SyntheticStream
@@ -127,7 +127,7 @@ from livetrain.storage import Store
 from livetrain.storage import configure as configure_storage
 from livetrain.tracking import RUN_ID_FILE, Tracker
 from livetrain.training.models import model_spec
-from livetrain.training.registry_actor import REGISTRY_NAME, SERVED_DIR, ModelRegistry
+from livetrain.training.registry_actor import REGISTRY_ACTOR_CPUS, REGISTRY_NAME, SERVED_DIR, ModelRegistry
 from livetrain.training.trainer import make_trainer
 
 _TICK_S = 0.5
@@ -548,9 +548,37 @@ class Pipeline:
         }
 
     def _local_cpus(self) -> int:
-        tc = self.cfg.train
-        need = math.ceil(tc.num_workers * tc.cpus_per_worker) + 2
-        return self.cfg.ray.num_cpus or max(os.cpu_count() or 1, need)
+        """Logical CPUs of a local Ray: ``ray.num_cpus``, else this machine's count and at
+        least one more than livetrain's actors reserve (Ray waits forever for a replica or
+        a train worker that does not fit); a ``ray.num_cpus`` they do not fit in is refused."""
+        need = reserved_cpus(self.cfg)
+        if self.cfg.ray.num_cpus is None:
+            return max(os.cpu_count() or 1, math.ceil(need) + 1)  # the one more: Ray's own tasks
+        if self.cfg.ray.num_cpus < need - 1e-9:
+            raise ConfigError(
+                f"ray.num_cpus: {self.cfg.ray.num_cpus} is less than the {need:g} CPUs livetrain's actors reserve "
+                f"({_reservations_text(self.cfg)}); raise it (or unset it), or lower those"
+            )
+        return self.cfg.ray.num_cpus
+
+
+def _reservations(cfg: Config) -> dict[str, float]:
+    """The logical CPUs each kind of livetrain actor reserves, by the keys that set them."""
+    return {
+        "train.num_workers x train.cpus_per_worker": cfg.train.num_workers * cfg.train.cpus_per_worker,
+        "serve.num_replicas x serve.num_cpus": cfg.serve.num_replicas * cfg.serve.num_cpus,
+        f"ingest.num_actors x {INGEST_ACTOR_CPUS:g}": cfg.ingest.num_actors * INGEST_ACTOR_CPUS,
+        "buffer and registry actors": BUFFER_ACTOR_CPUS + REGISTRY_ACTOR_CPUS,
+    }
+
+
+def reserved_cpus(cfg: Config) -> float:
+    """Logical CPUs a run's actors reserve all together (the control actor takes none)."""
+    return sum(_reservations(cfg).values())
+
+
+def _reservations_text(cfg: Config) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in _reservations(cfg).items())
 
 
 def _numbers(d: dict[str, Any]) -> dict[str, float]:

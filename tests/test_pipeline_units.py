@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from livetrain.config import load_config
-from livetrain.pipeline import Pipeline
+from livetrain.config import ConfigError, load_config
+from livetrain.pipeline import Pipeline, reserved_cpus
 
 
 def test_a_pipeline_stopped_before_it_started_leaves_an_empty_summary(tmp_path):
@@ -66,3 +66,24 @@ def test_a_local_run_starts_its_own_ray_even_where_ray_start_recorded_a_cluster(
     p._lock.release()
     assert seen["num_cpus"] == p._local_cpus()
     assert services.canonicalize_bootstrap_address(seen["address"]) is None  # None: Ray starts a new local one
+
+
+FOUR_POINT_SEVEN = ["serve.num_replicas=2", "serve.num_cpus=1", "ingest.num_actors=2"]
+
+
+def test_a_local_ray_fits_every_actor_livetrain_starts(monkeypatch):
+    """Two replicas of one CPU each and two ingest actors: 2 (train) + 2 (serve) + 0.5
+    (ingest) + 0.2 (buffer, registry) on a 2-core machine."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    cfg = load_config(overrides=FOUR_POINT_SEVEN)
+    assert reserved_cpus(cfg) == pytest.approx(4.7)
+    assert Pipeline(cfg)._local_cpus() >= 5
+    assert Pipeline(load_config(overrides=[*FOUR_POINT_SEVEN, "ray.num_cpus=5"]))._local_cpus() == 5
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert Pipeline(cfg)._local_cpus() == 16
+
+
+def test_a_ray_num_cpus_the_actors_do_not_fit_in_is_a_config_error(tmp_path):
+    cfg = load_config(overrides=["serve.num_replicas=2", "serve.num_cpus=1", "ray.num_cpus=4"])
+    with pytest.raises(ConfigError, match=r"ray.num_cpus: 4 is less than the 4.45 CPUs .*serve.num_replicas x serve.num_cpus 2"):
+        Pipeline(cfg)._local_cpus()
