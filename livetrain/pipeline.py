@@ -121,6 +121,7 @@ from livetrain.control import AlreadyRunning, job_submission_id, start_control
 from livetrain.live_view import LiveView
 from livetrain.messages import Decision
 from livetrain.serving.app import APP_NAME, start_serving
+from livetrain.serving.auth import auth_headers
 from livetrain.serving.deployment import ray_env as serving_ray_env
 from livetrain.state_lock import StateDirLock
 from livetrain.storage import Store
@@ -417,9 +418,11 @@ class Pipeline:
         """A trickle of real requests: freshness is measured at a version's first answer."""
         rng = random.Random(0)
         d = len(_feature_names(self.cfg))
+        # with serve.auth_token_env, a probe without the token would be a 401, never an answer
+        headers = {"content-type": "application/json", **auth_headers(self.cfg.serve.auth_token_env)}
         while not self._stop.wait(0.1):
             body = json.dumps({"instances": [[rng.random() for _ in range(d)]]}).encode()
-            req = urllib.request.Request(self.url + "/predict", body, {"content-type": "application/json"})
+            req = urllib.request.Request(self.url + "/predict", body, headers)
             try:
                 with urllib.request.urlopen(req, timeout=5) as r:
                     r.read()

@@ -87,3 +87,41 @@ def test_a_ray_num_cpus_the_actors_do_not_fit_in_is_a_config_error(tmp_path):
     cfg = load_config(overrides=["serve.num_replicas=2", "serve.num_cpus=1", "ray.num_cpus=4"])
     with pytest.raises(ConfigError, match=r"ray.num_cpus: 4 is less than the 4.45 CPUs .*serve.num_replicas x serve.num_cpus 2"):
         Pipeline(cfg)._local_cpus()
+
+
+def test_probes_send_the_bearer_token_so_they_are_answered_under_auth(monkeypatch):
+    """With serve.auth_token_env, a probe without the token is a 401: counted as failed,
+    and no answer ever closes a version's freshness. A stub of the app's auth check."""
+    import http.server
+
+    answered = threading.Event()
+    seen: list[str | None] = []
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(self.headers.get("authorization"))
+            self.rfile.read(int(self.headers["content-length"]))
+            ok = self.headers.get("authorization") == "Bearer s3cret"
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            self.wfile.write(b'{"predictions": [0], "model_version": 1}' if ok else b'{"detail": "missing bearer token"}')
+            if ok:
+                answered.set()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("LT_PROBE_TOKEN", " s3cret\n")
+    p = Pipeline(load_config(overrides=["serve.auth_token_env=LT_PROBE_TOKEN"]))
+    p.url = f"http://127.0.0.1:{server.server_address[1]}"
+    probe = threading.Thread(target=p._probe_loop, daemon=True)
+    probe.start()
+    try:
+        assert answered.wait(10), f"no probe was answered; Authorization headers sent: {set(seen)}"
+    finally:
+        p._stop.set()
+        probe.join(10)
+        server.shutdown()
+    assert p._probe["ok"] >= 1 and p._probe["failed"] == 0
