@@ -188,8 +188,9 @@ def _run(cfg: Config) -> int:
     except KeyboardInterrupt:
         print("livetrain: stopping", file=sys.stderr)
     except ConfigError as e:
-        print(f"livetrain: config error: {e}", file=sys.stderr)
-        return 2
+        if pipeline.stop_reason is None:  # else `livetrain stop` ended its wait for a first shard
+            print(f"livetrain: config error: {e}", file=sys.stderr)
+            return 2
     finally:
         pipeline.stop()
     if pipeline.stop_reason is not None:

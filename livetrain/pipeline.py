@@ -105,7 +105,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -235,8 +235,9 @@ class Pipeline:
         self.manifest = Manifest(self.state_dir)
         # everything below depends on the schema (model width, blocks): pin it first (after
         # a restore, which brings the manifest back); with schema.infer this waits for a shard
-        schema = resolve_schema(declared, self.manifest, cfg.landing_dir, self._stop, cfg.source.poll_interval_s,
-                                cfg.duration_s)
+        # ends at Ctrl-C (stop()) or `livetrain stop`, which run() reads later
+        schema = resolve_schema(declared, self.manifest, cfg.landing_dir, _StopOrRequest(self._stop, self._stop_requested),
+                                cfg.source.poll_interval_s, cfg.duration_s)
         self.cfg = cfg = dataclasses.replace(cfg, schema=schema)
         self.tracker = Tracker(cfg.tracking, self.state_dir, cfg.to_dict())
         self._push_state(force=True)
@@ -540,6 +541,11 @@ class Pipeline:
                 "eval_rows": d.eval_rows, "candidate": d.candidate, "served_before": d.served}
         self.tracker.log_model(d.version, self.state_dir / rel, uri, meta)
 
+    def _stop_requested(self) -> str | None:
+        """``livetrain stop`` while starting (run() reads it with each snapshot); sets ``stop_reason``."""
+        self.stop_reason = ray.get(self.control.stop_request.remote(), timeout=30)
+        return self.stop_reason
+
     def _identity(self) -> dict[str, Any]:
         """What ``livetrain status`` shows besides the figures: which run this is."""
         return {
@@ -582,6 +588,16 @@ def reserved_cpus(cfg: Config) -> float:
 
 def _reservations_text(cfg: Config) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in _reservations(cfg).items())
+
+
+class _StopOrRequest:
+    """A stop signal (``wait``, like the Event) that is also set by a stop request."""
+
+    def __init__(self, stop: threading.Event, requested: Callable[[], str | None]) -> None:
+        self._stop, self._requested = stop, requested
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stop.wait(timeout) or self._requested() is not None
 
 
 def _numbers(d: dict[str, Any]) -> dict[str, float]:
