@@ -69,7 +69,11 @@ class BlockHandle:
     row_end: int
 
 
-@ray.remote(num_cpus=0.1, max_concurrency=8, max_restarts=-1, max_task_retries=-1)
+BUFFER_ACTOR_CPUS = 0.1
+"""Logical CPUs the buffer actor reserves (a local Ray is sized to fit them)."""
+
+
+@ray.remote(num_cpus=BUFFER_ACTOR_CPUS, max_concurrency=8, max_restarts=-1, max_task_retries=-1)
 class ReplayBufferActor:
     def __init__(
         self,

@@ -167,7 +167,11 @@ def rewritten(path: str, size: int, mtime_ns: int, digest: str, algorithm: str) 
     return None if new == digest else Fingerprint(*stat, new)
 
 
-@ray.remote(num_cpus=0.25, max_restarts=-1)
+INGEST_ACTOR_CPUS = 0.25
+"""Logical CPUs each ingest actor reserves (a local Ray is sized to fit them)."""
+
+
+@ray.remote(num_cpus=INGEST_ACTOR_CPUS, max_restarts=-1)
 class IngestActor:
     def __init__(self, schema: SchemaConfig, state_dir: str, rows_per_part: int,
                  storage: StorageConfig | None = None, prefault_bytes: int = 0,

@@ -19,9 +19,9 @@ Pure: no Ray.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 from livetrain.actors.manifest import Manifest
 from livetrain.actors.schema import SchemaError, infer_schema
@@ -37,6 +37,12 @@ DECLARED_WITH_INFER = ("label", "classes", "id_column")
 """What a config with ``infer: true`` still declares, and must agree with a pin."""
 FROM_CONFIG = "config"
 """``source`` of a pin taken from the config rather than a shard."""
+
+
+class StopSignal(Protocol):
+    """What the wait for a shard watches, like ``threading.Event``: ``wait`` returns True once stopped."""
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 def schema_fields(schema: SchemaConfig) -> dict:
@@ -57,7 +63,7 @@ def resolve_schema(
     declared: SchemaConfig,
     manifest: Manifest,
     landing: str | Path,
-    stop: threading.Event | None = None,
+    stop: StopSignal | None = None,
     poll_s: float = 0.2,
     timeout_s: float | None = None,
 ) -> SchemaConfig:
@@ -93,7 +99,7 @@ def resolve_schema(
 def _first_fitting(
     declared: SchemaConfig,
     landing: str | Path,
-    stop: threading.Event | None,
+    stop: StopSignal | None,
     poll_s: float,
     timeout_s: float | None,
 ) -> tuple[SchemaConfig, str]:

@@ -191,8 +191,9 @@ def _run(cfg: Config) -> int:
     except KeyboardInterrupt:
         print("livetrain: stopping", file=sys.stderr)
     except ConfigError as e:
-        print(f"livetrain: config error: {e}", file=sys.stderr)
-        return 2
+        if pipeline.stop_reason is None:  # else `livetrain stop` ended its wait for a first shard
+            print(f"livetrain: config error: {e}", file=sys.stderr)
+            return 2
     except Exception as e:  # training or a thread failed: still stop cleanly and say what was done
         failure = _failure_text(e)
         print(f"livetrain: error: {failure}", file=sys.stderr)

@@ -749,7 +749,9 @@ class RayConfig:
     """Cluster address (``auto``, ``ray://...``); None starts a local Ray."""
     num_cpus: int | None = None
     """Logical CPUs of a local Ray (default: this machine's CPU count, and at
-    least the train workers' CPUs + 2)."""
+    least one more than livetrain's actors reserve: train workers, Serve
+    replicas, ingest actors, buffer and registry); set below what they
+    reserve, the run is refused."""
     namespace: str = "livetrain"
     """Ray namespace of livetrain's named actors."""
 

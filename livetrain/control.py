@@ -68,6 +68,10 @@ class Control:
         if self._stop_reason is None:
             self._stop_reason = reason
 
+    def stop_request(self) -> str | None:
+        """The stop request, if any, for a pipeline that publishes nothing yet (starting)."""
+        return self._stop_reason
+
     def wait_stopped(self, timeout_s: float) -> bool:
         return self._stopped.wait(timeout_s)
 

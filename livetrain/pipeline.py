@@ -1,5 +1,8 @@
 """Wires livetrain together. The data flow, as this module builds it:
 
+    state dir: an exclusive OS lock on <state_dir>/livetrain.lock, held by the driver
+        from start() to stop() (livetrain.state_lock): one run per state dir
+
     schema: declared, or (schema.infer) defined by the first shard that fits,
         pinned in the Manifest; resolved before anything that depends on it
         starts (model width, buffer, Serve): start() waits for that shard
@@ -102,13 +105,13 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from livetrain.actors.buffer_actor import BUFFER_NAME, ReplayBufferActor
-from livetrain.actors.ingest import IngestLoop
+from livetrain.actors.buffer_actor import BUFFER_ACTOR_CPUS, BUFFER_NAME, ReplayBufferActor
+from livetrain.actors.ingest import INGEST_ACTOR_CPUS, IngestLoop
 from livetrain.actors.manifest import MANIFEST_FILE, Manifest
 from livetrain.actors.schema_pin import resolve_schema
 from livetrain.actors.synthetic import SyntheticStream
@@ -118,12 +121,14 @@ from livetrain.control import AlreadyRunning, job_submission_id, start_control
 from livetrain.live_view import LiveView
 from livetrain.messages import Decision
 from livetrain.serving.app import APP_NAME, start_serving
+from livetrain.serving.auth import auth_headers
 from livetrain.serving.deployment import ray_env as serving_ray_env
+from livetrain.state_lock import StateDirLock
 from livetrain.storage import Store
 from livetrain.storage import configure as configure_storage
 from livetrain.tracking import RUN_ID_FILE, Tracker
 from livetrain.training.models import model_spec
-from livetrain.training.registry_actor import REGISTRY_NAME, SERVED_DIR, ModelRegistry
+from livetrain.training.registry_actor import REGISTRY_ACTOR_CPUS, REGISTRY_NAME, SERVED_DIR, ModelRegistry
 from livetrain.training.trainer import make_trainer
 
 _TICK_S = 0.5
@@ -184,6 +189,8 @@ class Pipeline:
         """``run``'s loop is going (a signal can wait for its next tick)."""
         # an existing cluster: ray.address, or RAY_ADDRESS as a Ray job's driver gets it
         self.cluster_address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        self._lock = StateDirLock(self.state_dir)
+        """One run per state dir, whatever Ray each runs on: held from ``start`` to ``stop``."""
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -191,6 +198,8 @@ class Pipeline:
         cfg, ns = self.cfg, self.cfg.ray.namespace
         declared = _declared_schema(cfg)  # a synthetic stream that cannot match fails here, before Ray
         _make_dir(self.state_dir, "state_dir")
+        # before anything is written there (a second run stops here, touching nothing)
+        self._lock.acquire({"pid": os.getpid(), "job_id": job_submission_id(), "namespace": ns})
         if isinstance(cfg.landing_dir, Path):
             _make_dir(cfg.landing_dir, "source.path")
         if not ray.is_initialized():
@@ -200,8 +209,8 @@ class Pipeline:
                 # back; one machine has no other node to move to (and its restartable actor,
                 # holding handles, logs at every start that a restart may fail). Yours to override
                 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-            ray.init(
-                address=self.cluster_address,
+            ray.init(  # "local": a new Ray, even where `ray start --head` recorded one (None would join it)
+                address=self.cluster_address or "local",
                 num_cpus=None if self.cluster_address else self._local_cpus(),
                 namespace=ns,
                 include_dashboard=False,
@@ -226,8 +235,9 @@ class Pipeline:
         self.manifest = Manifest(self.state_dir)
         # everything below depends on the schema (model width, blocks): pin it first (after
         # a restore, which brings the manifest back); with schema.infer this waits for a shard
-        schema = resolve_schema(declared, self.manifest, cfg.landing_dir, self._stop, cfg.source.poll_interval_s,
-                                cfg.duration_s)
+        # ends at Ctrl-C (stop()) or `livetrain stop`, which run() reads later
+        schema = resolve_schema(declared, self.manifest, cfg.landing_dir, _StopOrRequest(self._stop, self._stop_requested),
+                                cfg.source.poll_interval_s, cfg.duration_s)
         self.cfg = cfg = dataclasses.replace(cfg, schema=schema)
         self.tracker = Tracker(cfg.tracking, self.state_dir, cfg.to_dict())
         self._push_state(force=True)
@@ -287,6 +297,12 @@ class Pipeline:
 
     def stop(self) -> None:
         """Stop everything this pipeline started; safe after a partial start."""
+        try:
+            self._shut_down()
+        finally:  # last: a next run on this state dir may start
+            self._lock.release()
+
+    def _shut_down(self) -> None:
         self._stop.set()
         started = hasattr(self, "ingest")
         if hasattr(self, "control"):
@@ -403,9 +419,11 @@ class Pipeline:
         """A trickle of real requests: freshness is measured at a version's first answer."""
         rng = random.Random(0)
         d = len(_feature_names(self.cfg))
+        # with serve.auth_token_env, a probe without the token would be a 401, never an answer
+        headers = {"content-type": "application/json", **auth_headers(self.cfg.serve.auth_token_env)}
         while not self._stop.wait(0.1):
             body = json.dumps({"instances": [[rng.random() for _ in range(d)]]}).encode()
-            req = urllib.request.Request(self.url + "/predict", body, {"content-type": "application/json"})
+            req = urllib.request.Request(self.url + "/predict", body, headers)
             try:
                 with urllib.request.urlopen(req, timeout=5) as r:
                     r.read()
@@ -523,6 +541,11 @@ class Pipeline:
                 "eval_rows": d.eval_rows, "candidate": d.candidate, "served_before": d.served}
         self.tracker.log_model(d.version, self.state_dir / rel, uri, meta)
 
+    def _stop_requested(self) -> str | None:
+        """``livetrain stop`` while starting (run() reads it with each snapshot); sets ``stop_reason``."""
+        self.stop_reason = ray.get(self.control.stop_request.remote(), timeout=30)
+        return self.stop_reason
+
     def _identity(self) -> dict[str, Any]:
         """What ``livetrain status`` shows besides the figures: which run this is."""
         return {
@@ -534,9 +557,47 @@ class Pipeline:
         }
 
     def _local_cpus(self) -> int:
-        tc = self.cfg.train
-        need = math.ceil(tc.num_workers * tc.cpus_per_worker) + 2
-        return self.cfg.ray.num_cpus or max(os.cpu_count() or 1, need)
+        """Logical CPUs of a local Ray: ``ray.num_cpus``, else this machine's count and at
+        least one more than livetrain's actors reserve (Ray waits forever for a replica or
+        a train worker that does not fit); a ``ray.num_cpus`` they do not fit in is refused."""
+        need = reserved_cpus(self.cfg)
+        if self.cfg.ray.num_cpus is None:
+            return max(os.cpu_count() or 1, math.ceil(need) + 1)  # the one more: Ray's own tasks
+        if self.cfg.ray.num_cpus < need - 1e-9:
+            raise ConfigError(
+                f"ray.num_cpus: {self.cfg.ray.num_cpus} is less than the {need:g} CPUs livetrain's actors reserve "
+                f"({_reservations_text(self.cfg)}); raise it (or unset it), or lower those"
+            )
+        return self.cfg.ray.num_cpus
+
+
+def _reservations(cfg: Config) -> dict[str, float]:
+    """The logical CPUs each kind of livetrain actor reserves, by the keys that set them."""
+    return {
+        "train.num_workers x train.cpus_per_worker": cfg.train.num_workers * cfg.train.cpus_per_worker,
+        "serve.num_replicas x serve.num_cpus": cfg.serve.num_replicas * cfg.serve.num_cpus,
+        f"ingest.num_actors x {INGEST_ACTOR_CPUS:g}": cfg.ingest.num_actors * INGEST_ACTOR_CPUS,
+        "buffer and registry actors": BUFFER_ACTOR_CPUS + REGISTRY_ACTOR_CPUS,
+    }
+
+
+def reserved_cpus(cfg: Config) -> float:
+    """Logical CPUs a run's actors reserve all together (the control actor takes none)."""
+    return sum(_reservations(cfg).values())
+
+
+def _reservations_text(cfg: Config) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in _reservations(cfg).items())
+
+
+class _StopOrRequest:
+    """A stop signal (``wait``, like the Event) that is also set by a stop request."""
+
+    def __init__(self, stop: threading.Event, requested: Callable[[], str | None]) -> None:
+        self._stop, self._requested = stop, requested
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stop.wait(timeout) or self._requested() is not None
 
 
 def _numbers(d: dict[str, Any]) -> dict[str, float]:

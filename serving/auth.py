@@ -20,12 +20,20 @@ class AuthError(PermissionError):
 
 def token_digest(env_var: str | None, environ: dict[str, str] | None = None) -> str | None:
     """SHA-256 hex of the token in ``env_var``; None when auth is off."""
-    if env_var is None:
-        return None
-    token = (os.environ if environ is None else environ).get(env_var, "")
-    if not token.strip():
+    return None if env_var is None else _digest(_token(env_var, environ))
+
+
+def auth_headers(env_var: str | None, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """What a client of the endpoint sends: the bearer token in ``env_var`` (as the
+    replicas' digest was made from), none when auth is off."""
+    return {} if env_var is None else {"authorization": f"Bearer {_token(env_var, environ)}"}
+
+
+def _token(env_var: str, environ: dict[str, str] | None) -> str:
+    token = (os.environ if environ is None else environ).get(env_var, "").strip()
+    if not token:
         raise ValueError(f"serve.auth_token_env: environment variable {env_var} is not set (or empty); set it or unset serve.auth_token_env")
-    return _digest(token.strip())
+    return token
 
 
 def _digest(token: str) -> str:

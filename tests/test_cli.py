@@ -157,6 +157,14 @@ def ingested(state: Path) -> int:
         return 0
 
 
+def lock_holder(state: Path) -> str:
+    """The run that holds ``state`` as its lock file names it ("" before any run took it)."""
+    try:
+        return (state / "livetrain.lock").read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def kill_tree(proc: subprocess.Popen, sessions_before: set[str]) -> None:
     """SIGKILL the process group, then any Ray process of the session it started."""
     os.killpg(proc.pid, signal.SIGKILL)
@@ -214,10 +222,20 @@ def test_run_killed_then_stopped_then_reconfigured_continues_where_it_stopped_ea
     sessions = ray_sessions()
     killed = subprocess.Popen([sys.executable, "-m", "livetrain.cli", "run", "--config", str(path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    second = None
     try:
+        # meanwhile a second run on the state dir is refused at once, naming the first (no Ray of its own)
+        wait_until(lambda: f'"pid": {killed.pid}' in lock_holder(state), 120, "the first run holding the state dir")
+        second = subprocess.Popen([sys.executable, "-m", "livetrain.cli", "run", "--config", str(path)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wait_until(lambda: ingested(state) >= 3, 120, "a first few shards ingested")
     finally:
         kill_tree(killed, sessions)
+        if second is not None and second.poll() is None:
+            second.kill()
+    _, refusal = second.communicate(timeout=120)
+    assert second.returncode == 2, refusal[-3000:]
+    assert f"state_dir: {str(state)!r} is in use by another livetrain run (pid {killed.pid}" in refusal
     done_at_kill = ingested(state)
     assert done_at_kill < KILLED_SHARDS, "everything was ingested before the kill"
     first, _ = livetrain_until(

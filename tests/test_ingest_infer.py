@@ -70,3 +70,37 @@ def test_inferred_schema_ingests_good_shards_and_quarantines_one_that_does_not_f
     assert logged["quarantine/extra_columns"] == 1 and logged["quarantine/missing_columns"] == 1
     assert logged["quarantine/nan_feature"] + logged["quarantine/label_not_in_classes"] == c.rows_quarantined
     close(loop, buffer)
+
+
+def test_livetrain_stop_ends_the_wait_for_a_first_shard(ray_session, tmp_path):
+    """The stop request sits in the control actor, which ``run`` reads; ``start`` waiting
+    for a shard under ``schema.infer`` must hear it too (else it waits ``duration_s``)."""
+    import threading
+
+    from livetrain.config import ConfigError
+    from livetrain.control import request_stop
+    from livetrain.pipeline import Pipeline
+
+    ns = "livetrain-stop-while-inferring"
+    cfg = load_config(None, [f"state_dir={tmp_path}/state", "source.kind=directory", f"source.path={tmp_path}/landing",
+                             "schema={infer: true, label: label, classes: [0, 1]}", f"ray.namespace={ns}",
+                             "duration_s=30", "source.poll_interval_s=0.1"])
+    p = Pipeline(cfg, probe_traffic=False)
+    waiting, done = threading.Event(), {}
+
+    def stop_it() -> None:
+        while not hasattr(p, "manifest"):  # set just before start() waits for the schema
+            if waiting.wait(0.05):
+                return
+        done["stopped"] = request_stop(ns, "livetrain stop", 30)
+
+    client = threading.Thread(target=stop_it, daemon=True)
+    client.start()
+    try:
+        with pytest.raises(ConfigError, match="stopped before a shard that fits arrived"):
+            p.start()
+    finally:
+        waiting.set()
+        p.stop()
+    client.join(60)
+    assert done == {"stopped": True} and p.stop_reason == "livetrain stop"

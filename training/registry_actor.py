@@ -69,7 +69,11 @@ for up to their timeout never hold the threads ``observe``, ``propose`` and
 ``/model`` need (16 replicas once took all of them)."""
 
 
-@ray.remote(num_cpus=0.1, max_concurrency=16, concurrency_groups={"polls": POLL_THREADS}, max_restarts=-1,
+REGISTRY_ACTOR_CPUS = 0.1
+"""Logical CPUs the registry actor reserves (a local Ray is sized to fit them)."""
+
+
+@ray.remote(num_cpus=REGISTRY_ACTOR_CPUS, max_concurrency=16, concurrency_groups={"polls": POLL_THREADS}, max_restarts=-1,
             max_task_retries=-1)
 class ModelRegistry:
     def __init__(
