@@ -221,7 +221,8 @@ def test_run_restarts_on_a_fresh_state_dir_from_s3(s3: str, tmp_path: Path):
     assert (tmp_path / "a" / "quarantine" / "whole" / "zz-not-parquet.parquet").read_bytes() == b"this is not parquet"
 
     held = store.list()
-    assert {"manifest.sqlite", "decisions.jsonl", "buffer_snapshot.json", "wandb_run_id"} <= set(held)
+    assert {"manifest.sqlite", "decisions.jsonl.parts/00000000", "buffer_snapshot.json", "wandb_run_id"} <= set(held)
+    assert "decisions.jsonl" not in held  # the log goes up a part at a time
     assert f"served/v{first['served_version']:06d}/model.pt" in held
     ckpts = store.fs.get_file_info(pafs.FileSelector(store.path("ray_train"), recursive=True))
     assert any(i.path.endswith("model.pt") for i in ckpts), "no Ray Train checkpoint on S3"
@@ -247,6 +248,8 @@ def test_run_restarts_on_a_fresh_state_dir_from_s3(s3: str, tmp_path: Path):
     # the version restored at start-up is not this run's first promotion
     assert (second["first_promotion_s"] is None) == (second["versions_promoted"] == 0)
     assert (fresh / "wandb_run_id").read_text() == (tmp_path / "a" / "wandb_run_id").read_text()
+    # the first run's log, put back together from its parts, line for line, then the second's
+    assert (fresh / "decisions.jsonl").read_text().startswith((tmp_path / "a" / "decisions.jsonl").read_text())
     history = [json.loads(line) for line in (fresh / "decisions.jsonl").read_text().splitlines()]
     assert any(d["action"] == "promote" and d["version"] == first["served_version"] for d in history)
 
