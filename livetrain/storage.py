@@ -222,8 +222,10 @@ class LogMirror:
                 store.put_bytes(self._name(i), "".join(lines[i * n : (i + 1) * n]).encode())
         if self._tail:
             store.put_bytes(self._name(self._part), "".join(self._tail).encode())
-        for name in have:  # parts past the local log's end (a store ahead of this state dir) would join it
-            if int(name.rpartition("/")[2]) > self._part or (int(name.rpartition("/")[2]) == self._part and not self._tail):
+        last = self._part if self._tail else self._part - 1  # the last part the local log fills
+        for name in have:  # parts past its end (a store ahead of this state dir) would join it
+            index = name.rpartition("/")[2]
+            if index.isdigit() and int(index) > last:
                 store.delete(name)
         if store.exists(rel):  # the whole copy an older livetrain pushed: the parts have it all now
             store.delete(rel)

@@ -69,7 +69,8 @@ def test_a_log_is_pushed_a_part_at_a_time_and_restored_whole(s3: str, tmp_path: 
     assert store.restore(tmp_path / "fresh") == ["decisions.jsonl"]
     assert (tmp_path / "fresh" / "decisions.jsonl").read_text() == whole
     store.delete("decisions.jsonl.parts/00000001")  # lost on the store: put back at the next start
-    storage.LogMirror(store, local, "decisions.jsonl")
+    store.put_bytes("decisions.jsonl.parts/00000009", b'{"v": "from a run this state dir never saw"}\n')
+    storage.LogMirror(store, local, "decisions.jsonl")  # ... and a part past the log's end removed
     assert store.restore(tmp_path / "again") == ["decisions.jsonl"]
     assert (tmp_path / "again" / "decisions.jsonl").read_text() == whole
 
