@@ -441,6 +441,11 @@ class IngestLoop:
         return (sum(len(f.blocks) + sum(len(bs) for bs, _ in f.parts) for f in self._in_flight.values())
                 + sum(len(r.blocks) for r in self._waiting()))
 
+    def committing(self) -> int:
+        """Shards read whose batch the loop has not had answered by the buffer yet: the
+        buffer may have marked them ingested, the counters count them once answered (tests)."""
+        return len(self._ready) + (len(self._commit.shards) if self._commit is not None else 0)
+
     def in_flight(self) -> dict[str, int]:
         """Shard -> blocks taken so far, for shards being read (tests)."""
         return {n: len(f.blocks) + sum(len(bs) for bs, _ in f.parts) for n, f in self._in_flight.items()}

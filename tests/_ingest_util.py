@@ -77,7 +77,9 @@ def make_loop(state: Path, *overrides: str):
 def run_until_done(loop, timeout_s: float = 60) -> None:
     def done():
         loop.step(0.2)
-        return loop.manifest.pending_count() == 0 and not loop.in_flight() and not loop.unregistered()
+        # and every batch answered: the buffer marks shards ingested before the loop counts them
+        return (loop.manifest.pending_count() == 0 and not loop.in_flight() and not loop.unregistered()
+                and not loop.committing())
 
     wait_until(done, timeout_s, "every shard ingested or quarantined", interval_s=0)
 
